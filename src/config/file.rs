@@ -1,0 +1,281 @@
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+/// The whole config file. Unknown keys are errors: a typo must never be
+/// silently ignored in an HA manager.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Cluster name; all members of one cluster share it.
+    pub scope: String,
+    /// This member's name, unique in the cluster.
+    pub name: String,
+    #[serde(default = "default_namespace")]
+    pub namespace: String,
+    pub etcd: EtcdConfig,
+    pub api: ApiConfig,
+    pub postgresql: PostgresConfig,
+    #[serde(default)]
+    pub tags: Tags,
+    #[serde(default)]
+    pub bootstrap: BootstrapConfig,
+    /// Where the file was read from; not part of the file.
+    #[serde(skip)]
+    pub source: PathBuf,
+}
+
+fn default_namespace() -> String {
+    "/service".to_string()
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct EtcdConfig {
+    pub endpoints: Vec<String>,
+    /// Seconds to wait for a connection to etcd.
+    #[serde(default = "default_dial_timeout")]
+    pub dial_timeout: u64,
+}
+
+fn default_dial_timeout() -> u64 {
+    2
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiConfig {
+    pub listen: SocketAddr,
+    /// host:port other members, HAProxy and the CLI use to reach this API.
+    pub connect_address: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PostgresConfig {
+    pub data_dir: PathBuf,
+    pub bin_dir: Option<PathBuf>,
+    pub listen: SocketAddr,
+    /// host:port clients and replicas use to reach this instance.
+    pub connect_address: Option<String>,
+    #[serde(default = "default_os_user")]
+    pub os_user: String,
+    #[serde(default)]
+    pub parameters: BTreeMap<String, ParamValue>,
+    #[serde(default = "default_pg_hba")]
+    pub pg_hba: Vec<String>,
+    pub authentication: Authentication,
+    /// Seconds to wait for PostgreSQL to start before calling it failed.
+    #[serde(default = "default_start_timeout")]
+    pub start_timeout: u64,
+}
+
+fn default_os_user() -> String {
+    "postgres".to_string()
+}
+
+fn default_start_timeout() -> u64 {
+    60
+}
+
+pub fn default_pg_hba() -> Vec<String> {
+    [
+        "local all all trust",
+        "host all all 127.0.0.1/32 scram-sha-256",
+        "host replication all 127.0.0.1/32 scram-sha-256",
+        "host all all 0.0.0.0/0 scram-sha-256",
+        "host replication all 0.0.0.0/0 scram-sha-256",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+/// A PostgreSQL parameter value as TOML can spell it.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(untagged)]
+pub enum ParamValue {
+    Bool(bool),
+    Int(i64),
+    Float(f64),
+    Text(String),
+}
+
+impl ParamValue {
+    /// The value as it goes into postgresql.conf.
+    pub fn render(&self) -> String {
+        match self {
+            ParamValue::Bool(b) => if *b { "on" } else { "off" }.to_string(),
+            ParamValue::Int(i) => i.to_string(),
+            ParamValue::Float(f) => f.to_string(),
+            ParamValue::Text(s) => format!("'{}'", s.replace('\\', "\\\\").replace('\'', "''")),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Authentication {
+    pub superuser: Credentials,
+    pub replication: Credentials,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Credentials {
+    pub username: String,
+    pub password: String,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Tags {
+    #[serde(default)]
+    pub nofailover: bool,
+    #[serde(default)]
+    pub noloadbalance: bool,
+    /// Higher wins a tie between equally advanced failover candidates.
+    #[serde(default = "default_failover_priority")]
+    pub failover_priority: u32,
+    /// Free-form tags, matched by `/replica?tag_KEY=VALUE`.
+    #[serde(default)]
+    pub custom: BTreeMap<String, String>,
+}
+
+fn default_failover_priority() -> u32 {
+    1
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct BootstrapConfig {
+    /// Initial value of the dynamic cluster config stored in etcd `config`.
+    #[serde(default)]
+    pub dcs: DynamicConfig,
+}
+
+/// The cluster-wide settings that live in etcd `config`. The file only seeds
+/// them at bootstrap; afterwards etcd is the source of truth.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct DynamicConfig {
+    #[serde(default = "default_ttl")]
+    pub ttl: u64,
+    #[serde(default = "default_loop_wait")]
+    pub loop_wait: u64,
+    #[serde(default = "default_retry_timeout")]
+    pub retry_timeout: u64,
+    #[serde(default = "default_max_lag")]
+    pub maximum_lag_on_failover: u64,
+    #[serde(default = "default_true")]
+    pub use_slots: bool,
+    #[serde(default = "default_true")]
+    pub use_pg_rewind: bool,
+    /// Seconds a member may be gone before the leader drops its slot.
+    #[serde(default = "default_member_slots_ttl")]
+    pub member_slots_ttl: u64,
+    #[serde(default)]
+    pub synchronous_mode: bool,
+    #[serde(default)]
+    pub postgresql: DynamicPostgres,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct DynamicPostgres {
+    #[serde(default)]
+    pub parameters: BTreeMap<String, ParamValue>,
+}
+
+fn default_ttl() -> u64 {
+    10
+}
+fn default_loop_wait() -> u64 {
+    1
+}
+fn default_retry_timeout() -> u64 {
+    4
+}
+fn default_max_lag() -> u64 {
+    1024 * 1024
+}
+fn default_true() -> bool {
+    true
+}
+fn default_member_slots_ttl() -> u64 {
+    1800
+}
+
+impl Default for DynamicConfig {
+    fn default() -> Self {
+        DynamicConfig {
+            ttl: default_ttl(),
+            loop_wait: default_loop_wait(),
+            retry_timeout: default_retry_timeout(),
+            maximum_lag_on_failover: default_max_lag(),
+            use_slots: true,
+            use_pg_rewind: true,
+            member_slots_ttl: default_member_slots_ttl(),
+            synchronous_mode: false,
+            postgresql: DynamicPostgres::default(),
+        }
+    }
+}
+
+impl DynamicConfig {
+    /// The lease rule of DESIGN.md: a leader must be able to miss renewals
+    /// for `retry_timeout` twice and still step down before its lease ends.
+    pub fn check_timing(&self) -> Result<(), (&'static str, String)> {
+        if self.loop_wait == 0 {
+            return Err(("loop_wait", "must be at least 1 second".into()));
+        }
+        if self.retry_timeout == 0 {
+            return Err(("retry_timeout", "must be at least 1 second".into()));
+        }
+        let min = self.loop_wait + 2 * self.retry_timeout;
+        if self.ttl < min {
+            return Err((
+                "ttl",
+                format!(
+                    "ttl ({}) must be >= loop_wait + 2 * retry_timeout ({} + 2 * {} = {min})",
+                    self.ttl, self.loop_wait, self.retry_timeout
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl Config {
+    pub fn api_connect_address(&self) -> String {
+        self.api
+            .connect_address
+            .clone()
+            .unwrap_or_else(|| connectable(self.api.listen))
+    }
+
+    pub fn pg_connect_address(&self) -> String {
+        self.postgresql
+            .connect_address
+            .clone()
+            .unwrap_or_else(|| connectable(self.postgresql.listen))
+    }
+
+    /// Prefix of every key of this cluster in etcd, with a trailing slash.
+    pub fn key_prefix(&self) -> String {
+        crate::dcs::cluster_prefix(&self.namespace, &self.scope)
+    }
+}
+
+/// A listen address turned into one peers can dial: a wildcard listen becomes
+/// loopback, which is only right for single-host setups; multi-host setups set
+/// connect_address.
+fn connectable(addr: SocketAddr) -> String {
+    let ip = if addr.ip().is_unspecified() {
+        "127.0.0.1".to_string()
+    } else {
+        addr.ip().to_string()
+    };
+    format!("{ip}:{}", addr.port())
+}

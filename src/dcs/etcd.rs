@@ -1,0 +1,295 @@
+use super::{ClusterStatus, ClusterView, HistoryEntry, Initialize, Keys, MemberStatus};
+use crate::config::DynamicConfig;
+use etcd_client::{
+    Client, Compare, CompareOp, ConnectOptions, GetOptions, LeaseKeepAliveStream, LeaseKeeper,
+    PutOptions, Txn, TxnOp, WatchOptions,
+};
+use std::future::Future;
+use std::time::Duration;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DcsError {
+    #[error("etcd: {0}")]
+    Etcd(#[from] etcd_client::Error),
+    #[error("etcd did not answer within {0:?}")]
+    Timeout(Duration),
+    #[error("etcd key {key} holds invalid JSON: {source}")]
+    Decode {
+        key: String,
+        source: serde_json::Error,
+    },
+    #[error("our etcd lease expired")]
+    LeaseLost,
+}
+
+/// Result of a leader-key transaction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LeaderOutcome {
+    Won,
+    Lost,
+}
+
+/// A connection to etcd scoped to one cluster, holding this agent's lease
+/// (the member key and, while leader, the leader key live on it).
+pub struct Dcs {
+    client: Client,
+    keys: Keys,
+    timeout: Duration,
+    lease: Option<i64>,
+    keeper: Option<(LeaseKeeper, LeaseKeepAliveStream)>,
+}
+
+impl Dcs {
+    pub async fn connect(endpoints: &[String], keys: Keys, timeout: Duration) -> Result<Self, DcsError> {
+        let opts = ConnectOptions::new()
+            .with_connect_timeout(timeout)
+            .with_timeout(timeout)
+            .with_keep_alive(Duration::from_secs(2), timeout);
+        let client = with_timeout(timeout, Client::connect(endpoints, Some(opts))).await?;
+        Ok(Dcs {
+            client,
+            keys,
+            timeout,
+            lease: None,
+            keeper: None,
+        })
+    }
+
+    pub fn keys(&self) -> &Keys {
+        &self.keys
+    }
+
+    pub fn set_timeout(&mut self, timeout: Duration) {
+        self.timeout = timeout;
+    }
+
+    /// Reads every key of the cluster in one range request.
+    pub async fn read_cluster(&mut self, defaults: &DynamicConfig) -> Result<ClusterView, DcsError> {
+        let prefix = self.keys.prefix().to_string();
+        let resp = with_timeout(
+            self.timeout,
+            self.client.get(prefix.as_bytes(), Some(GetOptions::new().with_prefix())),
+        )
+        .await?;
+        let mut view = ClusterView {
+            initialize: Initialize::Absent,
+            leader: None,
+            members: Vec::new(),
+            config: defaults.clone(),
+            config_stored: false,
+            status: None,
+            history: Vec::new(),
+        };
+        for kv in resp.kvs() {
+            let key = String::from_utf8_lossy(kv.key()).to_string();
+            let rel = key.strip_prefix(&prefix).unwrap_or(&key);
+            let value = kv.value();
+            match rel {
+                "leader" => view.leader = Some(String::from_utf8_lossy(value).to_string()),
+                "initialize" => {
+                    let v = String::from_utf8_lossy(value).to_string();
+                    view.initialize = if v.is_empty() {
+                        Initialize::Claimed
+                    } else {
+                        Initialize::SystemId(v)
+                    };
+                }
+                "config" => {
+                    view.config = decode(&key, value)?;
+                    view.config_stored = true;
+                }
+                "status" => view.status = Some(decode::<ClusterStatus>(&key, value)?),
+                "history" => view.history = decode::<Vec<HistoryEntry>>(&key, value)?,
+                r if r.starts_with("members/") => {
+                    // A member key another version wrote badly must not stop
+                    // this agent from seeing the rest of the cluster.
+                    if let Ok(m) = serde_json::from_slice::<MemberStatus>(value) {
+                        view.members.push(m);
+                    }
+                }
+                _ => {}
+            }
+        }
+        view.members.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(view)
+    }
+
+    async fn lease_id(&mut self, ttl: u64) -> Result<i64, DcsError> {
+        if let Some(id) = self.lease {
+            return Ok(id);
+        }
+        let resp = with_timeout(self.timeout, self.client.lease_grant(ttl as i64, None)).await?;
+        self.lease = Some(resp.id());
+        self.keeper = None;
+        Ok(resp.id())
+    }
+
+    /// Extends our lease by its TTL. On `LeaseLost` the next call grants a
+    /// new lease; keys on the old one are gone.
+    pub async fn keep_alive(&mut self, ttl: u64) -> Result<(), DcsError> {
+        let id = self.lease_id(ttl).await?;
+        if self.keeper.is_none() {
+            let pair = with_timeout(self.timeout, self.client.lease_keep_alive(id)).await?;
+            self.keeper = Some(pair);
+        }
+        let timeout = self.timeout;
+        let Some((keeper, stream)) = self.keeper.as_mut() else {
+            return Err(DcsError::LeaseLost);
+        };
+        let result = async {
+            keeper.keep_alive().await?;
+            match stream.message().await? {
+                Some(resp) if resp.ttl() > 0 => Ok(()),
+                _ => Err(DcsError::LeaseLost),
+            }
+        };
+        let result = match tokio::time::timeout(timeout, result).await {
+            Ok(r) => r,
+            Err(_) => Err(DcsError::Timeout(timeout)),
+        };
+        if result.is_err() {
+            self.keeper = None;
+        }
+        if matches!(result, Err(DcsError::LeaseLost)) {
+            self.lease = None;
+        }
+        result
+    }
+
+    pub async fn publish_member(&mut self, status: &MemberStatus, ttl: u64) -> Result<(), DcsError> {
+        let id = self.lease_id(ttl).await?;
+        let key = self.keys.member(&status.name);
+        let value = serde_json::to_vec(status).map_err(|source| DcsError::Decode { key: key.clone(), source })?;
+        with_timeout(
+            self.timeout,
+            self.client.put(key, value, Some(PutOptions::new().with_lease(id))),
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Bootstrap claim: atomically creates `initialize` (empty: bootstrap
+    /// in progress) and `leader`, both on our lease so that a bootstrapper
+    /// that dies lets another member try.
+    pub async fn claim_initialize(&mut self, name: &str, ttl: u64) -> Result<LeaderOutcome, DcsError> {
+        let id = self.lease_id(ttl).await?;
+        let (init, leader) = (self.keys.initialize(), self.keys.leader());
+        let txn = Txn::new()
+            .when([
+                Compare::create_revision(init.clone(), CompareOp::Equal, 0),
+                Compare::create_revision(leader.clone(), CompareOp::Equal, 0),
+            ])
+            .and_then([
+                TxnOp::put(init, "", Some(PutOptions::new().with_lease(id))),
+                TxnOp::put(leader, name, Some(PutOptions::new().with_lease(id))),
+            ]);
+        self.run_txn(txn).await
+    }
+
+    /// Makes `initialize` permanent with the cluster's system identifier.
+    pub async fn set_initialize(&mut self, sysid: &str) -> Result<(), DcsError> {
+        with_timeout(self.timeout, self.client.put(self.keys.initialize(), sysid, None)).await?;
+        Ok(())
+    }
+
+    /// Stores the bootstrap defaults of the dynamic config unless some are
+    /// stored already.
+    pub async fn init_config(&mut self, config: &DynamicConfig) -> Result<(), DcsError> {
+        let key = self.keys.config();
+        let value = serde_json::to_vec(config).map_err(|source| DcsError::Decode { key: key.clone(), source })?;
+        let txn = Txn::new()
+            .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
+            .and_then([TxnOp::put(key, value, None)]);
+        self.run_txn(txn).await?;
+        Ok(())
+    }
+
+    pub async fn acquire_leader(&mut self, name: &str, ttl: u64) -> Result<LeaderOutcome, DcsError> {
+        let id = self.lease_id(ttl).await?;
+        let key = self.keys.leader();
+        let txn = Txn::new()
+            .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
+            .and_then([TxnOp::put(key, name, Some(PutOptions::new().with_lease(id)))]);
+        self.run_txn(txn).await
+    }
+
+    /// Confirms `leader` still names us and moves it onto our current lease
+    /// (a restarted agent has a new lease but may still own the key).
+    pub async fn renew_leader(&mut self, name: &str, ttl: u64) -> Result<LeaderOutcome, DcsError> {
+        let id = self.lease_id(ttl).await?;
+        let key = self.keys.leader();
+        let txn = Txn::new()
+            .when([Compare::value(key.clone(), CompareOp::Equal, name)])
+            .and_then([TxnOp::put(key, name, Some(PutOptions::new().with_lease(id)))]);
+        self.run_txn(txn).await
+    }
+
+    pub async fn release_leader(&mut self, name: &str) -> Result<LeaderOutcome, DcsError> {
+        let key = self.keys.leader();
+        let txn = Txn::new()
+            .when([Compare::value(key.clone(), CompareOp::Equal, name)])
+            .and_then([TxnOp::delete(key, None)]);
+        self.run_txn(txn).await
+    }
+
+    pub async fn write_status(&mut self, status: &ClusterStatus) -> Result<(), DcsError> {
+        let key = self.keys.status();
+        let value = serde_json::to_vec(status).map_err(|source| DcsError::Decode { key: key.clone(), source })?;
+        with_timeout(self.timeout, self.client.put(key, value, None)).await?;
+        Ok(())
+    }
+
+    /// Drops our lease and with it our member key (and leader key if held).
+    pub async fn revoke_lease(&mut self) -> Result<(), DcsError> {
+        self.keeper = None;
+        if let Some(id) = self.lease.take() {
+            with_timeout(self.timeout, self.client.lease_revoke(id)).await?;
+        }
+        Ok(())
+    }
+
+    /// A stream of change notifications on the leader key.
+    pub async fn watch_leader(&mut self) -> Result<(etcd_client::Watcher, etcd_client::WatchStream), DcsError> {
+        let key = self.keys.leader();
+        let pair = with_timeout(self.timeout, self.client.watch(key, Some(WatchOptions::new()))).await?;
+        Ok(pair)
+    }
+
+    /// Deletes every key of the cluster.
+    pub async fn delete_cluster(&mut self) -> Result<i64, DcsError> {
+        let prefix = self.keys.prefix().to_string();
+        let resp = with_timeout(
+            self.timeout,
+            self.client
+                .delete(prefix, Some(etcd_client::DeleteOptions::new().with_prefix())),
+        )
+        .await?;
+        Ok(resp.deleted())
+    }
+
+    async fn run_txn(&mut self, txn: Txn) -> Result<LeaderOutcome, DcsError> {
+        let resp = with_timeout(self.timeout, self.client.txn(txn)).await?;
+        Ok(if resp.succeeded() {
+            LeaderOutcome::Won
+        } else {
+            LeaderOutcome::Lost
+        })
+    }
+}
+
+fn decode<T: serde::de::DeserializeOwned>(key: &str, value: &[u8]) -> Result<T, DcsError> {
+    serde_json::from_slice(value).map_err(|source| DcsError::Decode {
+        key: key.to_string(),
+        source,
+    })
+}
+
+async fn with_timeout<T>(
+    timeout: Duration,
+    fut: impl Future<Output = Result<T, etcd_client::Error>>,
+) -> Result<T, DcsError> {
+    match tokio::time::timeout(timeout, fut).await {
+        Ok(r) => Ok(r?),
+        Err(_) => Err(DcsError::Timeout(timeout)),
+    }
+}

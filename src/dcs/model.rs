@@ -1,0 +1,177 @@
+use crate::config::{DynamicConfig, Tags};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// What a member publishes about itself under `members/<name>`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MemberStatus {
+    pub name: String,
+    pub role: Role,
+    pub state: PgState,
+    /// PostgreSQL host and port as clients reach it.
+    pub host: String,
+    pub port: u16,
+    pub api_url: String,
+    pub conn_url: String,
+    pub timeline: Option<u32>,
+    /// Primary: current write position; replica: last replayed position.
+    pub wal_lsn: Option<u64>,
+    /// Replica: last position received from the primary.
+    pub receive_lsn: Option<u64>,
+    /// Replica: name of the member it streams from.
+    pub upstream: Option<String>,
+    pub tags: Tags,
+    pub version: String,
+    /// A problem the operator must look at (failed clone, foreign data...).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    Leader,
+    Replica,
+    SyncStandby,
+    Uninitialized,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Leader => "leader",
+            Role::Replica => "replica",
+            Role::SyncStandby => "sync_standby",
+            Role::Uninitialized => "uninitialized",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PgState {
+    Running,
+    Streaming,
+    /// In recovery but not (yet) receiving WAL from a primary.
+    InRecovery,
+    Stopped,
+    Starting,
+    Stopping,
+    Initializing,
+    #[serde(rename = "creating replica")]
+    CreatingReplica,
+    #[serde(rename = "bootstrap failed")]
+    BootstrapFailed,
+    #[serde(rename = "clone failed")]
+    CloneFailed,
+    #[serde(rename = "start failed")]
+    StartFailed,
+    Crashed,
+}
+
+impl PgState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PgState::Running => "running",
+            PgState::Streaming => "streaming",
+            PgState::InRecovery => "in recovery",
+            PgState::Stopped => "stopped",
+            PgState::Starting => "starting",
+            PgState::Stopping => "stopping",
+            PgState::Initializing => "initializing",
+            PgState::CreatingReplica => "creating replica",
+            PgState::BootstrapFailed => "bootstrap failed",
+            PgState::CloneFailed => "clone failed",
+            PgState::StartFailed => "start failed",
+            PgState::Crashed => "crashed",
+        }
+    }
+}
+
+/// The leader's record of the cluster's WAL position (`status` key), used by
+/// failover candidates to judge how far behind they are.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ClusterStatus {
+    pub leader: String,
+    pub wal_lsn: u64,
+    pub timeline: u32,
+    #[serde(default)]
+    pub slots: BTreeMap<String, u64>,
+}
+
+/// One timeline switch, appended to `history` on promotion.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HistoryEntry {
+    pub timeline: u32,
+    pub lsn: u64,
+    pub reason: String,
+    pub time: String,
+    pub leader: String,
+}
+
+/// State of the `initialize` key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Initialize {
+    /// Nobody has claimed the bootstrap yet.
+    Absent,
+    /// A member claimed it and is running initdb.
+    Claimed,
+    /// Bootstrap done; the cluster's system identifier.
+    SystemId(String),
+}
+
+/// Everything read from etcd in one observe step.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClusterView {
+    pub initialize: Initialize,
+    pub leader: Option<String>,
+    pub members: Vec<MemberStatus>,
+    pub config: DynamicConfig,
+    /// Whether `config` exists in etcd (false: the file's bootstrap defaults).
+    pub config_stored: bool,
+    pub status: Option<ClusterStatus>,
+    pub history: Vec<HistoryEntry>,
+}
+
+impl ClusterView {
+    pub fn member(&self, name: &str) -> Option<&MemberStatus> {
+        self.members.iter().find(|m| m.name == name)
+    }
+    pub fn leader_member(&self) -> Option<&MemberStatus> {
+        self.leader.as_deref().and_then(|l| self.member(l))
+    }
+}
+
+/// The replication slot name PostgreSQL accepts for a member name.
+pub fn slot_name(member: &str) -> String {
+    member
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '_' })
+        .collect()
+}
+
+/// `0/3000060` ⇄ bytes.
+pub fn format_lsn(lsn: u64) -> String {
+    format!("{:X}/{:X}", lsn >> 32, lsn & 0xFFFF_FFFF)
+}
+
+pub fn parse_lsn(s: &str) -> Option<u64> {
+    let (hi, lo) = s.split_once('/')?;
+    Some((u64::from_str_radix(hi, 16).ok()? << 32) | u64::from_str_radix(lo, 16).ok()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    #[test]
+    fn lsn_round_trip() {
+        assert_eq!(parse_lsn("0/3000060"), Some(0x3000060));
+        assert_eq!(parse_lsn("1A/FF"), Some((0x1A << 32) | 0xFF));
+        assert_eq!(format_lsn(0x1A_0000_00FF), "1A/FF");
+        assert_eq!(parse_lsn("zz"), None);
+    }
+    #[test]
+    fn slot_names_are_safe() {
+        assert_eq!(slot_name("DB-01.a"), "db_01_a");
+    }
+}

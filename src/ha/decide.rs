@@ -1,0 +1,322 @@
+use super::view::*;
+use crate::dcs::{slot_name, ClusterView, Initialize, PgState, Role};
+use std::time::Duration;
+
+/// Seconds between retries of a failed background job, in loop_waits.
+const RETRY_LOOPS: u64 = 5;
+
+/// The HA policy. Pure: the same inputs give the same decision.
+pub fn decide(cluster: &ClusterView, local: &LocalView, now: Duration) -> Decision {
+    let mut d = Decision::default();
+    let cfg = &cluster.config;
+    let leader = cluster.leader.as_deref();
+    let i_lead = leader == Some(local.name.as_str());
+
+    if !local.dcs_ok {
+        // Without etcd we cannot know whether our lease still stands: a
+        // primary must stop taking writes before it may have expired.
+        if local.pg.is_primary() && local.job.is_none() && !lease_fresh(local, cfg.retry_timeout, now) {
+            d.push(
+                Action::Demote { upstream: None },
+                "cannot reach etcd to renew the leader lease: demoting so that no write lands on a possibly deposed primary",
+            );
+        } else {
+            d.waiting = Some("etcd is unreachable".into());
+        }
+        return d;
+    }
+
+    if let Some(job) = &local.job {
+        if i_lead {
+            d.push(Action::RenewLeader, "holding the leader lease while a job runs");
+        }
+        d.waiting = Some(format!("{} in progress", job_name(job)));
+        return d;
+    }
+
+    match &local.data {
+        DataDir::Empty => decide_empty(cluster, local, now, &mut d),
+        DataDir::Initialized { system_id } => {
+            if let Initialize::SystemId(cluster_id) = &cluster.initialize {
+                if cluster_id != system_id {
+                    d.problem = Some(format!(
+                        "data directory belongs to another cluster (system identifier {system_id}, cluster's is {cluster_id}): not starting it"
+                    ));
+                    if i_lead {
+                        d.push(Action::ReleaseLeader, "our data is not this cluster's");
+                    }
+                    return d;
+                }
+            }
+            match &local.pg {
+                PgRun::Stopped => decide_stopped(cluster, local, now, &mut d),
+                PgRun::Running(pg) if !pg.in_recovery => decide_primary(cluster, local, pg, system_id, now, &mut d),
+                PgRun::Running(pg) => decide_replica(cluster, local, pg, &mut d),
+            }
+        }
+    }
+    d
+}
+
+fn decide_empty(cluster: &ClusterView, local: &LocalView, now: Duration, d: &mut Decision) {
+    let leader = cluster.leader.as_deref();
+    let i_lead = leader == Some(local.name.as_str());
+    match (&cluster.initialize, leader) {
+        (Initialize::Absent, None) => d.push(
+            Action::ClaimBootstrap,
+            "no cluster in etcd yet and no data directory: claiming the bootstrap",
+        ),
+        (Initialize::Claimed, Some(_)) if i_lead => {
+            if backing_off(local, &JobKind::Bootstrap, cluster.config.loop_wait, now) {
+                d.push(Action::ReleaseLeader, "bootstrap failed: giving another member the chance");
+            } else {
+                d.push(Action::RenewLeader, "holding the bootstrap lease");
+                d.push(Action::Bootstrap, "we won the bootstrap race: running initdb");
+            }
+        }
+        (Initialize::SystemId(_), Some(_)) if i_lead => d.push(
+            Action::ReleaseLeader,
+            "we hold the leader key but have no data directory",
+        ),
+        (Initialize::SystemId(_), Some(name)) => match cluster.member(name) {
+            Some(m) if m.role == Role::Leader && m.state == PgState::Running => {
+                let from = name.to_string();
+                if backing_off(local, &JobKind::Clone { from: from.clone() }, cluster.config.loop_wait, now) {
+                    d.waiting = Some(format!("waiting to retry the clone from {name}"));
+                } else {
+                    d.push(
+                        Action::Clone {
+                            from: from.clone(),
+                            conn: format!("{}:{}", m.host, m.port),
+                        },
+                        format!("cloning from {name}: no data directory"),
+                    );
+                }
+            }
+            _ => d.waiting = Some(format!("waiting for leader {name} to be running before cloning")),
+        },
+        (Initialize::SystemId(_), None) => d.waiting = Some("waiting for a leader to clone from".into()),
+        (Initialize::Claimed, _) => {
+            d.waiting = Some(match leader {
+                Some(l) => format!("waiting for {l} to bootstrap the cluster"),
+                None => "waiting for the bootstrap in progress".into(),
+            })
+        }
+        (Initialize::Absent, Some(l)) => d.waiting = Some(format!("waiting for {l} to initialize the cluster")),
+    }
+}
+
+fn decide_stopped(cluster: &ClusterView, local: &LocalView, now: Duration, d: &mut Decision) {
+    let leader = cluster.leader.as_deref();
+    if backing_off(local, &JobKind::Start, cluster.config.loop_wait, now) {
+        d.waiting = Some("waiting to retry starting PostgreSQL".into());
+        if leader == Some(local.name.as_str()) {
+            d.push(Action::ReleaseLeader, "PostgreSQL failed to start: letting a replica take over");
+        }
+        return;
+    }
+    match leader {
+        Some(l) if l == local.name => {
+            d.push(Action::RenewLeader, "holding the leader lease");
+            d.push(Action::StartPrimary, "PostgreSQL is stopped and we hold the leader lease: starting it as primary");
+        }
+        Some(l) => {
+            let upstream = upstream_of(cluster, l);
+            d.push(
+                Action::StartReplica { upstream },
+                format!("PostgreSQL is stopped: starting it as a replica of {l}"),
+            );
+        }
+        None if cluster.initialize == Initialize::Absent => d.push(
+            Action::ClaimBootstrap,
+            "etcd holds no cluster but we have data: claiming the cluster for it",
+        ),
+        None => d.push(
+            Action::StartReplica { upstream: None },
+            "PostgreSQL is stopped and there is no leader: starting it read-only",
+        ),
+    }
+}
+
+fn decide_primary(
+    cluster: &ClusterView,
+    local: &LocalView,
+    pg: &PgRunning,
+    system_id: &str,
+    now: Duration,
+    d: &mut Decision,
+) {
+    let cfg = &cluster.config;
+    match cluster.leader.as_deref() {
+        Some(l) if l == local.name => {
+            if local.last_renew.is_none() {
+                // A restarted agent adopting its running primary: confirm the
+                // key is ours before treating the lease as held.
+                d.push(Action::RenewLeader, "confirming our leader lease after agent start");
+                return;
+            }
+            if !lease_fresh(local, cfg.retry_timeout, now) {
+                d.push(
+                    Action::Demote { upstream: None },
+                    format!(
+                        "leader lease not renewed for {}s (retry_timeout): demoting before it may expire",
+                        cfg.retry_timeout
+                    ),
+                );
+                return;
+            }
+            d.push(Action::RenewLeader, "renewed leader lease");
+            if cluster.initialize != Initialize::SystemId(system_id.to_string()) {
+                d.push(
+                    Action::PublishSystemId(system_id.to_string()),
+                    format!("bootstrap complete: publishing system identifier {system_id}"),
+                );
+            }
+            if !cluster.config_stored {
+                d.push(Action::InitConfig, "storing the bootstrap dynamic configuration in etcd");
+            }
+            manage_slots(cluster, local, pg, now, d);
+            d.push(Action::WriteStatus, "publishing the primary's WAL position");
+        }
+        Some(l) => {
+            let upstream = upstream_of(cluster, l);
+            d.push(
+                Action::Demote { upstream },
+                format!("{l} holds the leader lease but we run as primary: demoting"),
+            );
+        }
+        None => d.push(
+            Action::AcquireLeader,
+            "running as primary and nobody holds the leader lease: taking it",
+        ),
+    }
+}
+
+fn decide_replica(cluster: &ClusterView, local: &LocalView, pg: &PgRunning, d: &mut Decision) {
+    match cluster.leader.as_deref() {
+        Some(l) if l == local.name => {
+            d.push(Action::RenewLeader, "holding the leader lease");
+            d.push(Action::Promote, "we hold the leader lease: promoting");
+        }
+        Some(l) => match upstream_of(cluster, l) {
+            Some(up) if pg.upstream.as_deref() != Some(up.address.as_str()) => d.push(
+                Action::Follow { upstream: up },
+                format!("re-pointing replication at the leader {l}"),
+            ),
+            Some(_) => {}
+            None => d.waiting = Some(format!("leader {l} has not published its address")),
+        },
+        None => {
+            if local.tags.nofailover {
+                d.waiting = Some("no leader; tagged nofailover, so not a candidate".into());
+                return;
+            }
+            if let Some(reason) = lag_too_big(cluster, pg) {
+                d.waiting = Some(reason);
+                return;
+            }
+            d.push(Action::AcquireLeader, "no leader and we are a healthy candidate: taking the lease");
+        }
+    }
+}
+
+fn lag_too_big(cluster: &ClusterView, pg: &PgRunning) -> Option<String> {
+    let status = cluster.status.as_ref()?;
+    let ours = pg.receive_lsn.max(pg.wal_lsn).unwrap_or(0);
+    let lag = status.wal_lsn.saturating_sub(ours);
+    (lag > cluster.config.maximum_lag_on_failover).then(|| {
+        format!(
+            "no leader, but we are {lag} bytes behind the last primary position (maximum_lag_on_failover {}): not a candidate",
+            cluster.config.maximum_lag_on_failover
+        )
+    })
+}
+
+/// The leader creates a slot for every other member and drops slots of
+/// members gone longer than member_slots_ttl.
+fn manage_slots(cluster: &ClusterView, local: &LocalView, pg: &PgRunning, now: Duration, d: &mut Decision) {
+    let cfg = &cluster.config;
+    if !cfg.use_slots {
+        return;
+    }
+    let wanted: Vec<String> = cluster
+        .members
+        .iter()
+        .filter(|m| m.name != local.name)
+        .map(|m| slot_name(&m.name))
+        .collect();
+    let missing: Vec<String> = wanted.iter().filter(|s| !pg.slots.contains(s)).cloned().collect();
+    if !missing.is_empty() {
+        d.push(
+            Action::CreateSlots(missing.clone()),
+            format!("creating replication slots for {}", missing.join(", ")),
+        );
+    }
+    let ttl = Duration::from_secs(cfg.member_slots_ttl);
+    let stale: Vec<String> = pg
+        .slots
+        .iter()
+        .filter(|s| !wanted.contains(s))
+        .filter(|s| {
+            local
+                .slot_last_seen
+                .get(*s)
+                .is_none_or(|seen| now.saturating_sub(*seen) >= ttl)
+        })
+        .cloned()
+        .collect();
+    if !stale.is_empty() {
+        d.push(
+            Action::DropSlots(stale.clone()),
+            format!(
+                "dropping replication slots of members gone for over {}s: {}",
+                cfg.member_slots_ttl,
+                stale.join(", ")
+            ),
+        );
+    }
+}
+
+fn upstream_of(cluster: &ClusterView, name: &str) -> Option<Upstream> {
+    cluster.member(name).map(|m| Upstream {
+        name: name.to_string(),
+        address: format!("{}:{}", m.host, m.port),
+    })
+}
+
+/// The lease counts from the start of the last successful renewal; a leader
+/// must act while less than retry_timeout has passed since then.
+pub fn lease_fresh(local: &LocalView, retry_timeout: u64, now: Duration) -> bool {
+    local
+        .last_renew
+        .is_some_and(|t| now.saturating_sub(t) < Duration::from_secs(retry_timeout))
+}
+
+fn backing_off(local: &LocalView, kind: &JobKind, loop_wait: u64, now: Duration) -> bool {
+    local.last_failure.as_ref().is_some_and(|f| {
+        &f.kind == kind && now.saturating_sub(f.at) < Duration::from_secs(loop_wait.max(1) * RETRY_LOOPS)
+    })
+}
+
+fn job_name(job: &JobKind) -> String {
+    match job {
+        JobKind::Bootstrap => "bootstrap".into(),
+        JobKind::Clone { from } => format!("clone from {from}"),
+        JobKind::Start => "start".into(),
+        JobKind::Stop => "stop".into(),
+        JobKind::Demote => "demotion".into(),
+    }
+}
+
+impl Decision {
+    fn push(&mut self, action: Action, reason: impl Into<String>) {
+        self.steps.push(Step {
+            action,
+            reason: reason.into(),
+        });
+    }
+
+    pub fn actions(&self) -> Vec<&Action> {
+        self.steps.iter().map(|s| &s.action).collect()
+    }
+}

@@ -1,0 +1,136 @@
+use crate::config::Tags;
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+/// What the agent knows about its own instance and itself, as of one
+/// observe step. Times are durations on the agent's monotonic clock.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LocalView {
+    pub name: String,
+    pub tags: Tags,
+    pub data: DataDir,
+    pub pg: PgRun,
+    /// A long action running in the background (the loop keeps going).
+    pub job: Option<JobKind>,
+    /// The last background action that failed, and when.
+    pub last_failure: Option<JobFailure>,
+    /// The etcd read of this loop succeeded (otherwise the cluster view is
+    /// the last one seen).
+    pub dcs_ok: bool,
+    /// Start of the last successful renewal of our lease, the earliest
+    /// moment from which its TTL is counted.
+    pub last_renew: Option<Duration>,
+    /// Per existing replication slot: when a member using it was last seen
+    /// in etcd (leader only; used to drop slots of departed members).
+    pub slot_last_seen: BTreeMap<String, Duration>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DataDir {
+    /// Missing or empty: needs initdb or a clone.
+    Empty,
+    /// A PostgreSQL data directory with this system identifier.
+    Initialized { system_id: String },
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum PgRun {
+    Stopped,
+    Running(PgRunning),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct PgRunning {
+    pub in_recovery: bool,
+    pub timeline: Option<u32>,
+    pub wal_lsn: Option<u64>,
+    pub receive_lsn: Option<u64>,
+    /// The WAL receiver is connected and streaming.
+    pub streaming: bool,
+    /// host:port in the running primary_conninfo, if any.
+    pub upstream: Option<String>,
+    /// Physical replication slots present on this instance.
+    pub slots: Vec<String>,
+}
+
+impl PgRun {
+    pub fn running(&self) -> Option<&PgRunning> {
+        match self {
+            PgRun::Running(r) => Some(r),
+            PgRun::Stopped => None,
+        }
+    }
+    pub fn is_primary(&self) -> bool {
+        matches!(self, PgRun::Running(r) if !r.in_recovery)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JobKind {
+    Bootstrap,
+    Clone { from: String },
+    Start,
+    Stop,
+    Demote,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobFailure {
+    pub kind: JobKind,
+    pub message: String,
+    pub at: Duration,
+}
+
+/// One thing to do, and why, in words for the operator's log.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Step {
+    pub action: Action,
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Create `initialize` (claimed) and `leader` atomically, both on our lease.
+    ClaimBootstrap,
+    /// initdb, start, create the replication user (background job).
+    Bootstrap,
+    /// pg_basebackup from this member (background job).
+    Clone { from: String, conn: String },
+    /// Make `initialize` permanent with our system identifier.
+    PublishSystemId(String),
+    /// Store the bootstrap defaults of the dynamic config.
+    InitConfig,
+    AcquireLeader,
+    RenewLeader,
+    ReleaseLeader,
+    /// Start PostgreSQL writable (we hold the lease).
+    StartPrimary,
+    /// Start PostgreSQL in recovery, streaming from `upstream` if known.
+    StartReplica { upstream: Option<Upstream> },
+    /// Stop a writable PostgreSQL and restart it read-only under `upstream`.
+    Demote { upstream: Option<Upstream> },
+    Promote,
+    /// Point a running replica's primary_conninfo at another primary.
+    Follow { upstream: Upstream },
+    CreateSlots(Vec<String>),
+    DropSlots(Vec<String>),
+    /// Publish the leader's WAL position in `status`.
+    WriteStatus,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Upstream {
+    pub name: String,
+    /// host:port of the upstream PostgreSQL.
+    pub address: String,
+}
+
+/// The outcome of one decision: steps to take, and a problem to report in
+/// the member's status when nothing can be done about it automatically.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Decision {
+    pub steps: Vec<Step>,
+    pub problem: Option<String>,
+    /// What the agent is waiting for, when it does nothing.
+    pub waiting: Option<String>,
+}

@@ -1,0 +1,12 @@
+//! pgwarden: a high-availability manager for PostgreSQL. See ARCHITECTURE.md
+//! for the map of modules.
+
+pub mod agent;
+pub mod api;
+pub mod cli;
+pub mod config;
+pub mod dcs;
+pub mod demo;
+pub mod ha;
+pub mod haproxy;
+pub mod postgres;
