@@ -93,13 +93,49 @@ pub fn default_pg_hba() -> Vec<String> {
 }
 
 /// A PostgreSQL parameter value as TOML can spell it.
-#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(untagged)]
 pub enum ParamValue {
     Bool(bool),
     Int(i64),
     Float(f64),
     Text(String),
+}
+
+/// Written by hand rather than derived (untagged) so that a wrong value, an
+/// array say, is reported as "expected a string, integer, float or boolean"
+/// rather than "data did not match any variant of untagged enum".
+impl<'de> Deserialize<'de> for ParamValue {
+    fn deserialize<D: serde::Deserializer<'de>>(de: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = ParamValue;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a string, integer, float or boolean")
+            }
+            fn visit_bool<E>(self, v: bool) -> Result<ParamValue, E> {
+                Ok(ParamValue::Bool(v))
+            }
+            fn visit_i64<E>(self, v: i64) -> Result<ParamValue, E> {
+                Ok(ParamValue::Int(v))
+            }
+            fn visit_u64<E>(self, v: u64) -> Result<ParamValue, E> {
+                Ok(i64::try_from(v)
+                    .map(ParamValue::Int)
+                    .unwrap_or(ParamValue::Float(v as f64)))
+            }
+            fn visit_f64<E>(self, v: f64) -> Result<ParamValue, E> {
+                Ok(ParamValue::Float(v))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<ParamValue, E> {
+                Ok(ParamValue::Text(v.to_string()))
+            }
+            fn visit_string<E>(self, v: String) -> Result<ParamValue, E> {
+                Ok(ParamValue::Text(v))
+            }
+        }
+        de.deserialize_any(Visitor)
+    }
 }
 
 impl ParamValue {
@@ -128,7 +164,7 @@ pub struct Credentials {
     pub password: String,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Tags {
     #[serde(default)]
@@ -145,6 +181,19 @@ pub struct Tags {
 
 fn default_failover_priority() -> u32 {
     1
+}
+
+/// By hand, not derived: a file without a `[tags]` table must get the same
+/// failover_priority (1) as one with an empty `[tags]` table.
+impl Default for Tags {
+    fn default() -> Self {
+        Tags {
+            nofailover: false,
+            noloadbalance: false,
+            failover_priority: default_failover_priority(),
+            custom: BTreeMap::new(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -233,8 +282,9 @@ impl DynamicConfig {
         if self.retry_timeout == 0 {
             return Err(("retry_timeout", "must be at least 1 second".into()));
         }
-        let min = self.loop_wait + 2 * self.retry_timeout;
-        if self.ttl < min {
+        // In u128: absurd values must be rejected, not overflow.
+        let min = u128::from(self.loop_wait) + 2 * u128::from(self.retry_timeout);
+        if u128::from(self.ttl) < min {
             return Err((
                 "ttl",
                 format!(
@@ -270,12 +320,11 @@ impl Config {
 
 /// A listen address turned into one peers can dial: a wildcard listen becomes
 /// loopback, which is only right for single-host setups; multi-host setups set
-/// connect_address.
+/// connect_address. IPv6 addresses come out bracketed (`[::1]:8008`).
 fn connectable(addr: SocketAddr) -> String {
-    let ip = if addr.ip().is_unspecified() {
-        "127.0.0.1".to_string()
+    if addr.ip().is_unspecified() {
+        format!("127.0.0.1:{}", addr.port())
     } else {
-        addr.ip().to_string()
-    };
-    format!("{ip}:{}", addr.port())
+        addr.to_string()
+    }
 }

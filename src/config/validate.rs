@@ -1,4 +1,5 @@
-use super::{Config, ConfigError};
+use super::{escape_control, Config, ConfigError, ParamValue};
+use std::collections::BTreeMap;
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 
@@ -19,50 +20,165 @@ pub fn validate_static(cfg: &Config) -> Result<(), ConfigError> {
         return Err(ConfigError::key(p, "namespace", "must start with '/'"));
     }
     if cfg.etcd.endpoints.is_empty() {
-        return Err(ConfigError::key(p, "etcd.endpoints", "needs at least one endpoint"));
+        return Err(ConfigError::key(
+            p,
+            "etcd.endpoints",
+            "needs at least one endpoint",
+        ));
     }
     for e in &cfg.etcd.endpoints {
-        if !(e.starts_with("http://") || e.starts_with("https://")) {
-            return Err(ConfigError::key(
-                p,
-                "etcd.endpoints",
-                format!("`{e}` must start with http:// or https://"),
-            ));
+        let host = e
+            .strip_prefix("http://")
+            .or_else(|| e.strip_prefix("https://"));
+        match host {
+            None => {
+                return Err(ConfigError::key(
+                    p,
+                    "etcd.endpoints",
+                    format!(
+                        "`{}` must start with http:// or https://",
+                        escape_control(e)
+                    ),
+                ))
+            }
+            Some(h) if h.trim_end_matches('/').is_empty() => {
+                return Err(ConfigError::key(
+                    p,
+                    "etcd.endpoints",
+                    format!("`{}` has no host after the scheme", escape_control(e)),
+                ))
+            }
+            Some(_) => {}
         }
     }
+    if cfg.etcd.dial_timeout == 0 {
+        return Err(ConfigError::key(
+            p,
+            "etcd.dial_timeout",
+            "must be at least 1 second",
+        ));
+    }
+    check_listen(p, "api.listen", cfg.api.listen)?;
+    check_listen(p, "postgresql.listen", cfg.postgresql.listen)?;
+    if cfg.api.listen == cfg.postgresql.listen {
+        return Err(ConfigError::key(
+            p,
+            "api.listen",
+            "is the same address as postgresql.listen",
+        ));
+    }
+    if cfg.api.listen.port() == cfg.postgresql.listen.port()
+        && (cfg.api.listen.ip().is_unspecified() || cfg.postgresql.listen.ip().is_unspecified())
+    {
+        return Err(ConfigError::key(
+            p,
+            "api.listen",
+            format!(
+                "{} overlaps postgresql.listen {} (same port, one of them on all addresses)",
+                cfg.api.listen, cfg.postgresql.listen
+            ),
+        ));
+    }
     for (key, creds) in [
-        ("postgresql.authentication.superuser", &cfg.postgresql.authentication.superuser),
-        ("postgresql.authentication.replication", &cfg.postgresql.authentication.replication),
+        (
+            "postgresql.authentication.superuser",
+            &cfg.postgresql.authentication.superuser,
+        ),
+        (
+            "postgresql.authentication.replication",
+            &cfg.postgresql.authentication.replication,
+        ),
     ] {
         if creds.username.trim().is_empty() {
-            return Err(ConfigError::key(p, &format!("{key}.username"), "must not be empty"));
+            return Err(ConfigError::key(
+                p,
+                &format!("{key}.username"),
+                "must not be empty",
+            ));
         }
         if creds.password.is_empty() {
-            return Err(ConfigError::key(p, &format!("{key}.password"), "must not be empty"));
+            return Err(ConfigError::key(
+                p,
+                &format!("{key}.password"),
+                "must not be empty",
+            ));
         }
     }
     if cfg.postgresql.data_dir.as_os_str().is_empty() || !cfg.postgresql.data_dir.is_absolute() {
-        return Err(ConfigError::key(p, "postgresql.data_dir", "must be an absolute path"));
+        return Err(ConfigError::key(
+            p,
+            "postgresql.data_dir",
+            "must be an absolute path",
+        ));
     }
     if cfg.postgresql.os_user.trim().is_empty() {
-        return Err(ConfigError::key(p, "postgresql.os_user", "must not be empty"));
+        return Err(ConfigError::key(
+            p,
+            "postgresql.os_user",
+            "must not be empty",
+        ));
     }
-    for reserved in MANAGED_PARAMETERS {
-        if cfg.postgresql.parameters.contains_key(*reserved) {
-            return Err(ConfigError::key(
-                p,
-                &format!("postgresql.parameters.{reserved}"),
-                "is managed by pgwarden and cannot be set here",
-            ));
-        }
+    if cfg.postgresql.start_timeout == 0 {
+        return Err(ConfigError::key(
+            p,
+            "postgresql.start_timeout",
+            "must be at least 1 second",
+        ));
     }
+    check_parameters(&cfg.postgresql.parameters).map_err(|(name, msg)| {
+        ConfigError::key(p, &format!("postgresql.parameters.{name}"), msg)
+    })?;
+    check_parameters(&cfg.bootstrap.dcs.postgresql.parameters).map_err(|(name, msg)| {
+        ConfigError::key(
+            p,
+            &format!("bootstrap.dcs.postgresql.parameters.{name}"),
+            msg,
+        )
+    })?;
     if let Err((key, msg)) = cfg.bootstrap.dcs.check_timing() {
         return Err(ConfigError::key(p, &format!("bootstrap.dcs.{key}"), msg));
     }
-    if cfg.api.listen == cfg.postgresql.listen {
-        return Err(ConfigError::key(p, "api.listen", "is the same address as postgresql.listen"));
+    Ok(())
+}
+
+fn check_listen(p: &Path, key: &str, addr: SocketAddr) -> Result<(), ConfigError> {
+    if addr.port() == 0 {
+        return Err(ConfigError::key(p, key, "port must be between 1 and 65535"));
     }
     Ok(())
+}
+
+/// Checks PostgreSQL parameters set in a config (the member's own or the
+/// cluster-wide ones): each name must be a valid parameter name and not one
+/// pgwarden manages itself. Returns the offending name and the problem.
+pub fn check_parameters(params: &BTreeMap<String, ParamValue>) -> Result<(), (String, String)> {
+    for (name, value) in params {
+        if !valid_parameter_name(name) {
+            return Err((
+                escape_control(name),
+                "is not a valid PostgreSQL parameter name (letters, digits, '_', '.')".into(),
+            ));
+        }
+        // PostgreSQL parameter names are case-insensitive: `Port` is `port`.
+        if MANAGED_PARAMETERS.contains(&name.to_ascii_lowercase().as_str()) {
+            return Err((
+                name.clone(),
+                "is managed by pgwarden and cannot be set here".into(),
+            ));
+        }
+        if let ParamValue::Text(text) = value {
+            if text.contains(['\n', '\r', '\0']) {
+                return Err((name.clone(), "value must be a single line".into()));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn valid_parameter_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.')
 }
 
 /// Parameters pgwarden derives from other keys or from the member's role.
@@ -111,10 +227,17 @@ pub fn validate(cfg: &Config, pg_running: bool) -> Result<PathBuf, ConfigError> 
     Ok(bin_dir)
 }
 
-const REQUIRED_PROGRAMS: &[&str] = &["postgres", "pg_ctl", "initdb", "pg_basebackup", "pg_controldata"];
+const REQUIRED_PROGRAMS: &[&str] = &[
+    "postgres",
+    "pg_ctl",
+    "initdb",
+    "pg_basebackup",
+    "pg_controldata",
+];
 
 fn check_bin_dir(dir: &Path) -> Result<(), String> {
-    let entries = std::fs::read_dir(dir).map_err(|e| format!("cannot read {}: {e}", dir.display()))?;
+    let entries =
+        std::fs::read_dir(dir).map_err(|e| format!("cannot read {}: {e}", dir.display()))?;
     drop(entries);
     for prog in REQUIRED_PROGRAMS {
         if !is_executable(&dir.join(prog)) {
@@ -148,7 +271,10 @@ pub fn find_bin_dir() -> Option<PathBuf> {
     if let Some((_, bin)) = versions.pop() {
         return Some(bin);
     }
-    if let Ok(out) = std::process::Command::new("pg_config").arg("--bindir").output() {
+    if let Ok(out) = std::process::Command::new("pg_config")
+        .arg("--bindir")
+        .output()
+    {
         if out.status.success() {
             let dir = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
             if check_bin_dir(&dir).is_ok() {
@@ -163,7 +289,9 @@ pub fn find_bin_dir() -> Option<PathBuf> {
 fn check_port_free(addr: SocketAddr) -> Result<(), String> {
     match TcpListener::bind(addr) {
         Ok(_) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => Err(format!("{addr} is already in use")),
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+            Err(format!("{addr} is already in use"))
+        }
         Err(e) => Err(format!("cannot listen on {addr}: {e}")),
     }
 }

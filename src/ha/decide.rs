@@ -50,6 +50,12 @@ pub fn decide(cluster: &ClusterView, local: &LocalView, now: Duration) -> Decisi
             }
             match &local.pg {
                 PgRun::Stopped => decide_stopped(cluster, local, now, &mut d),
+                PgRun::Unresponsive => {
+                    if i_lead {
+                        d.push(Action::RenewLeader, "holding the leader lease while PostgreSQL starts");
+                    }
+                    d.waiting = Some("PostgreSQL is running but not answering queries yet".into());
+                }
                 PgRun::Running(pg) if !pg.in_recovery => decide_primary(cluster, local, pg, system_id, now, &mut d),
                 PgRun::Running(pg) => decide_replica(cluster, local, pg, &mut d),
             }

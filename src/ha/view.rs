@@ -37,6 +37,9 @@ pub enum DataDir {
 pub enum PgRun {
     Stopped,
     Running(PgRunning),
+    /// A postmaster is alive but does not answer queries (starting up,
+    /// crash recovery, hung).
+    Unresponsive,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -57,7 +60,7 @@ impl PgRun {
     pub fn running(&self) -> Option<&PgRunning> {
         match self {
             PgRun::Running(r) => Some(r),
-            PgRun::Stopped => None,
+            PgRun::Stopped | PgRun::Unresponsive => None,
         }
     }
     pub fn is_primary(&self) -> bool {

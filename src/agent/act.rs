@@ -1,0 +1,250 @@
+use super::jobs::RunningJob;
+use super::Agent;
+use crate::dcs::{slot_name, ClusterStatus, ClusterView, LeaderOutcome};
+use crate::ha::{Action, JobKind, LocalView, Step, Upstream};
+use crate::postgres::{ConfInputs, ReplicaSettings};
+use std::time::Instant;
+
+/// What carrying out one decision changed, for the loop to know whether to
+/// decide again at once (a won election should promote without waiting).
+#[derive(Default)]
+pub(super) struct ActOutcome {
+    pub dcs_changed: bool,
+}
+
+impl Agent {
+    pub(super) async fn act(&mut self, cluster: &ClusterView, local: &LocalView, steps: &[Step]) -> ActOutcome {
+        let mut out = ActOutcome::default();
+        for step in steps {
+            self.log_step(step);
+            if let Err(e) = self.act_one(cluster, local, &step.action, &mut out).await {
+                tracing::error!("{}: {e:#}", step.reason);
+            }
+        }
+        self.last_steps = steps.to_vec();
+        out
+    }
+
+    fn log_step(&self, step: &Step) {
+        let quiet = matches!(step.action, Action::RenewLeader | Action::WriteStatus);
+        if quiet || self.last_steps.contains(step) {
+            tracing::debug!("{}", step.reason);
+        } else {
+            tracing::info!("{}", step.reason);
+        }
+    }
+
+    async fn act_one(
+        &mut self,
+        cluster: &ClusterView,
+        local: &LocalView,
+        action: &Action,
+        out: &mut ActOutcome,
+    ) -> anyhow::Result<()> {
+        let ttl = cluster.config.ttl;
+        let name = self.cfg.name.clone();
+        match action {
+            Action::ClaimBootstrap => {
+                self.keep_alive(ttl).await?;
+                let dcs = self.dcs_mut()?;
+                if dcs.claim_initialize(&name, ttl).await? == LeaderOutcome::Won {
+                    tracing::info!("won the bootstrap race");
+                    self.last_renew = self.lease_kept_at;
+                    out.dcs_changed = true;
+                } else {
+                    tracing::info!("another member claimed the bootstrap first");
+                }
+            }
+            Action::AcquireLeader => {
+                self.keep_alive(ttl).await?;
+                if self.dcs_mut()?.acquire_leader(&name, ttl).await? == LeaderOutcome::Won {
+                    tracing::info!("acquired the leader lease");
+                    self.last_renew = self.lease_kept_at;
+                    out.dcs_changed = true;
+                } else {
+                    tracing::info!("another member took the leader lease first");
+                }
+            }
+            Action::RenewLeader => {
+                self.keep_alive(ttl).await?;
+                match self.dcs_mut()?.renew_leader(&name, ttl).await? {
+                    LeaderOutcome::Won => {
+                        if self.last_renew.is_none() {
+                            out.dcs_changed = true;
+                        }
+                        self.last_renew = self.lease_kept_at;
+                    }
+                    LeaderOutcome::Lost => {
+                        tracing::warn!("the leader key no longer names us");
+                        self.last_renew = None;
+                        out.dcs_changed = true;
+                    }
+                }
+            }
+            Action::ReleaseLeader => {
+                self.last_renew = None;
+                self.dcs_mut()?.release_leader(&name).await?;
+                out.dcs_changed = true;
+            }
+            Action::PublishSystemId(id) => {
+                self.dcs_mut()?.set_initialize(id).await?;
+                out.dcs_changed = true;
+            }
+            Action::InitConfig => {
+                let defaults = self.cfg.bootstrap.dcs.clone();
+                self.dcs_mut()?.init_config(&defaults).await?;
+            }
+            Action::WriteStatus => {
+                if let Some(pg) = local.pg.running() {
+                    let key = (pg.wal_lsn.unwrap_or(0), pg.timeline.unwrap_or(0));
+                    if self.last_status_written != Some(key) {
+                        let status = ClusterStatus {
+                            leader: name.clone(),
+                            wal_lsn: key.0,
+                            timeline: key.1,
+                            slots: Default::default(),
+                        };
+                        self.dcs_mut()?.write_status(&status).await?;
+                        self.last_status_written = Some(key);
+                    }
+                }
+            }
+            Action::Bootstrap => {
+                let mut pg = self.pg.detached();
+                let inputs = self.conf_inputs(cluster, None);
+                self.spawn_job(JobKind::Bootstrap, async move {
+                    let result = async {
+                        pg.initdb().await?;
+                        pg.write_conf(&inputs)?;
+                        pg.start().await?;
+                        pg.create_replication_user().await?;
+                        anyhow::Ok(())
+                    }
+                    .await;
+                    if result.is_err() {
+                        // Leave no half-initialised cluster behind: the next
+                        // attempt (ours or another member's) starts clean.
+                        let _ = pg.stop().await;
+                        let _ = pg.remove_data();
+                    }
+                    result
+                });
+            }
+            Action::Clone { from, conn } => {
+                let mut pg = self.pg.detached();
+                let upstream = Upstream {
+                    name: from.clone(),
+                    address: conn.clone(),
+                };
+                let inputs = self.conf_inputs(cluster, Some(Some(upstream)));
+                let source = conn.clone();
+                self.spawn_job(JobKind::Clone { from: from.clone() }, async move {
+                    pg.basebackup(&source).await?;
+                    pg.write_conf(&inputs)?;
+                    pg.start().await
+                });
+            }
+            Action::StartPrimary => {
+                let mut pg = self.pg.detached();
+                let inputs = self.conf_inputs(cluster, None);
+                self.spawn_job(JobKind::Start, async move {
+                    pg.write_conf(&inputs)?;
+                    pg.start().await
+                });
+            }
+            Action::StartReplica { upstream } => {
+                let mut pg = self.pg.detached();
+                let inputs = self.conf_inputs(cluster, Some(upstream.clone()));
+                self.spawn_job(JobKind::Start, async move {
+                    pg.write_conf(&inputs)?;
+                    pg.start().await
+                });
+            }
+            Action::Demote { upstream } => {
+                // Stop answering as primary before the slow part begins.
+                self.last_renew = None;
+                let mut pg = self.pg.detached();
+                let inputs = self.conf_inputs(cluster, Some(upstream.clone()));
+                let release = cluster.leader.as_deref() == Some(name.as_str());
+                if release {
+                    if let Ok(dcs) = self.dcs_mut() {
+                        let _ = dcs.release_leader(&name).await;
+                    }
+                }
+                self.spawn_job(JobKind::Demote, async move {
+                    pg.stop().await?;
+                    pg.write_conf(&inputs)?;
+                    pg.start().await
+                });
+            }
+            Action::Promote => {
+                let inputs = self.conf_inputs(cluster, None);
+                self.pg.write_conf(&inputs)?;
+                self.pg.promote().await?;
+                tracing::info!("promoted: now the primary");
+            }
+            Action::Follow { upstream } => {
+                let inputs = self.conf_inputs(cluster, Some(Some(upstream.clone())));
+                self.pg.write_conf(&inputs)?;
+                if self.major >= 13 {
+                    self.pg.reload().await?;
+                } else {
+                    let mut pg = self.pg.detached();
+                    self.spawn_job(JobKind::Start, async move {
+                        pg.stop().await?;
+                        pg.start().await
+                    });
+                }
+            }
+            Action::CreateSlots(slots) => self.pg.create_slots(slots).await?,
+            Action::DropSlots(slots) => self.pg.drop_slots(slots).await?,
+        }
+        Ok(())
+    }
+
+    fn spawn_job<F>(&mut self, kind: JobKind, fut: F)
+    where
+        F: std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
+    {
+        if let Some(job) = &self.job {
+            tracing::warn!("not starting {kind:?}: {:?} is still running", job.kind);
+            return;
+        }
+        self.job = Some(RunningJob::spawn(kind, fut));
+    }
+
+    pub(super) async fn keep_alive(&mut self, ttl: u64) -> anyhow::Result<()> {
+        if self.lease_kept_at.is_some_and(|t| t.elapsed().as_secs_f64() < 0.2) {
+            return Ok(());
+        }
+        let start = Instant::now();
+        self.dcs_mut()?.keep_alive(ttl).await?;
+        self.lease_kept_at = Some(start);
+        Ok(())
+    }
+
+    fn dcs_mut(&mut self) -> anyhow::Result<&mut crate::dcs::Dcs> {
+        self.dcs.as_mut().ok_or_else(|| anyhow::anyhow!("not connected to etcd"))
+    }
+
+    /// Config file inputs for the role we are about to run in.
+    /// `replica`: None for primary, Some(upstream) for a replica.
+    fn conf_inputs(&self, cluster: &ClusterView, replica: Option<Option<Upstream>>) -> ConfInputs {
+        let pgc = &self.cfg.postgresql;
+        let use_slots = cluster.config.use_slots;
+        ConfInputs {
+            major: self.major,
+            listen: pgc.listen,
+            cluster_parameters: cluster.config.postgresql.parameters.clone(),
+            local_parameters: pgc.parameters.clone(),
+            pg_hba: pgc.pg_hba.clone(),
+            replica: replica.map(|up| ReplicaSettings {
+                upstream: up.map(|u| u.address),
+                user: pgc.authentication.replication.username.clone(),
+                password: pgc.authentication.replication.password.clone(),
+                application_name: self.cfg.name.clone(),
+                slot: use_slots.then(|| slot_name(&self.cfg.name)),
+            }),
+        }
+    }
+}

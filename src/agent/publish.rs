@@ -1,0 +1,120 @@
+use super::Agent;
+use crate::api::ApiSnapshot;
+use crate::dcs::{ClusterView, MemberStatus, PgState, Role};
+use crate::ha::{DataDir, JobKind, LocalView, PgRun};
+use std::time::{Duration, Instant};
+
+impl Agent {
+    pub(super) fn member_status(&self, cluster: &ClusterView, local: &LocalView) -> MemberStatus {
+        let i_lead = cluster.leader.as_deref() == Some(self.cfg.name.as_str());
+        let running = local.pg.running();
+        let role = match (&local.data, running) {
+            (DataDir::Empty, _) if local.job != Some(JobKind::Bootstrap) => Role::Uninitialized,
+            _ if i_lead => Role::Leader,
+            _ => Role::Replica,
+        };
+        let state = match (&local.job, &local.pg) {
+            (Some(JobKind::Bootstrap), _) => PgState::Initializing,
+            (Some(JobKind::Clone { .. }), _) => PgState::CreatingReplica,
+            (Some(JobKind::Start), _) => PgState::Starting,
+            (Some(JobKind::Stop | JobKind::Demote), _) => PgState::Stopping,
+            (None, PgRun::Running(pg)) if !pg.in_recovery => PgState::Running,
+            (None, PgRun::Running(pg)) if pg.streaming => PgState::Streaming,
+            (None, PgRun::Running(_)) => PgState::InRecovery,
+            (None, PgRun::Unresponsive) => PgState::Starting,
+            (None, PgRun::Stopped) => match &local.last_failure {
+                Some(f) => match f.kind {
+                    JobKind::Bootstrap => PgState::BootstrapFailed,
+                    JobKind::Clone { .. } => PgState::CloneFailed,
+                    _ => PgState::StartFailed,
+                },
+                None => PgState::Stopped,
+            },
+        };
+        let error = self
+            .problem
+            .clone()
+            .or_else(|| local.last_failure.as_ref().map(|f| f.message.clone()));
+        let (host, port) = split_host_port(&self.cfg.pg_connect_address());
+        let upstream = running.and_then(|pg| pg.upstream.clone()).and_then(|addr| {
+            cluster
+                .members
+                .iter()
+                .find(|m| format!("{}:{}", m.host, m.port) == addr)
+                .map(|m| m.name.clone())
+        });
+        MemberStatus {
+            name: self.cfg.name.clone(),
+            role,
+            state,
+            host,
+            port,
+            api_url: format!("http://{}", self.cfg.api_connect_address()),
+            conn_url: format!("postgres://{}/postgres", self.cfg.pg_connect_address()),
+            timeline: running.and_then(|pg| pg.timeline),
+            wal_lsn: running.and_then(|pg| pg.wal_lsn),
+            receive_lsn: running.and_then(|pg| pg.receive_lsn),
+            upstream,
+            tags: self.cfg.tags.clone(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            error,
+        }
+    }
+
+    /// Writes our member key when it changed, and keeps our lease alive.
+    pub(super) async fn publish(&mut self, cluster: &ClusterView, status: &MemberStatus) {
+        let ttl = cluster.config.ttl;
+        if let Err(e) = self.keep_alive(ttl).await {
+            tracing::warn!("cannot renew our etcd lease: {e:#}");
+            self.dcs_lease_lost();
+            return;
+        }
+        if self.last_published.as_ref() == Some(status) {
+            return;
+        }
+        let Some(dcs) = self.dcs.as_mut() else { return };
+        match dcs.publish_member(status, ttl).await {
+            Ok(()) => self.last_published = Some(status.clone()),
+            Err(e) => tracing::warn!("cannot publish our member key: {e}"),
+        }
+    }
+
+    /// After a failed keep-alive the lease (and keys on it) may be gone;
+    /// make sure the next loop republishes.
+    fn dcs_lease_lost(&mut self) {
+        self.last_published = None;
+    }
+
+    pub(super) fn snapshot(&self, cluster: &ClusterView, local: &LocalView, status: MemberStatus) -> ApiSnapshot {
+        let ttl = Duration::from_secs(cluster.config.ttl);
+        let running = local.pg.running();
+        let demoting = matches!(local.job, Some(JobKind::Demote | JobKind::Stop));
+        let lag_bytes = match (cluster.status.as_ref(), running) {
+            (_, Some(pg)) if !pg.in_recovery => Some(0),
+            (Some(st), Some(pg)) => pg.wal_lsn.or(pg.receive_lsn).map(|l| st.wal_lsn.saturating_sub(l)),
+            _ => None,
+        };
+        ApiSnapshot {
+            holds_leader_key: cluster.leader.as_deref() == Some(self.cfg.name.as_str()) && !demoting,
+            lease_valid_until: self.last_renew.map(|t| t + ttl),
+            pg_running: running.is_some(),
+            in_recovery: running.is_some_and(|pg| pg.in_recovery),
+            streaming: running.is_some_and(|pg| pg.streaming),
+            lag_bytes,
+            is_sync: false,
+            last_loop: Instant::now(),
+            ttl,
+            paused: false,
+            postmaster_start: None,
+            cluster: Some(cluster.clone()),
+            member: status,
+        }
+    }
+}
+
+fn split_host_port(addr: &str) -> (String, u16) {
+    match addr.rsplit_once(':') {
+        Some((h, p)) => (h.trim_matches(['[', ']']).to_string(), p.parse().unwrap_or(5432)),
+        None => (addr.to_string(), 5432),
+    }
+}

@@ -1,0 +1,749 @@
+//! The API driven over real HTTP: a listener on 127.0.0.1:0, `serve`, reqwest.
+
+use super::*;
+use crate::config::{DynamicConfig, Tags};
+use crate::dcs::{ClusterView, HistoryEntry, Initialize, MemberStatus, PgState, Role};
+use reqwest::{Method, StatusCode};
+use serde_json::Value;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::oneshot;
+
+const MB: u64 = 1 << 20;
+
+fn member(name: &str, role: Role, state: PgState, wal_lsn: Option<u64>) -> MemberStatus {
+    MemberStatus {
+        name: name.to_string(),
+        role,
+        state,
+        host: "127.0.0.1".into(),
+        port: 5432,
+        api_url: format!("http://127.0.0.1:8008/{name}"),
+        conn_url: "postgres://127.0.0.1:5432/postgres".into(),
+        timeline: Some(2),
+        wal_lsn,
+        receive_lsn: wal_lsn,
+        upstream: None,
+        tags: Tags::default(),
+        version: "0.1.0".into(),
+        error: None,
+    }
+}
+
+fn view(leader: Option<&str>) -> ClusterView {
+    ClusterView {
+        initialize: Initialize::SystemId("7312345678901234567".into()),
+        leader: leader.map(str::to_string),
+        members: vec![
+            member("pg1", Role::Leader, PgState::Running, Some(1000 * MB)),
+            member(
+                "pg2",
+                Role::Replica,
+                PgState::Streaming,
+                Some(1000 * MB - 100),
+            ),
+            member("pg3", Role::Replica, PgState::Stopped, None),
+        ],
+        config: DynamicConfig::default(),
+        config_stored: true,
+        status: None,
+        history: vec![HistoryEntry {
+            timeline: 1,
+            lsn: 0x3000060,
+            reason: "no recovery target specified".into(),
+            time: "2024-01-01T00:00:00Z".into(),
+            leader: "pg1".into(),
+        }],
+    }
+}
+
+fn ago(d: Duration) -> Instant {
+    Instant::now()
+        .checked_sub(d)
+        .expect("monotonic clock older than test offset")
+}
+
+fn primary() -> ApiSnapshot {
+    ApiSnapshot {
+        member: member("pg1", Role::Leader, PgState::Running, Some(1000 * MB)),
+        cluster: Some(view(Some("pg1"))),
+        holds_leader_key: true,
+        lease_valid_until: Some(Instant::now() + Duration::from_secs(30)),
+        pg_running: true,
+        in_recovery: false,
+        streaming: false,
+        lag_bytes: None,
+        is_sync: false,
+        last_loop: Instant::now(),
+        ttl: Duration::from_secs(30),
+        paused: false,
+        postmaster_start: Some("120".into()),
+    }
+}
+
+fn replica() -> ApiSnapshot {
+    ApiSnapshot {
+        member: member(
+            "pg2",
+            Role::Replica,
+            PgState::Streaming,
+            Some(1000 * MB - 100),
+        ),
+        holds_leader_key: false,
+        lease_valid_until: Some(Instant::now() + Duration::from_secs(30)),
+        in_recovery: true,
+        streaming: true,
+        lag_bytes: Some(100),
+        ..primary()
+    }
+}
+
+fn sync_replica() -> ApiSnapshot {
+    ApiSnapshot {
+        is_sync: true,
+        ..replica()
+    }
+}
+
+fn noloadbalance_replica() -> ApiSnapshot {
+    let mut s = replica();
+    s.member.tags.noloadbalance = true;
+    s
+}
+
+fn lagging_replica() -> ApiSnapshot {
+    ApiSnapshot {
+        lag_bytes: Some(100 * MB),
+        ..replica()
+    }
+}
+
+fn stopped() -> ApiSnapshot {
+    ApiSnapshot {
+        member: member("pg3", Role::Replica, PgState::Stopped, None),
+        pg_running: false,
+        in_recovery: false,
+        streaming: false,
+        lag_bytes: None,
+        ..replica()
+    }
+}
+
+fn expired_leader() -> ApiSnapshot {
+    ApiSnapshot {
+        lease_valid_until: Some(ago(Duration::from_secs(1))),
+        ..primary()
+    }
+}
+
+fn stale_loop_replica() -> ApiSnapshot {
+    ApiSnapshot {
+        last_loop: ago(Duration::from_secs(60)),
+        ..replica()
+    }
+}
+
+struct Server {
+    base: String,
+    client: reqwest::Client,
+    stop: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+    addr: std::net::SocketAddr,
+}
+
+impl Server {
+    async fn start(snap: ApiSnapshot) -> Server {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(serve(listener, SharedState::new(snap), async move {
+            let _ = rx.await;
+        }));
+        Server {
+            base: format!("http://{addr}"),
+            client: reqwest::Client::new(),
+            stop: Some(tx),
+            task,
+            addr,
+        }
+    }
+
+    async fn call(
+        &self,
+        method: Method,
+        path: &str,
+    ) -> (StatusCode, String, reqwest::header::HeaderMap) {
+        let resp = self
+            .client
+            .request(method, format!("{}{path}", self.base))
+            .send()
+            .await
+            .unwrap();
+        let code = resp.status();
+        let headers = resp.headers().clone();
+        (code, resp.text().await.unwrap(), headers)
+    }
+
+    async fn json(&self, path: &str) -> (StatusCode, Value) {
+        let (code, body, headers) = self.call(Method::GET, path).await;
+        assert_eq!(
+            headers.get("content-type").unwrap(),
+            "application/json",
+            "{path}"
+        );
+        (code, serde_json::from_str(&body).unwrap())
+    }
+
+    async fn stop(mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        tokio::time::timeout(Duration::from_secs(5), self.task)
+            .await
+            .expect("server did not shut down")
+            .unwrap()
+            .unwrap();
+    }
+}
+
+const PATHS: [&str; 16] = [
+    "/",
+    "/primary",
+    "/leader",
+    "/read-write",
+    "/replica",
+    "/read-only",
+    "/sync",
+    "/async",
+    "/health",
+    "/liveness",
+    "/readiness",
+    "/status",
+    "/cluster",
+    "/history",
+    "/config",
+    "/metrics",
+];
+
+/// Expected codes in `PATHS` order; the last five (status, cluster, history,
+/// config, metrics) are always 200 when the cluster view is known.
+#[rustfmt::skip]
+fn table() -> Vec<(&'static str, ApiSnapshot, [u16; 16])> {
+    vec![
+        //                                      /    pri  lead rw   repl ro   sync asyn hlth live rdy  stat clus hist conf metr
+        ("primary",          primary(),         [200, 200, 200, 200, 503, 200, 503, 503, 200, 200, 200, 200, 200, 200, 200, 200]),
+        ("replica",          replica(),         [503, 503, 503, 503, 200, 200, 503, 200, 200, 200, 200, 200, 200, 200, 200, 200]),
+        ("sync replica",     sync_replica(),    [503, 503, 503, 503, 200, 200, 200, 503, 200, 200, 200, 200, 200, 200, 200, 200]),
+        ("noloadbalance",    noloadbalance_replica(), [503, 503, 503, 503, 503, 503, 503, 503, 200, 200, 200, 200, 200, 200, 200, 200]),
+        ("lagging replica",  lagging_replica(), [503, 503, 503, 503, 200, 200, 503, 200, 200, 200, 503, 200, 200, 200, 200, 200]),
+        ("stopped",          stopped(),         [503, 503, 503, 503, 503, 503, 503, 503, 503, 200, 503, 200, 200, 200, 200, 200]),
+        ("expired lease",    expired_leader(),  [503, 503, 503, 503, 503, 503, 503, 503, 200, 200, 503, 200, 200, 200, 200, 200]),
+        ("stale loop",       stale_loop_replica(), [503, 503, 503, 503, 200, 200, 503, 200, 200, 503, 200, 200, 200, 200, 200, 200]),
+    ]
+}
+
+#[tokio::test]
+async fn every_path_and_method_answers_per_table() {
+    for (scenario, snap, codes) in table() {
+        let server = Server::start(snap).await;
+        for (path, want) in PATHS.iter().zip(codes) {
+            for method in [Method::GET, Method::HEAD, Method::OPTIONS] {
+                let (code, body, headers) = server.call(method.clone(), path).await;
+                assert_eq!(code.as_u16(), want, "{scenario}: {method} {path}");
+                if method == Method::HEAD {
+                    assert!(body.is_empty(), "{scenario}: HEAD {path} has a body");
+                } else if *path == "/metrics" {
+                    assert_eq!(
+                        headers.get("content-type").unwrap(),
+                        metrics::CONTENT_TYPE_TEXT
+                    );
+                } else {
+                    let v: Value = serde_json::from_str(&body)
+                        .unwrap_or_else(|e| panic!("{scenario}: {method} {path}: {e}: {body}"));
+                    if health::ROUTES.iter().any(|(p, _)| p == path) || *path == "/status" {
+                        assert_eq!(v["name"], server_name(scenario), "{scenario} {path}");
+                        assert!(v["role"].is_string() && v["state"].is_string());
+                    }
+                }
+            }
+        }
+        server.stop().await;
+    }
+}
+
+fn server_name(scenario: &str) -> &'static str {
+    match scenario {
+        "primary" | "expired lease" => "pg1",
+        "stopped" => "pg3",
+        _ => "pg2",
+    }
+}
+
+#[tokio::test]
+async fn lag_query() {
+    let lagging = Server::start(lagging_replica()).await;
+    let table: &[(&str, u16)] = &[
+        ("/replica?lag=16MB", 503),
+        ("/replica?lag=100MB", 200),
+        ("/replica?lag=104857600", 200),
+        ("/replica?lag=104857599", 503),
+        ("/replica?lag=1GB", 200),
+        ("/replica?lag=200mb", 200),
+        ("/replica?lag=1GB&lag=1MB", 503),
+        ("/read-only?lag=16MB", 503),
+        ("/read-only?lag=1GB", 200),
+        ("/async?lag=16MB", 503),
+        ("/async?lag=1GB", 200),
+        ("/readiness", 503),
+        ("/readiness?lag=1GB", 200),
+        ("/health?lag=16MB", 200),
+    ];
+    for (path, want) in table {
+        for method in [Method::GET, Method::HEAD, Method::OPTIONS] {
+            let (code, _, _) = lagging.call(method.clone(), path).await;
+            assert_eq!(code.as_u16(), *want, "lagging: {method} {path}");
+        }
+    }
+    lagging.stop().await;
+
+    let unknown = Server::start(ApiSnapshot {
+        lag_bytes: None,
+        ..replica()
+    })
+    .await;
+    for (path, want) in [
+        ("/replica", 200),
+        ("/replica?lag=1GB", 503),
+        ("/readiness", 503),
+    ] {
+        assert_eq!(
+            unknown.call(Method::GET, path).await.0.as_u16(),
+            want,
+            "unknown lag: {path}"
+        );
+    }
+    unknown.stop().await;
+
+    // The primary is always fresh: a lag limit never takes it out of /read-only.
+    let primary = Server::start(primary()).await;
+    assert_eq!(
+        primary.call(Method::GET, "/read-only?lag=1B").await.0,
+        StatusCode::OK
+    );
+    primary.stop().await;
+}
+
+#[tokio::test]
+async fn malformed_lag_is_400_with_reason() {
+    let server = Server::start(replica()).await;
+    for path in [
+        "/replica?lag=abc",
+        "/replica?lag=",
+        "/replica?lag=-1",
+        "/replica?lag=16XB",
+        "/replica?lag=1.5MB",
+        "/replica?lag=99999999999999GB",
+        "/read-only?lag=fast",
+        "/sync?lag=fast",
+        "/async?lag=fast",
+        "/readiness?lag=fast",
+    ] {
+        for method in [Method::GET, Method::OPTIONS] {
+            let (code, body, _) = server.call(method.clone(), path).await;
+            assert_eq!(code, StatusCode::BAD_REQUEST, "{method} {path}");
+            let v: Value = serde_json::from_str(&body).unwrap();
+            assert!(
+                v["error"].as_str().unwrap().contains("lag"),
+                "{path}: {body}"
+            );
+        }
+        assert_eq!(
+            server.call(Method::HEAD, path).await.0,
+            StatusCode::BAD_REQUEST
+        );
+    }
+    // Checks without parameters ignore the query.
+    assert_eq!(
+        server.call(Method::GET, "/health?lag=fast").await.0,
+        StatusCode::OK
+    );
+    server.stop().await;
+
+    let primary = Server::start(primary()).await;
+    assert_eq!(
+        primary.call(Method::GET, "/primary?lag=fast").await.0,
+        StatusCode::OK
+    );
+    primary.stop().await;
+}
+
+#[tokio::test]
+async fn tag_query() {
+    let mut snap = replica();
+    snap.member.tags.failover_priority = 3;
+    snap.member.tags.custom.insert("dc".into(), "east".into());
+    snap.member
+        .tags
+        .custom
+        .insert("zone".into(), "eu west".into());
+    let server = Server::start(snap).await;
+    let table: &[(&str, u16)] = &[
+        ("/replica?tag_dc=east", 200),
+        ("/replica?tag_dc=west", 503),
+        ("/replica?tag_rack=1", 503),
+        ("/replica?tag_zone=eu%20west", 200),
+        ("/replica?tag_zone=eu+west", 200),
+        ("/replica?tag_nofailover=false", 200),
+        ("/replica?tag_nofailover=true", 503),
+        ("/replica?tag_noloadbalance=false", 200),
+        ("/replica?tag_failover_priority=3", 200),
+        ("/replica?tag_failover_priority=1", 503),
+        ("/replica?tag_dc=east&tag_failover_priority=3&lag=1kB", 200),
+        ("/replica?tag_dc=east&lag=1B", 503),
+        ("/read-only?tag_dc=west", 503),
+        ("/read-only?tag_dc=east", 200),
+        ("/async?tag_dc=east", 200),
+        ("/async?tag_dc=west", 503),
+        ("/replica?unrelated=1", 200),
+    ];
+    for (path, want) in table {
+        for method in [Method::GET, Method::HEAD, Method::OPTIONS] {
+            let (code, _, _) = server.call(method.clone(), path).await;
+            assert_eq!(code.as_u16(), *want, "{method} {path}");
+        }
+    }
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn status_body() {
+    let server = Server::start(lagging_replica()).await;
+    let (code, v) = server.json("/status").await;
+    assert_eq!(code, StatusCode::OK);
+    assert_eq!(v["name"], "pg2");
+    assert_eq!(v["role"], "replica");
+    assert_eq!(v["state"], "streaming");
+    assert_eq!(v["lag_bytes"], 100 * MB);
+    assert_eq!(v["holds_leader_key"], false);
+    assert_eq!(v["primary"], false);
+    assert_eq!(v["paused"], false);
+    assert_eq!(v["pg_running"], true);
+    assert_eq!(v["in_recovery"], true);
+    assert_eq!(v["streaming"], true);
+    assert_eq!(v["is_sync"], false);
+    assert!(v["loop_age_seconds"].as_f64().unwrap() >= 0.0);
+    assert_eq!(v["tags"]["nofailover"], false);
+    server.stop().await;
+
+    let server = Server::start(expired_leader()).await;
+    let (code, v) = server.json("/primary").await;
+    assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(v["holds_leader_key"], true);
+    assert_eq!(v["leader_lease_valid"], false);
+    assert_eq!(v["primary"], false);
+    assert_eq!(v["lag_bytes"], Value::Null);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn cluster_history_config() {
+    let server = Server::start(replica()).await;
+    let (code, v) = server.json("/cluster").await;
+    assert_eq!(code, StatusCode::OK);
+    assert_eq!(v["leader"], "pg1");
+    assert_eq!(v["paused"], false);
+    assert_eq!(v["initialize"], "7312345678901234567");
+    assert_eq!(v["config"]["ttl"], 10);
+    let members = v["members"].as_array().unwrap();
+    let lags: Vec<(&str, &Value)> = members
+        .iter()
+        .map(|m| (m["name"].as_str().unwrap(), &m["lag_bytes"]))
+        .collect();
+    assert_eq!(
+        lags,
+        vec![
+            ("pg1", &Value::from(0)),
+            ("pg2", &Value::from(100)),
+            ("pg3", &Value::Null)
+        ]
+    );
+    assert_eq!(members[1]["state"], "streaming");
+
+    let (code, v) = server.json("/history").await;
+    assert_eq!(code, StatusCode::OK);
+    assert_eq!(v[0]["timeline"], 1);
+    assert_eq!(v[0]["leader"], "pg1");
+
+    let (code, v) = server.json("/config").await;
+    assert_eq!(code, StatusCode::OK);
+    assert_eq!(v["maximum_lag_on_failover"], MB);
+    server.stop().await;
+
+    // No leader: nobody's lag is known.
+    let mut leaderless = replica();
+    if let Some(c) = leaderless.cluster.as_mut() {
+        c.leader = None;
+        c.history.clear();
+        c.initialize = Initialize::Claimed;
+    }
+    let server = Server::start(leaderless).await;
+    let (_, v) = server.json("/cluster").await;
+    assert_eq!(v["leader"], Value::Null);
+    assert_eq!(v["initialize"], "");
+    assert!(v["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|m| m["lag_bytes"].is_null()));
+    assert_eq!(server.json("/history").await.1, serde_json::json!([]));
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn before_the_first_cluster_read() {
+    let server = Server::start(ApiSnapshot {
+        cluster: None,
+        paused: true,
+        ..lagging_replica()
+    })
+    .await;
+    let (code, v) = server.json("/cluster").await;
+    assert_eq!(code, StatusCode::OK);
+    assert_eq!(v["members"], serde_json::json!([]));
+    assert_eq!(v["leader"], Value::Null);
+    assert_eq!(v["config"], Value::Null);
+    assert_eq!(v["paused"], true);
+    assert_eq!(
+        server.json("/history").await,
+        (StatusCode::OK, serde_json::json!([]))
+    );
+    let (code, v) = server.json("/config").await;
+    assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(v["error"].is_string());
+    // No configured limit yet: a streaming replica is ready whatever its lag.
+    assert_eq!(
+        server.call(Method::GET, "/readiness").await.0,
+        StatusCode::OK
+    );
+    server.stop().await;
+}
+
+/// Every sample line is `name{labels} value` with a float value, and every
+/// metric has HELP and TYPE lines before its samples.
+fn parse_metrics(text: &str) -> Vec<(String, String, f64)> {
+    let mut declared = std::collections::HashSet::new();
+    let mut samples = Vec::new();
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("# HELP ") {
+            declared.insert(rest.split(' ').next().unwrap().to_string());
+        } else if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let mut parts = rest.split(' ');
+            let name = parts.next().unwrap();
+            assert!(declared.contains(name), "TYPE before HELP: {line}");
+            assert_eq!(parts.next(), Some("gauge"));
+        } else {
+            let (series, value) = line.rsplit_once(' ').unwrap();
+            let (name, labels) = series.split_once('{').unwrap();
+            assert!(labels.ends_with('}'), "{line}");
+            assert!(declared.contains(name), "sample without HELP: {line}");
+            assert!(name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'));
+            samples.push((
+                name.to_string(),
+                labels.trim_end_matches('}').to_string(),
+                value
+                    .parse::<f64>()
+                    .unwrap_or_else(|e| panic!("{line}: {e}")),
+            ));
+        }
+    }
+    samples
+}
+
+fn metric(samples: &[(String, String, f64)], name: &str) -> Option<f64> {
+    samples
+        .iter()
+        .find(|(n, _, _)| n == name)
+        .map(|(_, _, v)| *v)
+}
+
+#[tokio::test]
+async fn metrics_parse() {
+    let table: &[(&str, ApiSnapshot, f64, f64, f64)] = &[
+        // scenario, snapshot, primary, replica, lease valid
+        ("primary", primary(), 1.0, 0.0, 1.0),
+        ("replica", replica(), 0.0, 1.0, 0.0),
+        ("expired lease", expired_leader(), 0.0, 0.0, 0.0),
+        ("stopped", stopped(), 0.0, 0.0, 0.0),
+    ];
+    for (scenario, snap, primary, replica, lease) in table {
+        let name = snap.member.name.clone();
+        let server = Server::start(snap.clone()).await;
+        let (code, body, headers) = server.call(Method::GET, "/metrics").await;
+        assert_eq!(code, StatusCode::OK);
+        assert_eq!(
+            headers.get("content-type").unwrap(),
+            "text/plain; version=0.0.4"
+        );
+        let samples = parse_metrics(&body);
+        assert!(samples
+            .iter()
+            .all(|(_, l, _)| l.starts_with(&format!("name=\"{name}\""))));
+        assert_eq!(
+            metric(&samples, "pgwarden_primary"),
+            Some(*primary),
+            "{scenario}"
+        );
+        assert_eq!(
+            metric(&samples, "pgwarden_replica"),
+            Some(*replica),
+            "{scenario}"
+        );
+        assert_eq!(
+            metric(&samples, "pgwarden_leader_lease_valid"),
+            Some(*lease),
+            "{scenario}"
+        );
+        for always in [
+            "pgwarden_info",
+            "pgwarden_postgres_running",
+            "pgwarden_cluster_paused",
+            "pgwarden_loop_age_seconds",
+            "pgwarden_timeline",
+        ] {
+            assert!(metric(&samples, always).is_some(), "{scenario}: {always}");
+        }
+        let lag = metric(&samples, "pgwarden_replication_lag_bytes");
+        assert_eq!(lag, snap.lag_bytes.map(|l| l as f64), "{scenario}");
+        assert_eq!(
+            metric(&samples, "pgwarden_wal_lsn_bytes"),
+            snap.member.wal_lsn.map(|l| l as f64)
+        );
+        server.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn unknown_paths_and_methods() {
+    let server = Server::start(primary()).await;
+    let (code, v) = server.json("/nope").await;
+    assert_eq!(code, StatusCode::NOT_FOUND);
+    assert!(v["error"].as_str().unwrap().contains("/nope"));
+    assert_eq!(
+        server.call(Method::GET, "/primary/").await.0,
+        StatusCode::NOT_FOUND
+    );
+
+    let (code, body, headers) = server.call(Method::POST, "/primary").await;
+    assert_eq!(code, StatusCode::METHOD_NOT_ALLOWED);
+    assert!(serde_json::from_str::<Value>(&body).unwrap()["error"].is_string());
+    assert!(headers
+        .get("allow")
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .contains("GET"));
+    assert_eq!(
+        server.call(Method::GET, "/switchover").await.0,
+        StatusCode::METHOD_NOT_ALLOWED
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn mutations_are_refused() {
+    let server = Server::start(primary()).await;
+    for (method, path) in [
+        (Method::POST, "/switchover"),
+        (Method::DELETE, "/switchover"),
+        (Method::POST, "/failover"),
+        (Method::POST, "/restart"),
+        (Method::DELETE, "/restart"),
+        (Method::POST, "/reinitialize"),
+        (Method::POST, "/reload"),
+        (Method::PATCH, "/config"),
+        (Method::PUT, "/config"),
+    ] {
+        let (code, body, _) = server.call(method.clone(), path).await;
+        assert_eq!(code, StatusCode::FORBIDDEN, "{method} {path}");
+        let v: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(
+            v["error"],
+            "mutating requests are disabled: no API credentials configured (set [api] username and password)"
+        );
+    }
+    server.stop().await;
+}
+
+async fn raw(addr: std::net::SocketAddr, request: &str) -> String {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut out))
+        .await
+        .unwrap()
+        .unwrap();
+    String::from_utf8(out).unwrap()
+}
+
+/// What HAProxy actually sends: `option httpchk` alone is `OPTIONS /
+/// HTTP/1.0`; with a path it is usually GET or HEAD.
+#[tokio::test]
+async fn haproxy_style_probes() {
+    let server = Server::start(primary()).await;
+    let resp = raw(server.addr, "OPTIONS / HTTP/1.0\r\n\r\n").await;
+    assert!(resp.starts_with("HTTP/1.0 200"), "{resp}");
+    assert!(resp.contains("\"name\":\"pg1\""), "{resp}");
+
+    let resp = raw(
+        server.addr,
+        "HEAD /replica HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(resp.starts_with("HTTP/1.1 503"), "{resp}");
+    let (_, body) = resp.split_once("\r\n\r\n").unwrap();
+    assert!(body.is_empty(), "HEAD sent a body: {body:?}");
+
+    let resp = raw(
+        server.addr,
+        "GET /primary HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn answers_follow_the_snapshot() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let state = SharedState::new(replica());
+    let (tx, rx) = oneshot::channel::<()>();
+    let task = tokio::spawn(serve(listener, state.clone(), async move {
+        let _ = rx.await;
+    }));
+    let client = reqwest::Client::new();
+    let get = |p: &str| client.get(format!("{base}{p}")).send();
+    assert_eq!(
+        get("/primary").await.unwrap().status(),
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    state.set(primary());
+    assert_eq!(get("/primary").await.unwrap().status(), StatusCode::OK);
+    state.set(expired_leader());
+    assert_eq!(
+        get("/primary").await.unwrap().status(),
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    let _ = tx.send(());
+    task.await.unwrap().unwrap();
+}
+
+#[test]
+#[ignore]
+fn tmp_bench_server() {
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    rt.block_on(async {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:18008").await.unwrap();
+        let _ = tokio::time::timeout(Duration::from_secs(40), serve(listener, SharedState::new(replica()), std::future::pending())).await;
+    });
+}

@@ -1,0 +1,173 @@
+//! JSON views of the snapshot: the member status every health check returns,
+//! `/status`, `/cluster`, `/history`, `/config`, and the error bodies.
+
+use super::ApiSnapshot;
+use crate::config::DynamicConfig;
+use crate::dcs::{Initialize, MemberStatus};
+use axum::http::{StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Serialize;
+use std::time::Instant;
+
+/// This member as the API reports it: the published status plus what only
+/// the local agent knows, so a 503 can be understood from its own body.
+#[derive(Debug, Serialize)]
+pub(crate) struct StatusBody<'a> {
+    #[serde(flatten)]
+    member: &'a MemberStatus,
+    /// What `/primary` answers right now (lease held, unexpired, writable).
+    primary: bool,
+    holds_leader_key: bool,
+    /// The leader key is ours and our lease cannot have expired yet.
+    leader_lease_valid: bool,
+    paused: bool,
+    pg_running: bool,
+    in_recovery: bool,
+    streaming: bool,
+    is_sync: bool,
+    lag_bytes: Option<u64>,
+    loop_age_seconds: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    postmaster_start: Option<&'a str>,
+}
+
+impl<'a> StatusBody<'a> {
+    pub(crate) fn new(snap: &'a ApiSnapshot, now: Instant) -> Self {
+        StatusBody {
+            member: &snap.member,
+            primary: snap.is_primary(now),
+            holds_leader_key: snap.holds_leader_key,
+            leader_lease_valid: leader_lease_valid(snap, now),
+            paused: snap.paused,
+            pg_running: snap.pg_running,
+            in_recovery: snap.in_recovery,
+            streaming: snap.streaming,
+            is_sync: snap.is_sync,
+            lag_bytes: snap.lag_bytes,
+            loop_age_seconds: now.saturating_duration_since(snap.last_loop).as_secs_f64(),
+            postmaster_start: snap.postmaster_start.as_deref(),
+        }
+    }
+}
+
+pub(crate) fn leader_lease_valid(snap: &ApiSnapshot, now: Instant) -> bool {
+    snap.holds_leader_key && snap.lease_valid_until.is_some_and(|t| now < t)
+}
+
+#[derive(Debug, Serialize)]
+struct ErrorBody<'a> {
+    error: &'a str,
+}
+
+pub(crate) fn error_response(code: StatusCode, reason: impl AsRef<str>) -> Response {
+    (
+        code,
+        Json(ErrorBody {
+            error: reason.as_ref(),
+        }),
+    )
+        .into_response()
+}
+
+pub(crate) fn status(snap: &ApiSnapshot, now: Instant) -> Response {
+    Json(StatusBody::new(snap, now)).into_response()
+}
+
+#[derive(Debug, Serialize)]
+struct ClusterMember<'a> {
+    #[serde(flatten)]
+    member: &'a MemberStatus,
+    /// Bytes behind the leader's published position; null without a leader
+    /// or without positions.
+    lag_bytes: Option<u64>,
+}
+
+#[derive(Debug, Serialize)]
+struct ClusterBody<'a> {
+    members: Vec<ClusterMember<'a>>,
+    leader: Option<&'a str>,
+    config: Option<&'a DynamicConfig>,
+    paused: bool,
+    /// The cluster's system identifier; "" while a bootstrap is claimed but
+    /// unfinished; null before anyone claimed it (or before the first read).
+    initialize: Option<&'a str>,
+}
+
+pub(crate) fn cluster(snap: &ApiSnapshot, _now: Instant) -> Response {
+    let body = match &snap.cluster {
+        None => ClusterBody {
+            members: Vec::new(),
+            leader: None,
+            config: None,
+            paused: snap.paused,
+            initialize: None,
+        },
+        Some(view) => {
+            let leader_lsn = view.leader_member().and_then(|m| m.wal_lsn);
+            ClusterBody {
+                members: view
+                    .members
+                    .iter()
+                    .map(|m| ClusterMember {
+                        member: m,
+                        // A member ahead of the leader has diverged, not
+                        // caught up; saturating keeps it from wrapping.
+                        lag_bytes: leader_lsn
+                            .zip(m.wal_lsn)
+                            .map(|(l, own)| l.saturating_sub(own)),
+                    })
+                    .collect(),
+                leader: view.leader.as_deref(),
+                config: Some(&view.config),
+                paused: snap.paused,
+                initialize: match &view.initialize {
+                    Initialize::Absent => None,
+                    Initialize::Claimed => Some(""),
+                    Initialize::SystemId(id) => Some(id.as_str()),
+                },
+            }
+        }
+    };
+    Json(body).into_response()
+}
+
+pub(crate) fn history(snap: &ApiSnapshot, _now: Instant) -> Response {
+    match &snap.cluster {
+        Some(view) => Json(&view.history).into_response(),
+        None => Json([(); 0]).into_response(),
+    }
+}
+
+pub(crate) fn config(snap: &ApiSnapshot, _now: Instant) -> Response {
+    match &snap.cluster {
+        Some(view) => Json(&view.config).into_response(),
+        // Every DynamicConfig field has a default, so an empty object would
+        // read as a valid all-defaults config; refuse rather than mislead.
+        None => error_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "cluster config not read from etcd yet",
+        ),
+    }
+}
+
+pub(crate) async fn not_found(uri: Uri) -> Response {
+    error_response(
+        StatusCode::NOT_FOUND,
+        format!("no such endpoint: {}", uri.path()),
+    )
+}
+
+pub(crate) async fn method_not_allowed() -> Response {
+    error_response(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method not allowed on this endpoint",
+    )
+}
+
+pub(crate) async fn refuse_mutation() -> Response {
+    error_response(
+        StatusCode::FORBIDDEN,
+        "mutating requests are disabled: no API credentials configured (set [api] username and password)",
+    )
+}

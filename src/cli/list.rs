@@ -1,0 +1,121 @@
+use crate::config::Config;
+use crate::dcs::{ClusterView, Dcs, Keys};
+use serde::Serialize;
+use std::time::Duration;
+
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ListFormat {
+    Table,
+    Json,
+}
+
+/// One row of `pgwarden list`; the JSON form is a stable interface for
+/// scripts.
+#[derive(Debug, Serialize, PartialEq)]
+pub struct ListRow {
+    pub name: String,
+    pub host: String,
+    pub port: u16,
+    pub role: String,
+    pub state: String,
+    pub timeline: Option<u32>,
+    pub lag_bytes: Option<u64>,
+    pub api_url: String,
+    pub upstream: Option<String>,
+    pub tags: crate::config::Tags,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+pub fn rows(view: &ClusterView) -> Vec<ListRow> {
+    let leader_lsn = view.leader_member().and_then(|l| l.wal_lsn);
+    view.members
+        .iter()
+        .map(|m| {
+            let is_leader = view.leader.as_deref() == Some(m.name.as_str());
+            ListRow {
+                name: m.name.clone(),
+                host: m.host.clone(),
+                port: m.port,
+                role: m.role.as_str().to_string(),
+                state: m.state.as_str().to_string(),
+                timeline: m.timeline,
+                lag_bytes: if is_leader {
+                    m.wal_lsn.map(|_| 0)
+                } else {
+                    match (leader_lsn, m.wal_lsn) {
+                        (Some(l), Some(x)) => Some(l.saturating_sub(x)),
+                        _ => None,
+                    }
+                },
+                api_url: m.api_url.clone(),
+                upstream: m.upstream.clone(),
+                tags: m.tags.clone(),
+                error: m.error.clone(),
+            }
+        })
+        .collect()
+}
+
+pub fn render_table(scope: &str, view: &ClusterView) -> String {
+    let rows = rows(view);
+    let header = ["Member", "Host", "Role", "State", "TL", "Lag in MB"];
+    let cells: Vec<[String; 6]> = rows
+        .iter()
+        .map(|r| {
+            [
+                r.name.clone(),
+                format!("{}:{}", r.host, r.port),
+                r.role.clone(),
+                r.state.clone(),
+                r.timeline.map(|t| t.to_string()).unwrap_or_default(),
+                r.lag_bytes
+                    .map(|b| format!("{}", (b as f64 / 1_048_576.0).round() as u64))
+                    .unwrap_or_else(|| "unknown".into()),
+            ]
+        })
+        .collect();
+    let mut widths = header.map(|h| h.len());
+    for row in &cells {
+        for (w, c) in widths.iter_mut().zip(row) {
+            *w = (*w).max(c.len());
+        }
+    }
+    let line = |cols: &[String]| -> String {
+        let parts: Vec<String> = cols
+            .iter()
+            .zip(widths)
+            .map(|(c, w)| format!(" {c:<w$} "))
+            .collect();
+        format!("|{}|\n", parts.join("|"))
+    };
+    let sep = format!(
+        "+{}+\n",
+        widths.iter().map(|w| "-".repeat(w + 2)).collect::<Vec<_>>().join("+")
+    );
+    let mut out = format!("+ Cluster: {scope} ");
+    out.push_str(&"-".repeat(sep.len().saturating_sub(out.len() + 2)));
+    out.push_str("+\n");
+    out.push_str(&line(&header.map(String::from)));
+    out.push_str(&sep);
+    for row in &cells {
+        out.push_str(&line(row));
+    }
+    out.push_str(&sep);
+    out
+}
+
+pub async fn list(cfg: &Config, format: ListFormat) -> anyhow::Result<()> {
+    let mut dcs = Dcs::connect(
+        &cfg.etcd.endpoints,
+        Keys::new(cfg.key_prefix()),
+        Duration::from_secs(cfg.etcd.dial_timeout.max(1)),
+    )
+    .await?;
+    let view = dcs.read_cluster(&cfg.bootstrap.dcs).await?;
+    match format {
+        ListFormat::Json => println!("{}", serde_json::to_string_pretty(&rows(&view))?),
+        ListFormat::Table => print!("{}", render_table(&cfg.scope, &view)),
+    }
+    Ok(())
+}

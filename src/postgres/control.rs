@@ -1,0 +1,415 @@
+use super::command::{run, OsUser, PgCommandError};
+use super::conf::{render_conf, ConfInputs, INCLUDE_LINE, MANAGED_CONF};
+use super::observe::{self, Observed};
+use crate::config::Credentials;
+use anyhow::{bail, Context};
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use tokio_postgres::Client;
+
+/// One local PostgreSQL instance and the means to drive it.
+pub struct Instance {
+    pub bin_dir: PathBuf,
+    pub data_dir: PathBuf,
+    pub listen: SocketAddr,
+    pub user: Option<OsUser>,
+    pub superuser: Credentials,
+    pub replication: Credentials,
+    pub start_timeout: Duration,
+    client: Option<Client>,
+}
+
+const SHORT: Duration = Duration::from_secs(30);
+
+impl Instance {
+    pub fn new(
+        bin_dir: PathBuf,
+        data_dir: PathBuf,
+        listen: SocketAddr,
+        user: Option<OsUser>,
+        superuser: Credentials,
+        replication: Credentials,
+        start_timeout: Duration,
+    ) -> Self {
+        Instance {
+            bin_dir,
+            data_dir,
+            listen,
+            user,
+            superuser,
+            replication,
+            start_timeout,
+            client: None,
+        }
+    }
+
+    /// A data directory PostgreSQL can start from.
+    pub fn has_data(&self) -> bool {
+        self.data_dir.join("PG_VERSION").is_file() && self.data_dir.join("global/pg_control").is_file()
+    }
+
+    /// PID of a live postmaster of this data directory, per postmaster.pid.
+    pub fn postmaster_pid(&self) -> Option<i32> {
+        let text = std::fs::read_to_string(self.data_dir.join("postmaster.pid")).ok()?;
+        let pid: i32 = text.lines().next()?.trim().parse().ok()?;
+        let alive = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok();
+        alive.then_some(pid)
+    }
+
+    /// Major version of the installed binaries.
+    pub async fn binary_major(&self) -> anyhow::Result<u32> {
+        let out = run(&self.bin_dir, "postgres", ["--version"], self.user, &[], SHORT).await?;
+        // "postgres (PostgreSQL) 15.18 (Debian ...)"
+        out.split_whitespace()
+            .nth(2)
+            .and_then(|v| v.split('.').next())
+            .and_then(|m| m.parse().ok())
+            .with_context(|| format!("cannot read the version from `postgres --version`: {out}"))
+    }
+
+    pub async fn system_identifier(&self) -> anyhow::Result<String> {
+        let dir = self.data_dir.to_string_lossy().to_string();
+        let out = run(&self.bin_dir, "pg_controldata", ["-D", dir.as_str()], self.user, &[], SHORT).await?;
+        out.lines()
+            .find_map(|l| l.strip_prefix("Database system identifier:"))
+            .map(|v| v.trim().to_string())
+            .context("pg_controldata printed no system identifier")
+    }
+
+    /// Creates the data directory (and its parent) owned by the OS user.
+    fn prepare_data_dir(&self) -> anyhow::Result<()> {
+        std::fs::create_dir_all(&self.data_dir)
+            .with_context(|| format!("cannot create {}", self.data_dir.display()))?;
+        std::fs::set_permissions(&self.data_dir, std::fs::Permissions::from_mode(0o700))
+            .with_context(|| format!("cannot set permissions of {}", self.data_dir.display()))?;
+        if let Some(u) = self.user {
+            nix::unistd::chown(
+                &self.data_dir,
+                Some(nix::unistd::Uid::from_raw(u.uid)),
+                Some(nix::unistd::Gid::from_raw(u.gid)),
+            )
+            .with_context(|| format!("cannot give {} to the PostgreSQL OS user", self.data_dir.display()))?;
+        }
+        Ok(())
+    }
+
+    /// Removes a half-made data directory so the next attempt starts clean.
+    pub fn remove_data(&self) -> anyhow::Result<()> {
+        if self.data_dir.exists() {
+            for entry in std::fs::read_dir(&self.data_dir)? {
+                let path = entry?.path();
+                if path.is_dir() {
+                    std::fs::remove_dir_all(&path)?;
+                } else {
+                    std::fs::remove_file(&path)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub async fn initdb(&self) -> anyhow::Result<()> {
+        self.prepare_data_dir()?;
+        let pwfile = tempfile::NamedTempFile::new().context("cannot create a password file for initdb")?;
+        std::fs::write(pwfile.path(), format!("{}\n", self.superuser.password))?;
+        if let Some(u) = self.user {
+            nix::unistd::chown(pwfile.path(), Some(nix::unistd::Uid::from_raw(u.uid)), None)?;
+        }
+        let dir = self.data_dir.to_string_lossy().to_string();
+        let pw = format!("--pwfile={}", pwfile.path().display());
+        let user = format!("--username={}", self.superuser.username);
+        run(
+            &self.bin_dir,
+            "initdb",
+            ["-D", dir.as_str(), "--data-checksums", "--auth=scram-sha-256", "--auth-local=trust", &user, &pw],
+            self.user,
+            &[],
+            Duration::from_secs(300),
+        )
+        .await?;
+        self.ensure_include()?;
+        Ok(())
+    }
+
+    pub async fn basebackup(&self, from: &str) -> anyhow::Result<()> {
+        self.prepare_data_dir()?;
+        let (host, port) = from.rsplit_once(':').unwrap_or((from, "5432"));
+        let dir = self.data_dir.to_string_lossy().to_string();
+        let result = run(
+            &self.bin_dir,
+            "pg_basebackup",
+            [
+                "-D",
+                dir.as_str(),
+                "-h",
+                host,
+                "-p",
+                port,
+                "-U",
+                self.replication.username.as_str(),
+                "-X",
+                "stream",
+                "-c",
+                "fast",
+                "--no-password",
+            ],
+            self.user,
+            &[("PGPASSWORD", self.replication.password.as_str()), ("PGCONNECT_TIMEOUT", "5")],
+            Duration::from_secs(3600),
+        )
+        .await;
+        if let Err(e) = result {
+            let _ = self.remove_data();
+            return Err(e.into());
+        }
+        self.ensure_include()?;
+        Ok(())
+    }
+
+    /// postgresql.conf must include pgwarden's file; a clone inherits the
+    /// line from its source, so only add it once.
+    fn ensure_include(&self) -> anyhow::Result<()> {
+        let path = self.data_dir.join("postgresql.conf");
+        let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
+        if !text.contains(INCLUDE_LINE) {
+            let mut text = text;
+            if !text.ends_with('\n') {
+                text.push('\n');
+            }
+            text.push_str(INCLUDE_LINE);
+            text.push('\n');
+            self.write_owned(&path, &text)?;
+        }
+        Ok(())
+    }
+
+    /// Writes the managed config files for the role in `inputs`. Returns
+    /// whether anything changed.
+    pub fn write_conf(&self, inputs: &ConfInputs) -> anyhow::Result<bool> {
+        let files = render_conf(inputs);
+        let mut changed = false;
+        changed |= self.write_if_changed(&self.data_dir.join(MANAGED_CONF), &files.managed_conf)?;
+        changed |= self.write_if_changed(&self.data_dir.join("pg_hba.conf"), &files.pg_hba)?;
+        let signal = self.data_dir.join("standby.signal");
+        if files.standby_signal {
+            changed |= self.write_if_changed(&signal, "")?;
+        } else if signal.exists() {
+            std::fs::remove_file(&signal)?;
+            changed = true;
+        }
+        let recovery = self.data_dir.join("recovery.conf");
+        match &files.recovery_conf {
+            Some(text) => changed |= self.write_if_changed(&recovery, text)?,
+            None if recovery.exists() => {
+                std::fs::remove_file(&recovery)?;
+                changed = true;
+            }
+            None => {}
+        }
+        Ok(changed)
+    }
+
+    fn write_if_changed(&self, path: &Path, text: &str) -> anyhow::Result<bool> {
+        if std::fs::read_to_string(path).ok().as_deref() == Some(text) {
+            return Ok(false);
+        }
+        self.write_owned(path, text)?;
+        Ok(true)
+    }
+
+    fn write_owned(&self, path: &Path, text: &str) -> anyhow::Result<()> {
+        let tmp = path.with_extension("pgwarden-tmp");
+        std::fs::write(&tmp, text).with_context(|| format!("cannot write {}", tmp.display()))?;
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))?;
+        if let Some(u) = self.user {
+            nix::unistd::chown(
+                &tmp,
+                Some(nix::unistd::Uid::from_raw(u.uid)),
+                Some(nix::unistd::Gid::from_raw(u.gid)),
+            )?;
+        }
+        std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
+        Ok(())
+    }
+
+    pub async fn start(&mut self) -> anyhow::Result<()> {
+        self.client = None;
+        let dir = self.data_dir.to_string_lossy().to_string();
+        let log = self.data_dir.join("pg_ctl.log").to_string_lossy().to_string();
+        let secs = self.start_timeout.as_secs().max(1).to_string();
+        run(
+            &self.bin_dir,
+            "pg_ctl",
+            ["start", "-D", dir.as_str(), "-w", "-t", secs.as_str(), "-l", log.as_str()],
+            self.user,
+            &[],
+            self.start_timeout + Duration::from_secs(5),
+        )
+        .await
+        .map_err(|e| self.with_log_tail(e))?;
+        Ok(())
+    }
+
+    fn with_log_tail(&self, e: PgCommandError) -> anyhow::Error {
+        let log = std::fs::read_to_string(self.data_dir.join("pg_ctl.log")).unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(3).collect();
+        let tail: Vec<&str> = tail.into_iter().rev().collect();
+        anyhow::anyhow!("{e}; log: {}", tail.join(" | "))
+    }
+
+    /// Fast shutdown: disconnects clients, writes a shutdown checkpoint.
+    pub async fn stop(&mut self) -> anyhow::Result<()> {
+        self.client = None;
+        if self.postmaster_pid().is_none() {
+            return Ok(());
+        }
+        let dir = self.data_dir.to_string_lossy().to_string();
+        run(
+            &self.bin_dir,
+            "pg_ctl",
+            ["stop", "-D", dir.as_str(), "-m", "fast", "-w", "-t", "60"],
+            self.user,
+            &[],
+            Duration::from_secs(65),
+        )
+        .await?;
+        Ok(())
+    }
+
+    pub async fn promote(&mut self) -> anyhow::Result<()> {
+        let dir = self.data_dir.to_string_lossy().to_string();
+        run(&self.bin_dir, "pg_ctl", ["promote", "-D", dir.as_str(), "-w", "-t", "60"], self.user, &[], Duration::from_secs(65))
+            .await?;
+        Ok(())
+    }
+
+    pub async fn reload(&mut self) -> anyhow::Result<()> {
+        let dir = self.data_dir.to_string_lossy().to_string();
+        run(&self.bin_dir, "pg_ctl", ["reload", "-D", dir.as_str()], self.user, &[], SHORT).await?;
+        Ok(())
+    }
+
+    fn conninfo(&self) -> String {
+        let host = if self.listen.ip().is_unspecified() {
+            "127.0.0.1".to_string()
+        } else {
+            self.listen.ip().to_string()
+        };
+        format!(
+            "host='{}' port={} user='{}' password='{}' dbname=postgres connect_timeout=2 application_name=pgwarden",
+            host,
+            self.listen.port(),
+            self.superuser.username.replace('\\', "\\\\").replace('\'', "\\'"),
+            self.superuser.password.replace('\\', "\\\\").replace('\'', "\\'"),
+        )
+    }
+
+    async fn client(&mut self) -> anyhow::Result<&Client> {
+        if self.client.as_ref().is_some_and(|c| c.is_closed()) {
+            self.client = None;
+        }
+        if self.client.is_none() {
+            let c = tokio::time::timeout(Duration::from_secs(3), observe::connect(&self.conninfo()))
+                .await
+                .context("connecting to PostgreSQL timed out")??;
+            self.client = Some(c);
+        }
+        match self.client.as_ref() {
+            Some(c) => Ok(c),
+            None => bail!("no PostgreSQL connection"),
+        }
+    }
+
+    /// One SQL probe of the running instance.
+    pub async fn observe(&mut self) -> anyhow::Result<Observed> {
+        let result = async {
+            let client = self.client().await?;
+            let obs = tokio::time::timeout(Duration::from_secs(3), observe::probe(client))
+                .await
+                .context("PostgreSQL did not answer the status query in time")??;
+            anyhow::Ok(obs)
+        }
+        .await;
+        if result.is_err() {
+            self.client = None;
+        }
+        result
+    }
+
+    pub async fn execute(&mut self, sql: &str) -> anyhow::Result<()> {
+        let client = self.client().await?;
+        tokio::time::timeout(Duration::from_secs(10), client.batch_execute(sql))
+            .await
+            .context("PostgreSQL did not answer in time")??;
+        Ok(())
+    }
+
+    pub async fn create_replication_user(&mut self) -> anyhow::Result<()> {
+        let sql = format!(
+            "DO $pgw$ BEGIN
+               IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = {name_lit}) THEN
+                 CREATE ROLE {name_ident} WITH REPLICATION LOGIN PASSWORD {pw};
+               ELSE
+                 ALTER ROLE {name_ident} WITH REPLICATION LOGIN PASSWORD {pw};
+               END IF;
+             END $pgw$",
+            name_lit = quote_literal(&self.replication.username),
+            name_ident = quote_ident(&self.replication.username),
+            pw = quote_literal(&self.replication.password),
+        );
+        self.execute(&sql).await
+    }
+
+    pub async fn create_slots(&mut self, slots: &[String]) -> anyhow::Result<()> {
+        for s in slots {
+            let sql = format!(
+                "SELECT pg_create_physical_replication_slot({lit}) WHERE NOT EXISTS (SELECT FROM pg_replication_slots WHERE slot_name = {lit})",
+                lit = quote_literal(s)
+            );
+            self.execute(&sql).await.with_context(|| format!("creating slot {s}"))?;
+        }
+        Ok(())
+    }
+
+    pub async fn drop_slots(&mut self, slots: &[String]) -> anyhow::Result<()> {
+        for s in slots {
+            let sql = format!(
+                "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = {} AND NOT active",
+                quote_literal(s)
+            );
+            self.execute(&sql).await.with_context(|| format!("dropping slot {s}"))?;
+        }
+        Ok(())
+    }
+}
+
+fn quote_literal(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
+}
+
+fn quote_ident(s: &str) -> String {
+    format!("\"{}\"", s.replace('"', "\"\""))
+}
+
+impl Instance {
+    /// A handle for a background job: same instance, its own connection.
+    pub fn detached(&self) -> Instance {
+        Instance {
+            bin_dir: self.bin_dir.clone(),
+            data_dir: self.data_dir.clone(),
+            listen: self.listen,
+            user: self.user,
+            superuser: self.superuser.clone(),
+            replication: self.replication.clone(),
+            start_timeout: self.start_timeout,
+            client: None,
+        }
+    }
+
+    /// Forget the cached connection (after a restart, say).
+    pub fn disconnect(&mut self) {
+        self.client = None;
+    }
+}

@@ -1,0 +1,329 @@
+use super::procs::{wait_port, Etcd, Haproxy};
+use super::{eventually, free_port, http_status, pgwarden_bin, temp_dir};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+pub const SUPERUSER_PASSWORD: &str = "test-super-pw";
+
+#[derive(Clone, Default)]
+pub struct MemberOptions {
+    /// Extra TOML lines appended to the member's config.
+    pub extra: String,
+    /// Extra lines inside [postgresql] (e.g. parameters).
+    pub pg_extra: String,
+}
+
+#[derive(Clone)]
+pub struct ClusterOptions {
+    pub members: Vec<MemberOptions>,
+    pub ttl: u64,
+    pub loop_wait: u64,
+    pub retry_timeout: u64,
+}
+
+impl ClusterOptions {
+    pub fn new(n: usize) -> Self {
+        ClusterOptions {
+            members: vec![MemberOptions::default(); n],
+            ttl: 10,
+            loop_wait: 1,
+            retry_timeout: 4,
+        }
+    }
+}
+
+pub struct Member {
+    pub name: String,
+    pub dir: PathBuf,
+    pub config: PathBuf,
+    pub pg_port: u16,
+    pub api_port: u16,
+    agent: Option<Child>,
+}
+
+impl Member {
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.join("data")
+    }
+    pub fn api(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.api_port)
+    }
+}
+
+pub struct Cluster {
+    pub etcd: Etcd,
+    pub members: Vec<Member>,
+    pub scope: String,
+    pub haproxy: Option<Haproxy>,
+    pub rw_port: u16,
+    pub ro_port: u16,
+    pub stats_port: u16,
+    // Last so it is removed after every process is gone.
+    pub root: tempfile::TempDir,
+}
+
+impl Cluster {
+    /// Starts etcd and one agent per member (agents bootstrap PostgreSQL).
+    pub fn start(opts: &ClusterOptions) -> Cluster {
+        let root = temp_dir("pgwarden-it-");
+        let etcd = Etcd::start(root.path());
+        let scope = "it".to_string();
+        let mut members = Vec::new();
+        for (i, m) in opts.members.iter().enumerate() {
+            let name = format!("node{}", i + 1);
+            let dir = root.path().join(&name);
+            std::fs::create_dir_all(&dir).expect("member dir");
+            set_mode(&dir, 0o755);
+            let pg_port = free_port();
+            let api_port = free_port();
+            let config = dir.join("pgwarden.toml");
+            let text = format!(
+                r#"scope = "{scope}"
+name = "{name}"
+{extra}
+[etcd]
+endpoints = ["{etcd}"]
+
+[api]
+listen = "127.0.0.1:{api_port}"
+
+[postgresql]
+data_dir = "{data}"
+listen = "127.0.0.1:{pg_port}"
+{pg_extra}
+[postgresql.authentication.superuser]
+username = "postgres"
+password = "{SUPERUSER_PASSWORD}"
+
+[postgresql.authentication.replication]
+username = "replicator"
+password = "repl-pw"
+
+[bootstrap.dcs]
+ttl = {ttl}
+loop_wait = {loop_wait}
+retry_timeout = {retry}
+"#,
+                extra = m.extra,
+                pg_extra = m.pg_extra,
+                etcd = etcd.endpoint(),
+                data = dir.join("data").display(),
+                ttl = opts.ttl,
+                loop_wait = opts.loop_wait,
+                retry = opts.retry_timeout,
+            );
+            std::fs::write(&config, text).expect("write config");
+            members.push(Member {
+                name,
+                dir,
+                config,
+                pg_port,
+                api_port,
+                agent: None,
+            });
+        }
+        let mut c = Cluster {
+            etcd,
+            members,
+            scope,
+            haproxy: None,
+            rw_port: free_port(),
+            ro_port: free_port(),
+            stats_port: free_port(),
+            root,
+        };
+        for i in 0..c.members.len() {
+            c.start_agent(i);
+        }
+        c
+    }
+
+    pub fn start_agent(&mut self, i: usize) {
+        let m = &mut self.members[i];
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(m.dir.join("agent.log"))
+            .expect("agent log");
+        let err = log.try_clone().expect("log clone");
+        let child = Command::new(pgwarden_bin())
+            .args(["agent", "-c"])
+            .arg(&m.config)
+            .arg("--log-level=debug")
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(err)
+            .spawn()
+            .expect("start agent");
+        m.agent = Some(child);
+        assert!(
+            wait_port(m.api_port, Duration::from_secs(20)),
+            "agent {} did not open its API; log:\n{}",
+            m.name,
+            self.agent_log(i)
+        );
+    }
+
+    pub fn agent_log(&self, i: usize) -> String {
+        std::fs::read_to_string(self.members[i].dir.join("agent.log")).unwrap_or_default()
+    }
+
+    pub fn agent_pid(&self, i: usize) -> Option<u32> {
+        self.members[i].agent.as_ref().map(|c| c.id())
+    }
+
+    pub fn kill9_agent(&mut self, i: usize) {
+        if let Some(mut c) = self.members[i].agent.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait for the agent to exit; returns its exit status.
+    pub fn sigterm_agent(&mut self, i: usize) -> Option<std::process::ExitStatus> {
+        let mut c = self.members[i].agent.take()?;
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(c.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        c.wait().ok()
+    }
+
+    pub fn postmaster_pid(&self, i: usize) -> Option<i32> {
+        let text = std::fs::read_to_string(self.members[i].data_dir().join("postmaster.pid")).ok()?;
+        let pid: i32 = text.lines().next()?.trim().parse().ok()?;
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).ok()?;
+        Some(pid)
+    }
+
+    pub fn index_of(&self, name: &str) -> usize {
+        self.members.iter().position(|m| m.name == name).expect("member name")
+    }
+
+    /// The member answering 200 on /primary, once exactly one does.
+    pub async fn wait_single_primary(&self, within: Duration) -> usize {
+        eventually("exactly one member answering 200 on /primary", within, || async {
+            let mut primaries = Vec::new();
+            for (i, m) in self.members.iter().enumerate() {
+                if http_status("GET", &m.api("/primary")).await == 200 {
+                    primaries.push(i);
+                }
+            }
+            (primaries.len() == 1).then(|| primaries[0])
+        })
+        .await
+    }
+
+    /// Runs `pgwarden <args>` with this member's config; returns stdout.
+    pub fn cli(&self, i: usize, args: &[&str]) -> std::process::Output {
+        Command::new(pgwarden_bin())
+            .arg("-c")
+            .arg(&self.members[i].config)
+            .args(args)
+            .output()
+            .expect("run pgwarden")
+    }
+
+    /// Renders the HAProxy config with `pgwarden haproxy-config`, checks it
+    /// with `haproxy -c`, and starts HAProxy on it.
+    pub fn start_haproxy(&mut self) -> PathBuf {
+        let cfg = self.root.path().join("haproxy.cfg");
+        let out = self.cli(
+            0,
+            &[
+                "haproxy-config",
+                "--bind",
+                "127.0.0.1",
+                "--rw-port",
+                &self.rw_port.to_string(),
+                "--ro-port",
+                &self.ro_port.to_string(),
+                "--stats-port",
+                &self.stats_port.to_string(),
+                "--output",
+                &cfg.to_string_lossy(),
+            ],
+        );
+        assert!(out.status.success(), "haproxy-config failed: {}", String::from_utf8_lossy(&out.stderr));
+        let check = Command::new("haproxy").arg("-c").arg("-f").arg(&cfg).output().expect("haproxy -c");
+        assert!(
+            check.status.success(),
+            "haproxy -c rejected the rendered config: {}{}",
+            String::from_utf8_lossy(&check.stdout),
+            String::from_utf8_lossy(&check.stderr)
+        );
+        self.haproxy = Some(Haproxy::start(&cfg, &self.root.path().join("haproxy.log"), self.rw_port));
+        cfg
+    }
+
+    /// Stops a member's PostgreSQL behind its agent's back (the agent is
+    /// expected to be gone or to react).
+    pub fn pg_ctl(&self, i: usize, args: &[&str]) -> std::process::Output {
+        let mut cmd = Command::new(pg_bin_dir().join("pg_ctl"));
+        cmd.args(args).arg("-D").arg(self.members[i].data_dir());
+        as_postgres(&mut cmd);
+        cmd.output().expect("pg_ctl")
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for m in &self.members {
+            if let Some(c) = &m.agent {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(c.id() as i32),
+                    nix::sys::signal::Signal::SIGTERM,
+                );
+            }
+        }
+        for m in &mut self.members {
+            if let Some(mut c) = m.agent.take() {
+                let deadline = std::time::Instant::now() + Duration::from_secs(30);
+                while std::time::Instant::now() < deadline {
+                    if let Ok(Some(_)) = c.try_wait() {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+        // Whatever PostgreSQL is still up (an agent was killed -9 in the
+        // test) is stopped here, so no process outlives the test.
+        for i in 0..self.members.len() {
+            if self.postmaster_pid(i).is_some() {
+                let _ = self.pg_ctl(i, &["stop", "-m", "immediate", "-w"]);
+            }
+        }
+    }
+}
+
+pub fn pg_bin_dir() -> PathBuf {
+    let mut versions: Vec<u32> = std::fs::read_dir("/usr/lib/postgresql")
+        .expect("PostgreSQL installed under /usr/lib/postgresql")
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .collect();
+    versions.sort();
+    PathBuf::from(format!("/usr/lib/postgresql/{}/bin", versions.last().expect("a PostgreSQL version")))
+}
+
+/// PostgreSQL refuses to run as root: run its programs as `postgres`.
+pub fn as_postgres(cmd: &mut Command) {
+    if super::is_root() {
+        let user = nix::unistd::User::from_name("postgres")
+            .ok()
+            .flatten()
+            .expect("postgres OS user");
+        cmd.uid(user.uid.as_raw()).gid(user.gid.as_raw());
+    }
+}
+
+pub fn set_mode(path: &Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).expect("chmod");
+}
+
