@@ -5,7 +5,7 @@ mod support;
 
 use std::time::Duration;
 use support::cluster::SUPERUSER_PASSWORD;
-use support::{eventually, http_json, http_status, sql, Cluster, ClusterOptions, MemberOptions};
+use support::{eventually, http_json, http_status, sql, Cluster, ClusterOptions};
 
 const BOOT: Duration = Duration::from_secs(120);
 
@@ -74,17 +74,9 @@ async fn check_paths(c: &Cluster, i: usize, table: &[(&str, u16)]) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cluster_bootstraps_streams_and_routes_through_haproxy() {
     let mut opts = ClusterOptions::new(4);
+    // Every member carries a custom tag the /replica filter can match.
     for m in &mut opts.members {
-        m.extra = String::new();
-    }
-    opts.members[1] = MemberOptions {
-        extra: String::new(),
-        pg_extra: String::new(),
-    };
-    // node2 and node3 carry a custom tag the /replica filter can match.
-    for i in [1, 2] {
-        opts.members[i].extra = "[tags.custom]\nzone = \"b\"\n".into();
-        opts.members[i].extra = format!("\n{}", opts.members[i].extra);
+        m.extra = "\n[tags.custom]\nzone = \"b\"\n".into();
     }
     // node4's PostgreSQL can never start (a library that does not exist):
     // it is the "member whose PostgreSQL is stopped".

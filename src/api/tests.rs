@@ -737,13 +737,3 @@ async fn answers_follow_the_snapshot() {
     let _ = tx.send(());
     task.await.unwrap().unwrap();
 }
-
-#[test]
-#[ignore]
-fn tmp_bench_server() {
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-    rt.block_on(async {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:18008").await.unwrap();
-        let _ = tokio::time::timeout(Duration::from_secs(40), serve(listener, SharedState::new(replica()), std::future::pending())).await;
-    });
-}

@@ -230,19 +230,17 @@ fn backends_from_members_parses_skips_and_sorts() {
 fn validate_rejects_bad_options() {
     let good = test_opts();
     assert!(good.validate().is_ok());
-    let cases: Vec<(&str, Box<dyn Fn(&mut RenderOptions)>)> = vec![
-        ("same ports", Box::new(|o| o.ro_port = o.rw_port)),
-        ("port 0", Box::new(|o| o.stats_port = 0)),
-        ("inter 0", Box::new(|o| o.inter = "0s".into())),
-        ("inter unit", Box::new(|o| o.inter = "1x".into())),
-        (
-            "inter injection",
-            Box::new(|o| o.inter = "1s\nlisten x".into()),
-        ),
-        ("fall 0", Box::new(|o| o.fall = 0)),
-        ("rise 0", Box::new(|o| o.rise = 0)),
-        ("maxconn 0", Box::new(|o| o.maxconn = 0)),
-        ("bind", Box::new(|o| o.bind_address = "1.2.3.4 x".into())),
+    type Change = fn(&mut RenderOptions);
+    let cases: Vec<(&str, Change)> = vec![
+        ("same ports", |o| o.ro_port = o.rw_port),
+        ("port 0", |o| o.stats_port = 0),
+        ("inter 0", |o| o.inter = "0s".into()),
+        ("inter unit", |o| o.inter = "1x".into()),
+        ("inter injection", |o| o.inter = "1s\nlisten x".into()),
+        ("fall 0", |o| o.fall = 0),
+        ("rise 0", |o| o.rise = 0),
+        ("maxconn 0", |o| o.maxconn = 0),
+        ("bind", |o| o.bind_address = "1.2.3.4 x".into()),
     ];
     for (what, change) in cases {
         let mut o = good.clone();

@@ -158,10 +158,11 @@ retry_timeout = {retry}
             .spawn()
             .expect("start agent");
         m.agent = Some(child);
+        let port = m.api_port;
         assert!(
-            wait_port(m.api_port, Duration::from_secs(20)),
+            wait_port(port, Duration::from_secs(20)),
             "agent {} did not open its API; log:\n{}",
-            m.name,
+            self.members[i].name,
             self.agent_log(i)
         );
     }

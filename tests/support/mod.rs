@@ -12,7 +12,6 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 pub use cluster::{Cluster, ClusterOptions, MemberOptions};
-pub use procs::{Etcd, Haproxy};
 
 static TAKEN: Mutex<Vec<u16>> = Mutex::new(Vec::new());
 
