@@ -31,10 +31,9 @@ fn main() -> ExitCode {
 
 async fn run(args: Cli) -> anyhow::Result<()> {
     let load = || -> anyhow::Result<config::Config> {
-        let path = args
-            .config
-            .as_ref()
-            .ok_or_else(|| anyhow::anyhow!("this command needs a config file: pass -c FILE or set PGWARDEN_CONFIG"))?;
+        let path = args.config.as_ref().ok_or_else(|| {
+            anyhow::anyhow!("this command needs a config file: pass -c FILE or set PGWARDEN_CONFIG")
+        })?;
         Ok(config::load(path)?)
     };
     match &args.command {

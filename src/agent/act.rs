@@ -13,7 +13,12 @@ pub(super) struct ActOutcome {
 }
 
 impl Agent {
-    pub(super) async fn act(&mut self, cluster: &ClusterView, local: &LocalView, steps: &[Step]) -> ActOutcome {
+    pub(super) async fn act(
+        &mut self,
+        cluster: &ClusterView,
+        local: &LocalView,
+        steps: &[Step],
+    ) -> ActOutcome {
         let mut out = ActOutcome::default();
         for step in steps {
             self.log_step(step);
@@ -84,6 +89,11 @@ impl Agent {
             Action::ReleaseLeader => {
                 self.last_renew = None;
                 self.dcs_mut()?.release_leader(&name).await?;
+                out.dcs_changed = true;
+            }
+            Action::AbandonBootstrap => {
+                self.last_renew = None;
+                self.dcs_mut()?.abandon_bootstrap(&name).await?;
                 out.dcs_changed = true;
             }
             Action::PublishSystemId(id) => {
@@ -214,7 +224,10 @@ impl Agent {
     }
 
     pub(super) async fn keep_alive(&mut self, ttl: u64) -> anyhow::Result<()> {
-        if self.lease_kept_at.is_some_and(|t| t.elapsed().as_secs_f64() < 0.2) {
+        if self
+            .lease_kept_at
+            .is_some_and(|t| t.elapsed().as_secs_f64() < 0.2)
+        {
             return Ok(());
         }
         let start = Instant::now();
@@ -224,7 +237,9 @@ impl Agent {
     }
 
     fn dcs_mut(&mut self) -> anyhow::Result<&mut crate::dcs::Dcs> {
-        self.dcs.as_mut().ok_or_else(|| anyhow::anyhow!("not connected to etcd"))
+        self.dcs
+            .as_mut()
+            .ok_or_else(|| anyhow::anyhow!("not connected to etcd"))
     }
 
     /// Config file inputs for the role we are about to run in.

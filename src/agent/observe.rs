@@ -81,7 +81,9 @@ impl Agent {
             // a finished state; the job itself is in the view.
             if self.job.is_some() && self.pg.has_data() {
                 match &self.system_id {
-                    Some(id) => DataDir::Initialized { system_id: id.clone() },
+                    Some(id) => DataDir::Initialized {
+                        system_id: id.clone(),
+                    },
                     None => DataDir::Empty,
                 }
             } else {
@@ -95,7 +97,9 @@ impl Agent {
                 }
             }
             match &self.system_id {
-                Some(id) => DataDir::Initialized { system_id: id.clone() },
+                Some(id) => DataDir::Initialized {
+                    system_id: id.clone(),
+                },
                 None => DataDir::Empty,
             }
         };

@@ -85,17 +85,26 @@ impl Agent {
         self.last_published = None;
     }
 
-    pub(super) fn snapshot(&self, cluster: &ClusterView, local: &LocalView, status: MemberStatus) -> ApiSnapshot {
+    pub(super) fn snapshot(
+        &self,
+        cluster: &ClusterView,
+        local: &LocalView,
+        status: MemberStatus,
+    ) -> ApiSnapshot {
         let ttl = Duration::from_secs(cluster.config.ttl);
         let running = local.pg.running();
         let demoting = matches!(local.job, Some(JobKind::Demote | JobKind::Stop));
         let lag_bytes = match (cluster.status.as_ref(), running) {
             (_, Some(pg)) if !pg.in_recovery => Some(0),
-            (Some(st), Some(pg)) => pg.wal_lsn.or(pg.receive_lsn).map(|l| st.wal_lsn.saturating_sub(l)),
+            (Some(st), Some(pg)) => pg
+                .wal_lsn
+                .or(pg.receive_lsn)
+                .map(|l| st.wal_lsn.saturating_sub(l)),
             _ => None,
         };
         ApiSnapshot {
-            holds_leader_key: cluster.leader.as_deref() == Some(self.cfg.name.as_str()) && !demoting,
+            holds_leader_key: cluster.leader.as_deref() == Some(self.cfg.name.as_str())
+                && !demoting,
             lease_valid_until: self.last_renew.map(|t| t + ttl),
             pg_running: running.is_some(),
             in_recovery: running.is_some_and(|pg| pg.in_recovery),
@@ -114,7 +123,10 @@ impl Agent {
 
 fn split_host_port(addr: &str) -> (String, u16) {
     match addr.rsplit_once(':') {
-        Some((h, p)) => (h.trim_matches(['[', ']']).to_string(), p.parse().unwrap_or(5432)),
+        Some((h, p)) => (
+            h.trim_matches(['[', ']']).to_string(),
+            p.parse().unwrap_or(5432),
+        ),
         None => (addr.to_string(), 5432),
     }
 }

@@ -55,10 +55,9 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         if pg.has_data() {
             if let Ok(view) = d.read_cluster(&cfg.bootstrap.dcs).await {
                 if let Initialize::SystemId(cluster_id) = &view.initialize {
-                    let ours = pg
-                        .system_identifier()
-                        .await
-                        .map_err(|e| ConfigError::key(&path, "postgresql.data_dir", format!("{e:#}")))?;
+                    let ours = pg.system_identifier().await.map_err(|e| {
+                        ConfigError::key(&path, "postgresql.data_dir", format!("{e:#}"))
+                    })?;
                     if &ours != cluster_id {
                         return Err(ConfigError::key(
                             &path,
@@ -78,7 +77,13 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
 
     let listener = tokio::net::TcpListener::bind(cfg.api.listen)
         .await
-        .map_err(|e| ConfigError::key(&path, "api.listen", format!("cannot listen on {}: {e}", cfg.api.listen)))?;
+        .map_err(|e| {
+            ConfigError::key(
+                &path,
+                "api.listen",
+                format!("cannot listen on {}: {e}", cfg.api.listen),
+            )
+        })?;
     tracing::info!(
         "pgwarden agent {} for member {} of cluster {} (PostgreSQL {major} in {}, API on {})",
         env!("CARGO_PKG_VERSION"),
@@ -88,7 +93,10 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         cfg.api.listen
     );
     if pg_running {
-        tracing::info!("adopting the running PostgreSQL (postmaster PID {:?})", pg.postmaster_pid());
+        tracing::info!(
+            "adopting the running PostgreSQL (postmaster PID {:?})",
+            pg.postmaster_pid()
+        );
     }
     pg.disconnect();
 
@@ -107,7 +115,6 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let watcher = tokio::spawn(watch_leader(cfg.etcd.endpoints.clone(), keys, wake.clone()));
 
     let mut agent = Agent {
-
         dcs: dcs.take(),
         pg,
         api,
@@ -138,7 +145,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         let job_done = async {
             loop {
                 tokio::time::sleep(Duration::from_millis(100)).await;
-                if agent.job.as_ref().is_none_or(|j| j.is_finished()) {
+                if agent.job.as_ref().map_or(true, |j| j.is_finished()) {
                     break;
                 }
             }

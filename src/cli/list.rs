@@ -91,7 +91,11 @@ pub fn render_table(scope: &str, view: &ClusterView) -> String {
     };
     let sep = format!(
         "+{}+\n",
-        widths.iter().map(|w| "-".repeat(w + 2)).collect::<Vec<_>>().join("+")
+        widths
+            .iter()
+            .map(|w| "-".repeat(w + 2))
+            .collect::<Vec<_>>()
+            .join("+")
     );
     let mut out = format!("+ Cluster: {scope} ");
     out.push_str(&"-".repeat(sep.len().saturating_sub(out.len() + 2)));

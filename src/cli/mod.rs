@@ -13,7 +13,11 @@ use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 
 #[derive(Parser, Debug)]
-#[command(name = "pgwarden", version, about = "High-availability manager for PostgreSQL")]
+#[command(
+    name = "pgwarden",
+    version,
+    about = "High-availability manager for PostgreSQL"
+)]
 pub struct Cli {
     /// Agent config file (TOML); also read by operator commands to find etcd.
     #[arg(short = 'c', long = "config", global = true, env = "PGWARDEN_CONFIG")]

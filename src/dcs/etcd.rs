@@ -9,8 +9,10 @@ use std::time::Duration;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DcsError {
+    // Not marked as the source: the message already carries it, and a
+    // source would print it twice in `{:#}` chains.
     #[error("etcd: {0}")]
-    Etcd(#[from] etcd_client::Error),
+    Etcd(Box<etcd_client::Error>),
     #[error("etcd did not answer within {0:?}")]
     Timeout(Duration),
     #[error("etcd key {key} holds invalid JSON: {source}")]
@@ -20,6 +22,12 @@ pub enum DcsError {
     },
     #[error("our etcd lease expired")]
     LeaseLost,
+}
+
+impl From<etcd_client::Error> for DcsError {
+    fn from(e: etcd_client::Error) -> Self {
+        DcsError::Etcd(Box::new(e))
+    }
 }
 
 /// Result of a leader-key transaction.
@@ -40,7 +48,11 @@ pub struct Dcs {
 }
 
 impl Dcs {
-    pub async fn connect(endpoints: &[String], keys: Keys, timeout: Duration) -> Result<Self, DcsError> {
+    pub async fn connect(
+        endpoints: &[String],
+        keys: Keys,
+        timeout: Duration,
+    ) -> Result<Self, DcsError> {
         let opts = ConnectOptions::new()
             .with_connect_timeout(timeout)
             .with_timeout(timeout)
@@ -64,11 +76,15 @@ impl Dcs {
     }
 
     /// Reads every key of the cluster in one range request.
-    pub async fn read_cluster(&mut self, defaults: &DynamicConfig) -> Result<ClusterView, DcsError> {
+    pub async fn read_cluster(
+        &mut self,
+        defaults: &DynamicConfig,
+    ) -> Result<ClusterView, DcsError> {
         let prefix = self.keys.prefix().to_string();
         let resp = with_timeout(
             self.timeout,
-            self.client.get(prefix.as_bytes(), Some(GetOptions::new().with_prefix())),
+            self.client
+                .get(prefix.as_bytes(), Some(GetOptions::new().with_prefix())),
         )
         .await?;
         let mut view = ClusterView {
@@ -156,13 +172,21 @@ impl Dcs {
         result
     }
 
-    pub async fn publish_member(&mut self, status: &MemberStatus, ttl: u64) -> Result<(), DcsError> {
+    pub async fn publish_member(
+        &mut self,
+        status: &MemberStatus,
+        ttl: u64,
+    ) -> Result<(), DcsError> {
         let id = self.lease_id(ttl).await?;
         let key = self.keys.member(&status.name);
-        let value = serde_json::to_vec(status).map_err(|source| DcsError::Decode { key: key.clone(), source })?;
+        let value = serde_json::to_vec(status).map_err(|source| DcsError::Decode {
+            key: key.clone(),
+            source,
+        })?;
         with_timeout(
             self.timeout,
-            self.client.put(key, value, Some(PutOptions::new().with_lease(id))),
+            self.client
+                .put(key, value, Some(PutOptions::new().with_lease(id))),
         )
         .await?;
         Ok(())
@@ -171,7 +195,11 @@ impl Dcs {
     /// Bootstrap claim: atomically creates `initialize` (empty: bootstrap
     /// in progress) and `leader`, both on our lease so that a bootstrapper
     /// that dies lets another member try.
-    pub async fn claim_initialize(&mut self, name: &str, ttl: u64) -> Result<LeaderOutcome, DcsError> {
+    pub async fn claim_initialize(
+        &mut self,
+        name: &str,
+        ttl: u64,
+    ) -> Result<LeaderOutcome, DcsError> {
         let id = self.lease_id(ttl).await?;
         let (init, leader) = (self.keys.initialize(), self.keys.leader());
         let txn = Txn::new()
@@ -186,9 +214,25 @@ impl Dcs {
         self.run_txn(txn).await
     }
 
+    /// Withdraws a bootstrap claim that did not complete.
+    pub async fn abandon_bootstrap(&mut self, name: &str) -> Result<LeaderOutcome, DcsError> {
+        let (init, leader) = (self.keys.initialize(), self.keys.leader());
+        let txn = Txn::new()
+            .when([
+                Compare::value(init.clone(), CompareOp::Equal, ""),
+                Compare::value(leader.clone(), CompareOp::Equal, name),
+            ])
+            .and_then([TxnOp::delete(init, None), TxnOp::delete(leader, None)]);
+        self.run_txn(txn).await
+    }
+
     /// Makes `initialize` permanent with the cluster's system identifier.
     pub async fn set_initialize(&mut self, sysid: &str) -> Result<(), DcsError> {
-        with_timeout(self.timeout, self.client.put(self.keys.initialize(), sysid, None)).await?;
+        with_timeout(
+            self.timeout,
+            self.client.put(self.keys.initialize(), sysid, None),
+        )
+        .await?;
         Ok(())
     }
 
@@ -196,7 +240,10 @@ impl Dcs {
     /// stored already.
     pub async fn init_config(&mut self, config: &DynamicConfig) -> Result<(), DcsError> {
         let key = self.keys.config();
-        let value = serde_json::to_vec(config).map_err(|source| DcsError::Decode { key: key.clone(), source })?;
+        let value = serde_json::to_vec(config).map_err(|source| DcsError::Decode {
+            key: key.clone(),
+            source,
+        })?;
         let txn = Txn::new()
             .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
             .and_then([TxnOp::put(key, value, None)]);
@@ -204,12 +251,20 @@ impl Dcs {
         Ok(())
     }
 
-    pub async fn acquire_leader(&mut self, name: &str, ttl: u64) -> Result<LeaderOutcome, DcsError> {
+    pub async fn acquire_leader(
+        &mut self,
+        name: &str,
+        ttl: u64,
+    ) -> Result<LeaderOutcome, DcsError> {
         let id = self.lease_id(ttl).await?;
         let key = self.keys.leader();
         let txn = Txn::new()
             .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
-            .and_then([TxnOp::put(key, name, Some(PutOptions::new().with_lease(id)))]);
+            .and_then([TxnOp::put(
+                key,
+                name,
+                Some(PutOptions::new().with_lease(id)),
+            )]);
         self.run_txn(txn).await
     }
 
@@ -220,7 +275,11 @@ impl Dcs {
         let key = self.keys.leader();
         let txn = Txn::new()
             .when([Compare::value(key.clone(), CompareOp::Equal, name)])
-            .and_then([TxnOp::put(key, name, Some(PutOptions::new().with_lease(id)))]);
+            .and_then([TxnOp::put(
+                key,
+                name,
+                Some(PutOptions::new().with_lease(id)),
+            )]);
         self.run_txn(txn).await
     }
 
@@ -234,7 +293,10 @@ impl Dcs {
 
     pub async fn write_status(&mut self, status: &ClusterStatus) -> Result<(), DcsError> {
         let key = self.keys.status();
-        let value = serde_json::to_vec(status).map_err(|source| DcsError::Decode { key: key.clone(), source })?;
+        let value = serde_json::to_vec(status).map_err(|source| DcsError::Decode {
+            key: key.clone(),
+            source,
+        })?;
         with_timeout(self.timeout, self.client.put(key, value, None)).await?;
         Ok(())
     }
@@ -249,9 +311,15 @@ impl Dcs {
     }
 
     /// A stream of change notifications on the leader key.
-    pub async fn watch_leader(&mut self) -> Result<(etcd_client::Watcher, etcd_client::WatchStream), DcsError> {
+    pub async fn watch_leader(
+        &mut self,
+    ) -> Result<(etcd_client::Watcher, etcd_client::WatchStream), DcsError> {
         let key = self.keys.leader();
-        let pair = with_timeout(self.timeout, self.client.watch(key, Some(WatchOptions::new()))).await?;
+        let pair = with_timeout(
+            self.timeout,
+            self.client.watch(key, Some(WatchOptions::new())),
+        )
+        .await?;
         Ok(pair)
     }
 
@@ -260,8 +328,10 @@ impl Dcs {
         let prefix = self.keys.prefix().to_string();
         let resp = with_timeout(
             self.timeout,
-            self.client
-                .delete(prefix, Some(etcd_client::DeleteOptions::new().with_prefix())),
+            self.client.delete(
+                prefix,
+                Some(etcd_client::DeleteOptions::new().with_prefix()),
+            ),
         )
         .await?;
         Ok(resp.deleted())
@@ -289,7 +359,7 @@ async fn with_timeout<T>(
     fut: impl Future<Output = Result<T, etcd_client::Error>>,
 ) -> Result<T, DcsError> {
     match tokio::time::timeout(timeout, fut).await {
-        Ok(r) => Ok(r?),
+        Ok(r) => r.map_err(|e| DcsError::Etcd(Box::new(e))),
         Err(_) => Err(DcsError::Timeout(timeout)),
     }
 }

@@ -9,7 +9,11 @@ pub use model::*;
 
 /// `<namespace>/<scope>/` with exactly one slash between parts.
 pub fn cluster_prefix(namespace: &str, scope: &str) -> String {
-    format!("{}/{}/", namespace.trim_end_matches('/'), scope.trim_matches('/'))
+    format!(
+        "{}/{}/",
+        namespace.trim_end_matches('/'),
+        scope.trim_matches('/')
+    )
 }
 
 /// The keys of one cluster, so that no other module spells a key by hand.

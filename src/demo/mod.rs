@@ -77,7 +77,10 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             std::fs::create_dir_all(d).with_context(|| format!("cannot create {}", d.display()))?;
             std::fs::canonicalize(d)?
         }
-        None => tempfile::Builder::new().prefix("pgwarden-demo-").tempdir()?.keep(),
+        None => tempfile::Builder::new()
+            .prefix("pgwarden-demo-")
+            .tempdir()?
+            .keep(),
     };
     // PostgreSQL runs as another OS user when we are root: it must be able
     // to reach its data directory.
@@ -103,13 +106,20 @@ async fn run_cluster(
         "etcd",
         &tools.etcd,
         &[
-            "--name", "demo",
-            "--data-dir", &dir.join("etcd").to_string_lossy(),
-            "--listen-client-urls", &etcd_url,
-            "--advertise-client-urls", &etcd_url,
-            "--listen-peer-urls", &peer_url,
-            "--initial-advertise-peer-urls", &peer_url,
-            "--initial-cluster", &format!("demo={peer_url}"),
+            "--name",
+            "demo",
+            "--data-dir",
+            &dir.join("etcd").to_string_lossy(),
+            "--listen-client-urls",
+            &etcd_url,
+            "--advertise-client-urls",
+            &etcd_url,
+            "--listen-peer-urls",
+            &peer_url,
+            "--initial-advertise-peer-urls",
+            &peer_url,
+            "--initial-cluster",
+            &format!("demo={peer_url}"),
         ],
         &dir.join("etcd.log"),
     )?);
@@ -128,7 +138,16 @@ async fn run_cluster(
         std::fs::set_permissions(&member_dir, std::fs::Permissions::from_mode(0o755))?;
         let pg_port = args.pg_base_port + i;
         let api_port = args.api_base_port + i;
-        let config = member_config(args, &name, &member_dir, &etcd_url, pg_port, api_port, &superuser_pw, &replication_pw);
+        let config = member_config(
+            args,
+            &name,
+            &member_dir,
+            &etcd_url,
+            pg_port,
+            api_port,
+            &superuser_pw,
+            &replication_pw,
+        );
         let config_path = member_dir.join("pgwarden.toml");
         std::fs::write(&config_path, config)?;
         std::fs::set_permissions(&config_path, std::fs::Permissions::from_mode(0o600))?;
@@ -164,12 +183,26 @@ async fn run_cluster(
     )?);
 
     let cfg_path = first_config.unwrap_or_default();
-    println!("pgwarden demo: cluster `{}` with {} members in {}", args.scope, args.members, dir.display());
-    println!("  read-write:  psql 'postgres://postgres:{superuser_pw}@127.0.0.1:{}/postgres'", args.rw_port);
-    println!("  read-only:   psql 'postgres://postgres:{superuser_pw}@127.0.0.1:{}/postgres'", args.ro_port);
+    println!(
+        "pgwarden demo: cluster `{}` with {} members in {}",
+        args.scope,
+        args.members,
+        dir.display()
+    );
+    println!(
+        "  read-write:  psql 'postgres://postgres:{superuser_pw}@127.0.0.1:{}/postgres'",
+        args.rw_port
+    );
+    println!(
+        "  read-only:   psql 'postgres://postgres:{superuser_pw}@127.0.0.1:{}/postgres'",
+        args.ro_port
+    );
     println!("  HAProxy stats: http://127.0.0.1:{}/", args.stats_port);
     println!("  members:     pgwarden -c {} list", cfg_path.display());
-    println!("  logs:        {}/<member>/agent.log, etcd.log, haproxy.log", dir.display());
+    println!(
+        "  logs:        {}/<member>/agent.log, etcd.log, haproxy.log",
+        dir.display()
+    );
     println!("Ctrl-C stops everything.");
 
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;

@@ -11,7 +11,8 @@ pub struct Child {
 
 impl Child {
     pub fn spawn(name: &str, program: &Path, args: &[&str], log: &Path) -> anyhow::Result<Child> {
-        let log_file = std::fs::File::create(log).with_context(|| format!("cannot create {}", log.display()))?;
+        let log_file = std::fs::File::create(log)
+            .with_context(|| format!("cannot create {}", log.display()))?;
         let err_file = log_file.try_clone()?;
         let child = tokio::process::Command::new(program)
             .args(args)
@@ -67,7 +68,10 @@ impl Child {
     }
 
     async fn wait_or_kill(mut self, grace: Duration) {
-        if tokio::time::timeout(grace, self.child.wait()).await.is_err() {
+        if tokio::time::timeout(grace, self.child.wait())
+            .await
+            .is_err()
+        {
             eprintln!("demo: {} did not stop in {grace:?}; killing it", self.name);
             let _ = self.child.kill().await;
         }
@@ -77,7 +81,10 @@ impl Child {
 pub async fn wait_for_port(port: u16, within: Duration) -> anyhow::Result<()> {
     let deadline = Instant::now() + within;
     loop {
-        if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
+        if tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+        {
             return Ok(());
         }
         if Instant::now() > deadline {

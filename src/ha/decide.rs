@@ -15,7 +15,10 @@ pub fn decide(cluster: &ClusterView, local: &LocalView, now: Duration) -> Decisi
     if !local.dcs_ok {
         // Without etcd we cannot know whether our lease still stands: a
         // primary must stop taking writes before it may have expired.
-        if local.pg.is_primary() && local.job.is_none() && !lease_fresh(local, cfg.retry_timeout, now) {
+        if local.pg.is_primary()
+            && local.job.is_none()
+            && !lease_fresh(local, cfg.retry_timeout, now)
+        {
             d.push(
                 Action::Demote { upstream: None },
                 "cannot reach etcd to renew the leader lease: demoting so that no write lands on a possibly deposed primary",
@@ -28,7 +31,10 @@ pub fn decide(cluster: &ClusterView, local: &LocalView, now: Duration) -> Decisi
 
     if let Some(job) = &local.job {
         if i_lead {
-            d.push(Action::RenewLeader, "holding the leader lease while a job runs");
+            d.push(
+                Action::RenewLeader,
+                "holding the leader lease while a job runs",
+            );
         }
         d.waiting = Some(format!("{} in progress", job_name(job)));
         return d;
@@ -52,11 +58,16 @@ pub fn decide(cluster: &ClusterView, local: &LocalView, now: Duration) -> Decisi
                 PgRun::Stopped => decide_stopped(cluster, local, now, &mut d),
                 PgRun::Unresponsive => {
                     if i_lead {
-                        d.push(Action::RenewLeader, "holding the leader lease while PostgreSQL starts");
+                        d.push(
+                            Action::RenewLeader,
+                            "holding the leader lease while PostgreSQL starts",
+                        );
                     }
                     d.waiting = Some("PostgreSQL is running but not answering queries yet".into());
                 }
-                PgRun::Running(pg) if !pg.in_recovery => decide_primary(cluster, local, pg, system_id, now, &mut d),
+                PgRun::Running(pg) if !pg.in_recovery => {
+                    decide_primary(cluster, local, pg, system_id, now, &mut d)
+                }
                 PgRun::Running(pg) => decide_replica(cluster, local, pg, &mut d),
             }
         }
@@ -74,10 +85,16 @@ fn decide_empty(cluster: &ClusterView, local: &LocalView, now: Duration, d: &mut
         ),
         (Initialize::Claimed, Some(_)) if i_lead => {
             if backing_off(local, &JobKind::Bootstrap, cluster.config.loop_wait, now) {
-                d.push(Action::ReleaseLeader, "bootstrap failed: giving another member the chance");
+                d.push(
+                    Action::AbandonBootstrap,
+                    "bootstrap failed: withdrawing our claim so another member can bootstrap",
+                );
             } else {
                 d.push(Action::RenewLeader, "holding the bootstrap lease");
-                d.push(Action::Bootstrap, "we won the bootstrap race: running initdb");
+                d.push(
+                    Action::Bootstrap,
+                    "we won the bootstrap race: running initdb",
+                );
             }
         }
         (Initialize::SystemId(_), Some(_)) if i_lead => d.push(
@@ -87,7 +104,12 @@ fn decide_empty(cluster: &ClusterView, local: &LocalView, now: Duration, d: &mut
         (Initialize::SystemId(_), Some(name)) => match cluster.member(name) {
             Some(m) if m.role == Role::Leader && m.state == PgState::Running => {
                 let from = name.to_string();
-                if backing_off(local, &JobKind::Clone { from: from.clone() }, cluster.config.loop_wait, now) {
+                if backing_off(
+                    local,
+                    &JobKind::Clone { from: from.clone() },
+                    cluster.config.loop_wait,
+                    now,
+                ) {
                     d.waiting = Some(format!("waiting to retry the clone from {name}"));
                 } else {
                     d.push(
@@ -99,16 +121,24 @@ fn decide_empty(cluster: &ClusterView, local: &LocalView, now: Duration, d: &mut
                     );
                 }
             }
-            _ => d.waiting = Some(format!("waiting for leader {name} to be running before cloning")),
+            _ => {
+                d.waiting = Some(format!(
+                    "waiting for leader {name} to be running before cloning"
+                ))
+            }
         },
-        (Initialize::SystemId(_), None) => d.waiting = Some("waiting for a leader to clone from".into()),
+        (Initialize::SystemId(_), None) => {
+            d.waiting = Some("waiting for a leader to clone from".into())
+        }
         (Initialize::Claimed, _) => {
             d.waiting = Some(match leader {
                 Some(l) => format!("waiting for {l} to bootstrap the cluster"),
                 None => "waiting for the bootstrap in progress".into(),
             })
         }
-        (Initialize::Absent, Some(l)) => d.waiting = Some(format!("waiting for {l} to initialize the cluster")),
+        (Initialize::Absent, Some(l)) => {
+            d.waiting = Some(format!("waiting for {l} to initialize the cluster"))
+        }
     }
 }
 
@@ -117,14 +147,20 @@ fn decide_stopped(cluster: &ClusterView, local: &LocalView, now: Duration, d: &m
     if backing_off(local, &JobKind::Start, cluster.config.loop_wait, now) {
         d.waiting = Some("waiting to retry starting PostgreSQL".into());
         if leader == Some(local.name.as_str()) {
-            d.push(Action::ReleaseLeader, "PostgreSQL failed to start: letting a replica take over");
+            d.push(
+                Action::ReleaseLeader,
+                "PostgreSQL failed to start: letting a replica take over",
+            );
         }
         return;
     }
     match leader {
         Some(l) if l == local.name => {
             d.push(Action::RenewLeader, "holding the leader lease");
-            d.push(Action::StartPrimary, "PostgreSQL is stopped and we hold the leader lease: starting it as primary");
+            d.push(
+                Action::StartPrimary,
+                "PostgreSQL is stopped and we hold the leader lease: starting it as primary",
+            );
         }
         Some(l) => {
             let upstream = upstream_of(cluster, l);
@@ -158,7 +194,10 @@ fn decide_primary(
             if local.last_renew.is_none() {
                 // A restarted agent adopting its running primary: confirm the
                 // key is ours before treating the lease as held.
-                d.push(Action::RenewLeader, "confirming our leader lease after agent start");
+                d.push(
+                    Action::RenewLeader,
+                    "confirming our leader lease after agent start",
+                );
                 return;
             }
             if !lease_fresh(local, cfg.retry_timeout, now) {
@@ -179,7 +218,10 @@ fn decide_primary(
                 );
             }
             if !cluster.config_stored {
-                d.push(Action::InitConfig, "storing the bootstrap dynamic configuration in etcd");
+                d.push(
+                    Action::InitConfig,
+                    "storing the bootstrap dynamic configuration in etcd",
+                );
             }
             manage_slots(cluster, local, pg, now, d);
             d.push(Action::WriteStatus, "publishing the primary's WAL position");
@@ -221,7 +263,10 @@ fn decide_replica(cluster: &ClusterView, local: &LocalView, pg: &PgRunning, d: &
                 d.waiting = Some(reason);
                 return;
             }
-            d.push(Action::AcquireLeader, "no leader and we are a healthy candidate: taking the lease");
+            d.push(
+                Action::AcquireLeader,
+                "no leader and we are a healthy candidate: taking the lease",
+            );
         }
     }
 }
@@ -240,7 +285,13 @@ fn lag_too_big(cluster: &ClusterView, pg: &PgRunning) -> Option<String> {
 
 /// The leader creates a slot for every other member and drops slots of
 /// members gone longer than member_slots_ttl.
-fn manage_slots(cluster: &ClusterView, local: &LocalView, pg: &PgRunning, now: Duration, d: &mut Decision) {
+fn manage_slots(
+    cluster: &ClusterView,
+    local: &LocalView,
+    pg: &PgRunning,
+    now: Duration,
+    d: &mut Decision,
+) {
     let cfg = &cluster.config;
     if !cfg.use_slots {
         return;
@@ -251,7 +302,11 @@ fn manage_slots(cluster: &ClusterView, local: &LocalView, pg: &PgRunning, now: D
         .filter(|m| m.name != local.name)
         .map(|m| slot_name(&m.name))
         .collect();
-    let missing: Vec<String> = wanted.iter().filter(|s| !pg.slots.contains(s)).cloned().collect();
+    let missing: Vec<String> = wanted
+        .iter()
+        .filter(|s| !pg.slots.contains(s))
+        .cloned()
+        .collect();
     if !missing.is_empty() {
         d.push(
             Action::CreateSlots(missing.clone()),
@@ -267,7 +322,7 @@ fn manage_slots(cluster: &ClusterView, local: &LocalView, pg: &PgRunning, now: D
             local
                 .slot_last_seen
                 .get(*s)
-                .is_none_or(|seen| now.saturating_sub(*seen) >= ttl)
+                .map_or(true, |seen| now.saturating_sub(*seen) >= ttl)
         })
         .cloned()
         .collect();
@@ -300,7 +355,8 @@ pub fn lease_fresh(local: &LocalView, retry_timeout: u64, now: Duration) -> bool
 
 fn backing_off(local: &LocalView, kind: &JobKind, loop_wait: u64, now: Duration) -> bool {
     local.last_failure.as_ref().is_some_and(|f| {
-        &f.kind == kind && now.saturating_sub(f.at) < Duration::from_secs(loop_wait.max(1) * RETRY_LOOPS)
+        &f.kind == kind
+            && now.saturating_sub(f.at) < Duration::from_secs(loop_wait.max(1) * RETRY_LOOPS)
     })
 }
 

@@ -95,10 +95,16 @@ pub struct Step {
 pub enum Action {
     /// Create `initialize` (claimed) and `leader` atomically, both on our lease.
     ClaimBootstrap,
+    /// Delete our bootstrap claim (`initialize` and `leader`) after a
+    /// failed bootstrap.
+    AbandonBootstrap,
     /// initdb, start, create the replication user (background job).
     Bootstrap,
     /// pg_basebackup from this member (background job).
-    Clone { from: String, conn: String },
+    Clone {
+        from: String,
+        conn: String,
+    },
     /// Make `initialize` permanent with our system identifier.
     PublishSystemId(String),
     /// Store the bootstrap defaults of the dynamic config.
@@ -109,12 +115,18 @@ pub enum Action {
     /// Start PostgreSQL writable (we hold the lease).
     StartPrimary,
     /// Start PostgreSQL in recovery, streaming from `upstream` if known.
-    StartReplica { upstream: Option<Upstream> },
+    StartReplica {
+        upstream: Option<Upstream>,
+    },
     /// Stop a writable PostgreSQL and restart it read-only under `upstream`.
-    Demote { upstream: Option<Upstream> },
+    Demote {
+        upstream: Option<Upstream>,
+    },
     Promote,
     /// Point a running replica's primary_conninfo at another primary.
-    Follow { upstream: Upstream },
+    Follow {
+        upstream: Upstream,
+    },
     CreateSlots(Vec<String>),
     DropSlots(Vec<String>),
     /// Publish the leader's WAL position in `status`.

@@ -76,10 +76,19 @@ pub fn render_conf(inp: &ConfInputs) -> ConfFiles {
     let mut params = base_parameters(inp.major);
     params.extend(inp.cluster_parameters.clone());
     params.extend(inp.local_parameters.clone());
-    params.insert("listen_addresses".into(), ParamValue::Text(inp.listen.ip().to_string()));
+    params.insert(
+        "listen_addresses".into(),
+        ParamValue::Text(inp.listen.ip().to_string()),
+    );
     params.insert("port".into(), ParamValue::Int(i64::from(inp.listen.port())));
-    let recovery = inp.replica.as_ref().map(recovery_parameters).unwrap_or_default();
-    let mut conf = String::from("# Written by pgwarden; changes are overwritten. Set parameters in pgwarden's config.\n");
+    let recovery = inp
+        .replica
+        .as_ref()
+        .map(recovery_parameters)
+        .unwrap_or_default();
+    let mut conf = String::from(
+        "# Written by pgwarden; changes are overwritten. Set parameters in pgwarden's config.\n",
+    );
     for (k, v) in &params {
         conf.push_str(&format!("{k} = {}\n", v.render()));
     }
@@ -95,7 +104,8 @@ pub fn render_conf(inp: &ConfInputs) -> ConfFiles {
         }
         recovery_conf = Some(rc);
     }
-    let mut hba = String::from("# Written by pgwarden; set [postgresql] pg_hba in pgwarden's config.\n");
+    let mut hba =
+        String::from("# Written by pgwarden; set [postgresql] pg_hba in pgwarden's config.\n");
     for line in &inp.pg_hba {
         hba.push_str(line);
         hba.push('\n');
@@ -130,7 +140,10 @@ fn recovery_parameters(r: &ReplicaSettings) -> Vec<(String, ParamValue)> {
     } else {
         out.push(("primary_slot_name".into(), ParamValue::Text(String::new())));
     }
-    out.push(("recovery_target_timeline".into(), ParamValue::Text("latest".into())));
+    out.push((
+        "recovery_target_timeline".into(),
+        ParamValue::Text("latest".into()),
+    ));
     out
 }
 
@@ -168,7 +181,10 @@ mod tests {
         assert_eq!(f.recovery_conf, None);
         assert!(f.managed_conf.contains("port = 5433\n"));
         assert!(f.managed_conf.contains("listen_addresses = '127.0.0.1'\n"));
-        assert!(f.managed_conf.contains("max_connections = 70\n"), "local parameters win");
+        assert!(
+            f.managed_conf.contains("max_connections = 70\n"),
+            "local parameters win"
+        );
         assert!(f.managed_conf.contains("wal_keep_size = '128MB'\n"));
         assert!(!f.managed_conf.contains("primary_conninfo"));
         assert!(f.pg_hba.contains("host all all 0.0.0.0/0 scram-sha-256\n"));
@@ -183,7 +199,9 @@ mod tests {
             "primary_conninfo = 'host=''10.0.0.1'' port=''5432'' user=''replicator'' password=''it\\\\''s'' application_name=''node2'' connect_timeout=3'\n"
         ), "{}", f.managed_conf);
         assert!(f.managed_conf.contains("primary_slot_name = 'node2'\n"));
-        assert!(f.managed_conf.contains("recovery_target_timeline = 'latest'\n"));
+        assert!(f
+            .managed_conf
+            .contains("recovery_target_timeline = 'latest'\n"));
     }
 
     #[test]

@@ -47,7 +47,8 @@ impl Instance {
 
     /// A data directory PostgreSQL can start from.
     pub fn has_data(&self) -> bool {
-        self.data_dir.join("PG_VERSION").is_file() && self.data_dir.join("global/pg_control").is_file()
+        self.data_dir.join("PG_VERSION").is_file()
+            && self.data_dir.join("global/pg_control").is_file()
     }
 
     /// PID of a live postmaster of this data directory, per postmaster.pid.
@@ -60,7 +61,15 @@ impl Instance {
 
     /// Major version of the installed binaries.
     pub async fn binary_major(&self) -> anyhow::Result<u32> {
-        let out = run(&self.bin_dir, "postgres", ["--version"], self.user, &[], SHORT).await?;
+        let out = run(
+            &self.bin_dir,
+            "postgres",
+            ["--version"],
+            self.user,
+            &[],
+            SHORT,
+        )
+        .await?;
         // "postgres (PostgreSQL) 15.18 (Debian ...)"
         out.split_whitespace()
             .nth(2)
@@ -71,7 +80,15 @@ impl Instance {
 
     pub async fn system_identifier(&self) -> anyhow::Result<String> {
         let dir = self.data_dir.to_string_lossy().to_string();
-        let out = run(&self.bin_dir, "pg_controldata", ["-D", dir.as_str()], self.user, &[], SHORT).await?;
+        let out = run(
+            &self.bin_dir,
+            "pg_controldata",
+            ["-D", dir.as_str()],
+            self.user,
+            &[],
+            SHORT,
+        )
+        .await?;
         out.lines()
             .find_map(|l| l.strip_prefix("Database system identifier:"))
             .map(|v| v.trim().to_string())
@@ -90,7 +107,12 @@ impl Instance {
                 Some(nix::unistd::Uid::from_raw(u.uid)),
                 Some(nix::unistd::Gid::from_raw(u.gid)),
             )
-            .with_context(|| format!("cannot give {} to the PostgreSQL OS user", self.data_dir.display()))?;
+            .with_context(|| {
+                format!(
+                    "cannot give {} to the PostgreSQL OS user",
+                    self.data_dir.display()
+                )
+            })?;
         }
         Ok(())
     }
@@ -112,7 +134,8 @@ impl Instance {
 
     pub async fn initdb(&self) -> anyhow::Result<()> {
         self.prepare_data_dir()?;
-        let pwfile = tempfile::NamedTempFile::new().context("cannot create a password file for initdb")?;
+        let pwfile =
+            tempfile::NamedTempFile::new().context("cannot create a password file for initdb")?;
         std::fs::write(pwfile.path(), format!("{}\n", self.superuser.password))?;
         if let Some(u) = self.user {
             nix::unistd::chown(pwfile.path(), Some(nix::unistd::Uid::from_raw(u.uid)), None)?;
@@ -123,7 +146,15 @@ impl Instance {
         run(
             &self.bin_dir,
             "initdb",
-            ["-D", dir.as_str(), "--data-checksums", "--auth=scram-sha-256", "--auth-local=trust", &user, &pw],
+            [
+                "-D",
+                dir.as_str(),
+                "--data-checksums",
+                "--auth=scram-sha-256",
+                "--auth-local=trust",
+                &user,
+                &pw,
+            ],
             self.user,
             &[],
             Duration::from_secs(300),
@@ -156,7 +187,10 @@ impl Instance {
                 "--no-password",
             ],
             self.user,
-            &[("PGPASSWORD", self.replication.password.as_str()), ("PGCONNECT_TIMEOUT", "5")],
+            &[
+                ("PGPASSWORD", self.replication.password.as_str()),
+                ("PGCONNECT_TIMEOUT", "5"),
+            ],
             Duration::from_secs(3600),
         )
         .await;
@@ -172,7 +206,8 @@ impl Instance {
     /// line from its source, so only add it once.
     fn ensure_include(&self) -> anyhow::Result<()> {
         let path = self.data_dir.join("postgresql.conf");
-        let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
         if !text.contains(INCLUDE_LINE) {
             let mut text = text;
             if !text.ends_with('\n') {
@@ -237,12 +272,25 @@ impl Instance {
     pub async fn start(&mut self) -> anyhow::Result<()> {
         self.client = None;
         let dir = self.data_dir.to_string_lossy().to_string();
-        let log = self.data_dir.join("pg_ctl.log").to_string_lossy().to_string();
+        let log = self
+            .data_dir
+            .join("pg_ctl.log")
+            .to_string_lossy()
+            .to_string();
         let secs = self.start_timeout.as_secs().max(1).to_string();
         run(
             &self.bin_dir,
             "pg_ctl",
-            ["start", "-D", dir.as_str(), "-w", "-t", secs.as_str(), "-l", log.as_str()],
+            [
+                "start",
+                "-D",
+                dir.as_str(),
+                "-w",
+                "-t",
+                secs.as_str(),
+                "-l",
+                log.as_str(),
+            ],
             self.user,
             &[],
             self.start_timeout + Duration::from_secs(5),
@@ -280,14 +328,29 @@ impl Instance {
 
     pub async fn promote(&mut self) -> anyhow::Result<()> {
         let dir = self.data_dir.to_string_lossy().to_string();
-        run(&self.bin_dir, "pg_ctl", ["promote", "-D", dir.as_str(), "-w", "-t", "60"], self.user, &[], Duration::from_secs(65))
-            .await?;
+        run(
+            &self.bin_dir,
+            "pg_ctl",
+            ["promote", "-D", dir.as_str(), "-w", "-t", "60"],
+            self.user,
+            &[],
+            Duration::from_secs(65),
+        )
+        .await?;
         Ok(())
     }
 
     pub async fn reload(&mut self) -> anyhow::Result<()> {
         let dir = self.data_dir.to_string_lossy().to_string();
-        run(&self.bin_dir, "pg_ctl", ["reload", "-D", dir.as_str()], self.user, &[], SHORT).await?;
+        run(
+            &self.bin_dir,
+            "pg_ctl",
+            ["reload", "-D", dir.as_str()],
+            self.user,
+            &[],
+            SHORT,
+        )
+        .await?;
         Ok(())
     }
 
@@ -311,9 +374,10 @@ impl Instance {
             self.client = None;
         }
         if self.client.is_none() {
-            let c = tokio::time::timeout(Duration::from_secs(3), observe::connect(&self.conninfo()))
-                .await
-                .context("connecting to PostgreSQL timed out")??;
+            let c =
+                tokio::time::timeout(Duration::from_secs(3), observe::connect(&self.conninfo()))
+                    .await
+                    .context("connecting to PostgreSQL timed out")??;
             self.client = Some(c);
         }
         match self.client.as_ref() {
@@ -368,7 +432,9 @@ impl Instance {
                 "SELECT pg_create_physical_replication_slot({lit}) WHERE NOT EXISTS (SELECT FROM pg_replication_slots WHERE slot_name = {lit})",
                 lit = quote_literal(s)
             );
-            self.execute(&sql).await.with_context(|| format!("creating slot {s}"))?;
+            self.execute(&sql)
+                .await
+                .with_context(|| format!("creating slot {s}"))?;
         }
         Ok(())
     }
@@ -379,7 +445,9 @@ impl Instance {
                 "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = {} AND NOT active",
                 quote_literal(s)
             );
-            self.execute(&sql).await.with_context(|| format!("dropping slot {s}"))?;
+            self.execute(&sql)
+                .await
+                .with_context(|| format!("dropping slot {s}"))?;
         }
         Ok(())
     }

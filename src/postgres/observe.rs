@@ -102,7 +102,11 @@ pub fn parse_conninfo_address(conninfo: &str) -> Option<String> {
         }
         rest = remaining.trim_start();
     }
-    Some(format!("{}:{}", host?, port.unwrap_or_else(|| "5432".into())))
+    Some(format!(
+        "{}:{}",
+        host?,
+        port.unwrap_or_else(|| "5432".into())
+    ))
 }
 
 #[cfg(test)]
@@ -114,7 +118,10 @@ mod tests {
             parse_conninfo_address("host='10.0.0.1' port='5433' user='r' password='a\\'b c'"),
             Some("10.0.0.1:5433".into())
         );
-        assert_eq!(parse_conninfo_address("host=h1 user=x"), Some("h1:5432".into()));
+        assert_eq!(
+            parse_conninfo_address("host=h1 user=x"),
+            Some("h1:5432".into())
+        );
         assert_eq!(parse_conninfo_address(""), None);
     }
 }

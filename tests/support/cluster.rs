@@ -193,27 +193,35 @@ retry_timeout = {retry}
     }
 
     pub fn postmaster_pid(&self, i: usize) -> Option<i32> {
-        let text = std::fs::read_to_string(self.members[i].data_dir().join("postmaster.pid")).ok()?;
+        let text =
+            std::fs::read_to_string(self.members[i].data_dir().join("postmaster.pid")).ok()?;
         let pid: i32 = text.lines().next()?.trim().parse().ok()?;
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).ok()?;
         Some(pid)
     }
 
     pub fn index_of(&self, name: &str) -> usize {
-        self.members.iter().position(|m| m.name == name).expect("member name")
+        self.members
+            .iter()
+            .position(|m| m.name == name)
+            .expect("member name")
     }
 
     /// The member answering 200 on /primary, once exactly one does.
     pub async fn wait_single_primary(&self, within: Duration) -> usize {
-        eventually("exactly one member answering 200 on /primary", within, || async {
-            let mut primaries = Vec::new();
-            for (i, m) in self.members.iter().enumerate() {
-                if http_status("GET", &m.api("/primary")).await == 200 {
-                    primaries.push(i);
+        eventually(
+            "exactly one member answering 200 on /primary",
+            within,
+            || async {
+                let mut primaries = Vec::new();
+                for (i, m) in self.members.iter().enumerate() {
+                    if http_status("GET", &m.api("/primary")).await == 200 {
+                        primaries.push(i);
+                    }
                 }
-            }
-            (primaries.len() == 1).then(|| primaries[0])
-        })
+                (primaries.len() == 1).then(|| primaries[0])
+            },
+        )
         .await
     }
 
@@ -247,15 +255,28 @@ retry_timeout = {retry}
                 &cfg.to_string_lossy(),
             ],
         );
-        assert!(out.status.success(), "haproxy-config failed: {}", String::from_utf8_lossy(&out.stderr));
-        let check = Command::new("haproxy").arg("-c").arg("-f").arg(&cfg).output().expect("haproxy -c");
+        assert!(
+            out.status.success(),
+            "haproxy-config failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let check = Command::new("haproxy")
+            .arg("-c")
+            .arg("-f")
+            .arg(&cfg)
+            .output()
+            .expect("haproxy -c");
         assert!(
             check.status.success(),
             "haproxy -c rejected the rendered config: {}{}",
             String::from_utf8_lossy(&check.stdout),
             String::from_utf8_lossy(&check.stderr)
         );
-        self.haproxy = Some(Haproxy::start(&cfg, &self.root.path().join("haproxy.log"), self.rw_port));
+        self.haproxy = Some(Haproxy::start(
+            &cfg,
+            &self.root.path().join("haproxy.log"),
+            self.rw_port,
+        ));
         cfg
     }
 
@@ -309,7 +330,10 @@ pub fn pg_bin_dir() -> PathBuf {
         .filter_map(|e| e.file_name().to_str()?.parse().ok())
         .collect();
     versions.sort();
-    PathBuf::from(format!("/usr/lib/postgresql/{}/bin", versions.last().expect("a PostgreSQL version")))
+    PathBuf::from(format!(
+        "/usr/lib/postgresql/{}/bin",
+        versions.last().expect("a PostgreSQL version")
+    ))
 }
 
 /// PostgreSQL refuses to run as root: run its programs as `postgres`.
@@ -327,4 +351,3 @@ pub fn set_mode(path: &Path, mode: u32) {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).expect("chmod");
 }
-

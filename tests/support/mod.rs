@@ -1,7 +1,7 @@
 //! Test harness: real etcd, pgwarden agents (each with its real PostgreSQL)
 //! and HAProxy as processes on loopback, in temporary directories, on free
 //! ports. Everything started is stopped on drop, on failure too.
-#![allow(dead_code)]
+#![allow(dead_code, unused_imports)]
 
 pub mod cluster;
 pub mod procs;
@@ -41,7 +41,8 @@ pub fn temp_dir(prefix: &str) -> tempfile::TempDir {
         .prefix(prefix)
         .tempdir()
         .expect("create temp dir");
-    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod temp dir");
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))
+        .expect("chmod temp dir");
     dir
 }
 
@@ -72,7 +73,10 @@ pub fn is_root() -> bool {
 }
 
 /// One SQL connection (no TLS) with a short timeout.
-pub async fn sql(port: u16, password: &str) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+pub async fn sql(
+    port: u16,
+    password: &str,
+) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
     let conninfo = format!(
         "host=127.0.0.1 port={port} user=postgres password={password} dbname=postgres connect_timeout=3"
     );

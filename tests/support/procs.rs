@@ -12,7 +12,9 @@ fn spawn_logged(program: &str, args: &[String], log: &Path) -> Child {
         .stdout(out)
         .stderr(err)
         .spawn()
-        .unwrap_or_else(|e| panic!("cannot start {program}: {e} (is it installed? .ci/run installs it)"))
+        .unwrap_or_else(|e| {
+            panic!("cannot start {program}: {e} (is it installed? .ci/run installs it)")
+        })
 }
 
 pub fn wait_port(port: u16, within: Duration) -> bool {
@@ -41,20 +43,34 @@ impl Etcd {
         let peer_url = format!("http://127.0.0.1:{peer}");
         let data = dir.join("etcd");
         let args: Vec<String> = [
-            "--name", "t",
-            "--data-dir", &data.to_string_lossy(),
-            "--listen-client-urls", &url,
-            "--advertise-client-urls", &url,
-            "--listen-peer-urls", &peer_url,
-            "--initial-advertise-peer-urls", &peer_url,
-            "--initial-cluster", &format!("t={peer_url}"),
+            "--name",
+            "t",
+            "--data-dir",
+            &data.to_string_lossy(),
+            "--listen-client-urls",
+            &url,
+            "--advertise-client-urls",
+            &url,
+            "--listen-peer-urls",
+            &peer_url,
+            "--initial-advertise-peer-urls",
+            &peer_url,
+            "--initial-cluster",
+            &format!("t={peer_url}"),
         ]
         .iter()
         .map(|s| s.to_string())
         .collect();
         let child = spawn_logged("etcd", &args, &dir.join("etcd.log"));
-        assert!(wait_port(port, Duration::from_secs(20)), "etcd did not listen on {port}");
-        Etcd { child, port, dir: data }
+        assert!(
+            wait_port(port, Duration::from_secs(20)),
+            "etcd did not listen on {port}"
+        );
+        Etcd {
+            child,
+            port,
+            dir: data,
+        }
     }
 
     pub fn endpoint(&self) -> String {
@@ -63,23 +79,41 @@ impl Etcd {
 
     /// Keys under a prefix, via etcdctl-free gRPC (the crate's client).
     pub async fn keys(&self, prefix: &str) -> Vec<String> {
-        let mut c = etcd_client::Client::connect([self.endpoint()], None).await.expect("etcd connect");
+        let mut c = etcd_client::Client::connect([self.endpoint()], None)
+            .await
+            .expect("etcd connect");
         let resp = c
-            .get(prefix, Some(etcd_client::GetOptions::new().with_prefix().with_keys_only()))
+            .get(
+                prefix,
+                Some(
+                    etcd_client::GetOptions::new()
+                        .with_prefix()
+                        .with_keys_only(),
+                ),
+            )
             .await
             .expect("etcd get");
-        resp.kvs().iter().map(|kv| String::from_utf8_lossy(kv.key()).to_string()).collect()
+        resp.kvs()
+            .iter()
+            .map(|kv| String::from_utf8_lossy(kv.key()).to_string())
+            .collect()
     }
 
     pub async fn put(&self, key: &str, value: &str) {
-        let mut c = etcd_client::Client::connect([self.endpoint()], None).await.expect("etcd connect");
+        let mut c = etcd_client::Client::connect([self.endpoint()], None)
+            .await
+            .expect("etcd connect");
         c.put(key, value, None).await.expect("etcd put");
     }
 
     pub async fn get(&self, key: &str) -> Option<String> {
-        let mut c = etcd_client::Client::connect([self.endpoint()], None).await.expect("etcd connect");
+        let mut c = etcd_client::Client::connect([self.endpoint()], None)
+            .await
+            .expect("etcd connect");
         let resp = c.get(key, None).await.expect("etcd get");
-        resp.kvs().first().map(|kv| String::from_utf8_lossy(kv.value()).to_string())
+        resp.kvs()
+            .first()
+            .map(|kv| String::from_utf8_lossy(kv.value()).to_string())
     }
 }
 
@@ -96,9 +130,16 @@ pub struct Haproxy {
 
 impl Haproxy {
     pub fn start(cfg: &Path, log: &Path, port: u16) -> Haproxy {
-        let args = vec!["-db".to_string(), "-f".to_string(), cfg.to_string_lossy().to_string()];
+        let args = vec![
+            "-db".to_string(),
+            "-f".to_string(),
+            cfg.to_string_lossy().to_string(),
+        ];
         let child = spawn_logged("haproxy", &args, log);
-        assert!(wait_port(port, Duration::from_secs(10)), "haproxy did not listen on {port}");
+        assert!(
+            wait_port(port, Duration::from_secs(10)),
+            "haproxy did not listen on {port}"
+        );
         Haproxy { child }
     }
 }
