@@ -39,6 +39,9 @@ async fn run(args: Cli) -> anyhow::Result<()> {
     match &args.command {
         Command::Agent => pgwarden::agent::run(load()?).await,
         Command::List { format } => cli::list(&load()?, *format).await,
+        Command::History { format } => {
+            cli::history(&load()?, *format == cli::ListFormat::Json).await
+        }
         Command::HaproxyConfig(h) => cli::haproxy_config::run(&load()?, h).await,
         Command::Demo(d) => pgwarden::demo::run(d.clone()).await,
     }

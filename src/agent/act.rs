@@ -1,6 +1,6 @@
 use super::jobs::RunningJob;
 use super::Agent;
-use crate::dcs::{slot_name, ClusterStatus, ClusterView, LeaderOutcome};
+use crate::dcs::{slot_name, ClusterStatus, ClusterView, HistoryEntry, LeaderOutcome};
 use crate::ha::{Action, JobKind, LocalView, Step, Upstream};
 use crate::postgres::{ConfInputs, ReplicaSettings};
 use std::time::Instant;
@@ -170,28 +170,53 @@ impl Agent {
                     pg.start().await
                 });
             }
-            Action::Demote { upstream } => {
+            Action::Stop => {
                 // Stop answering as primary before the slow part begins.
                 self.last_renew = None;
-                let mut pg = self.pg.detached();
-                let inputs = self.conf_inputs(cluster, Some(upstream.clone()));
-                let release = cluster.leader.as_deref() == Some(name.as_str());
-                if release {
+                if cluster.leader.as_deref() == Some(name.as_str()) {
                     if let Ok(dcs) = self.dcs_mut() {
                         let _ = dcs.release_leader(&name).await;
                     }
                 }
-                self.spawn_job(JobKind::Demote, async move {
-                    pg.stop().await?;
-                    pg.write_conf(&inputs)?;
-                    pg.start().await
+                let mut pg = self.pg.detached();
+                self.spawn_job(JobKind::Stop, async move { pg.stop().await });
+            }
+            Action::Rewind { upstream } => {
+                let mut pg = self.pg.detached();
+                let inputs = self.conf_inputs(cluster, Some(Some(upstream.clone())));
+                let source = upstream.address.clone();
+                self.spawn_job(
+                    JobKind::Rewind {
+                        from: upstream.name.clone(),
+                    },
+                    async move {
+                        pg.rewind(&source).await?;
+                        pg.write_conf(&inputs)?;
+                        pg.start().await
+                    },
+                );
+            }
+            Action::RemoveData => {
+                let pg = self.pg.detached();
+                self.spawn_job(JobKind::RemoveData, async move {
+                    tokio::task::spawn_blocking(move || pg.remove_data()).await?
                 });
             }
             Action::Promote => {
-                let inputs = self.conf_inputs(cluster, None);
-                self.pg.write_conf(&inputs)?;
+                // standby.signal must stay until PostgreSQL removes it
+                // itself at promotion; the primary's config follows after.
+                let before = local
+                    .pg
+                    .running()
+                    .and_then(|p| p.receive_lsn.max(p.wal_lsn));
                 self.pg.promote().await?;
                 tracing::info!("promoted: now the primary");
+                let inputs = self.conf_inputs(cluster, None);
+                if let Err(e) = self.pg.write_conf(&inputs) {
+                    tracing::warn!("cannot rewrite the config after promotion: {e:#}");
+                }
+                let previous = self.last_leader_seen.clone();
+                self.record_promotion(before, previous).await;
             }
             Action::Follow { upstream } => {
                 let inputs = self.conf_inputs(cluster, Some(Some(upstream.clone())));
@@ -210,6 +235,44 @@ impl Agent {
             Action::DropSlots(slots) => self.pg.drop_slots(slots).await?,
         }
         Ok(())
+    }
+
+    /// Appends the promotion to `history`: the new timeline and the WAL
+    /// position where it forked.
+    async fn record_promotion(
+        &mut self,
+        switch_lsn: Option<u64>,
+        cluster_leader_before: Option<String>,
+    ) {
+        let mut obs = None;
+        for _ in 0..20 {
+            match self.pg.observe().await {
+                Ok(o) if !o.state.in_recovery => {
+                    obs = Some(o);
+                    break;
+                }
+                _ => tokio::time::sleep(std::time::Duration::from_millis(100)).await,
+            }
+        }
+        let Some(obs) = obs else {
+            tracing::warn!("promoted, but cannot read the new timeline to record it in history");
+            return;
+        };
+        let entry = HistoryEntry {
+            timeline: obs.state.timeline.unwrap_or(0),
+            lsn: switch_lsn.or(obs.state.wal_lsn).unwrap_or(0),
+            reason: match cluster_leader_before {
+                Some(prev) => format!("automatic failover: {prev} lost the leader lease"),
+                None => "automatic failover: no leader".into(),
+            },
+            time: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
+            leader: self.cfg.name.clone(),
+        };
+        if let Ok(dcs) = self.dcs_mut() {
+            if let Err(e) = dcs.append_history(entry).await {
+                tracing::warn!("cannot record the promotion in history: {e}");
+            }
+        }
     }
 
     fn spawn_job<F>(&mut self, kind: JobKind, fut: F)

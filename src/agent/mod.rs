@@ -46,6 +46,12 @@ struct Agent {
     last_problem: Option<String>,
     problem: Option<String>,
     major: u32,
+    /// The last leader seen in etcd, for the history of a failover.
+    last_leader_seen: Option<String>,
+    /// See `ha::LocalView::primary_down_since`.
+    primary_down_since: Option<Duration>,
+    /// For asking other members' APIs (rule 3), with a short timeout.
+    http: reqwest::Client,
 }
 
 impl Agent {

@@ -1,6 +1,6 @@
 use super::Agent;
 use crate::dcs::{slot_name, ClusterView, Dcs, Initialize, Keys};
-use crate::ha::{DataDir, JobFailure, LocalView, PgRun};
+use crate::ha::{ControlInfo, DataDir, JobFailure, JobKind, LocalView, PeerPosition, PgRun};
 use std::time::Duration;
 
 impl Agent {
@@ -19,6 +19,9 @@ impl Agent {
             match dcs.read_cluster(&defaults).await {
                 Ok(view) => {
                     dcs.set_timeout(Duration::from_secs(view.config.retry_timeout.max(1)));
+                    if view.leader.as_ref().is_some_and(|l| *l != self.cfg.name) {
+                        self.last_leader_seen = view.leader.clone();
+                    }
                     self.last_cluster = Some(view.clone());
                     return (view, true);
                 }
@@ -76,24 +79,34 @@ impl Agent {
     }
 
     pub(super) async fn observe_local(&mut self, cluster: &ClusterView, dcs_ok: bool) -> LocalView {
-        let data = if self.job.is_some() || !self.pg.has_data() {
+        let postmaster = self.job.is_none() && self.pg.postmaster_pid().is_some();
+        let mut control = None;
+        let data = if !self.pg.has_data() {
+            DataDir::Empty
+        } else if self.job.is_some() {
             // While a job rewrites the data directory, what is on disk is not
             // a finished state; the job itself is in the view.
-            if self.job.is_some() && self.pg.has_data() {
-                match &self.system_id {
-                    Some(id) => DataDir::Initialized {
-                        system_id: id.clone(),
-                    },
-                    None => DataDir::Empty,
-                }
-            } else {
-                DataDir::Empty
+            match &self.system_id {
+                Some(id) => DataDir::Initialized {
+                    system_id: id.clone(),
+                },
+                None => DataDir::Empty,
             }
         } else {
-            if self.system_id.is_none() {
-                match self.pg.system_identifier().await {
-                    Ok(id) => self.system_id = Some(id),
-                    Err(e) => tracing::warn!("cannot read the system identifier: {e:#}"),
+            // pg_control of a stopped instance tells whether it last ran as
+            // a primary and on which timeline: what a rejoin depends on.
+            if !postmaster || self.system_id.is_none() {
+                match self.pg.control_data().await {
+                    Ok(cd) => {
+                        if !postmaster {
+                            control = Some(ControlInfo {
+                                timeline: cd.timeline,
+                                was_primary: cd.was_primary(),
+                            });
+                        }
+                        self.system_id = Some(cd.system_id);
+                    }
+                    Err(e) => tracing::warn!("cannot read pg_control: {e:#}"),
                 }
             }
             match &self.system_id {
@@ -105,7 +118,7 @@ impl Agent {
         };
         let pg = if self.job.is_some() {
             PgRun::Unresponsive
-        } else if self.pg.postmaster_pid().is_none() {
+        } else if !postmaster {
             PgRun::Stopped
         } else {
             match self.pg.observe().await {
@@ -120,6 +133,13 @@ impl Agent {
             }
         };
         self.track_slots(cluster, &pg);
+        self.track_primary_down(cluster, &pg);
+        let peers =
+            if cluster.leader.is_none() && dcs_ok && pg.running().is_some_and(|p| p.in_recovery) {
+                self.ask_peers(cluster).await
+            } else {
+                Vec::new()
+            };
         LocalView {
             name: self.cfg.name.clone(),
             tags: self.cfg.tags.clone(),
@@ -130,7 +150,71 @@ impl Agent {
             dcs_ok,
             last_renew: self.last_renew.map(|t| self.since_epoch(t)),
             slot_last_seen: self.slot_last_seen.clone(),
+            control,
+            peers,
+            primary_down_since: self.primary_down_since,
+            reclone_on_rewind_failure: self.cfg.postgresql.remove_data_directory_on_rewind_failure,
         }
+    }
+
+    /// Starts the primary_start_timeout clock when we hold the leader key
+    /// without a running primary (a bootstrap in progress does not count).
+    fn track_primary_down(&mut self, cluster: &ClusterView, pg: &PgRun) {
+        let i_lead = cluster.leader.as_deref() == Some(self.cfg.name.as_str());
+        let bootstrapping = matches!(self.job.as_ref().map(|j| &j.kind), Some(JobKind::Bootstrap));
+        if !i_lead || pg.is_primary() || bootstrapping {
+            self.primary_down_since = None;
+        } else if self.primary_down_since.is_none() {
+            self.primary_down_since = Some(self.now());
+        }
+    }
+
+    /// Rule 3 needs the other candidates' positions: ask their APIs, all at
+    /// once, with a short timeout (an unreachable member does not block).
+    async fn ask_peers(&self, cluster: &ClusterView) -> Vec<PeerPosition> {
+        let others: Vec<_> = cluster
+            .members
+            .iter()
+            .filter(|m| m.name != self.cfg.name)
+            .cloned()
+            .collect();
+        let asks = others.into_iter().map(|m| {
+            let client = self.http.clone();
+            async move {
+                let url = format!("{}/status", m.api_url.trim_end_matches('/'));
+                let answer = async {
+                    let v: serde_json::Value =
+                        client.get(&url).send().await.ok()?.json().await.ok()?;
+                    let running = v
+                        .get("pg_running")
+                        .and_then(|x| x.as_bool())
+                        .unwrap_or(false);
+                    let lsn = |k: &str| v.get(k).and_then(|x| x.as_u64());
+                    running
+                        .then(|| lsn("receive_lsn").max(lsn("wal_lsn")))
+                        .flatten()
+                }
+                .await;
+                PeerPosition {
+                    name: m.name.clone(),
+                    wal_lsn: answer,
+                    nofailover: m.tags.nofailover,
+                    failover_priority: m.tags.failover_priority,
+                }
+            }
+        });
+        let mut set = tokio::task::JoinSet::new();
+        for a in asks {
+            set.spawn(a);
+        }
+        let mut out = Vec::new();
+        while let Some(r) = set.join_next().await {
+            if let Ok(p) = r {
+                out.push(p);
+            }
+        }
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        out
     }
 
     /// Remembers when each slot's member was last present, so the policy
@@ -156,6 +240,7 @@ pub(super) fn describe(kind: &crate::ha::JobKind) -> String {
         Clone { from } => format!("clone from {from}"),
         Start => "start of PostgreSQL".into(),
         Stop => "stop of PostgreSQL".into(),
-        Demote => "demotion".into(),
+        Rewind { from } => format!("rewind from {from}"),
+        RemoveData => "removal of the data directory".into(),
     }
 }

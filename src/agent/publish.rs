@@ -17,7 +17,9 @@ impl Agent {
             (Some(JobKind::Bootstrap), _) => PgState::Initializing,
             (Some(JobKind::Clone { .. }), _) => PgState::CreatingReplica,
             (Some(JobKind::Start), _) => PgState::Starting,
-            (Some(JobKind::Stop | JobKind::Demote), _) => PgState::Stopping,
+            (Some(JobKind::Stop), _) => PgState::Stopping,
+            (Some(JobKind::Rewind { .. }), _) => PgState::Rewinding,
+            (Some(JobKind::RemoveData), _) => PgState::Stopped,
             (None, PgRun::Running(pg)) if !pg.in_recovery => PgState::Running,
             (None, PgRun::Running(pg)) if pg.streaming => PgState::Streaming,
             (None, PgRun::Running(_)) => PgState::InRecovery,
@@ -26,6 +28,7 @@ impl Agent {
                 Some(f) => match f.kind {
                     JobKind::Bootstrap => PgState::BootstrapFailed,
                     JobKind::Clone { .. } => PgState::CloneFailed,
+                    JobKind::Rewind { .. } => PgState::RewindFailed,
                     _ => PgState::StartFailed,
                 },
                 None => PgState::Stopped,
@@ -93,7 +96,7 @@ impl Agent {
     ) -> ApiSnapshot {
         let ttl = Duration::from_secs(cluster.config.ttl);
         let running = local.pg.running();
-        let demoting = matches!(local.job, Some(JobKind::Demote | JobKind::Stop));
+        let demoting = matches!(local.job, Some(JobKind::Stop));
         let lag_bytes = match (cluster.status.as_ref(), running) {
             (_, Some(pg)) if !pg.in_recovery => Some(0),
             (Some(st), Some(pg)) => pg

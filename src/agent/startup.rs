@@ -133,6 +133,12 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         last_problem: None,
         problem: None,
         major,
+        primary_down_since: None,
+        last_leader_seen: None,
+        http: reqwest::Client::builder()
+            .timeout(Duration::from_millis(1500))
+            .build()
+            .context("cannot build the HTTP client")?,
         cfg,
     };
 

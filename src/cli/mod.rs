@@ -3,9 +3,11 @@
 //! modules).
 
 pub mod haproxy_config;
+mod history;
 mod list;
 mod logging;
 
+pub use history::history;
 pub use list::{list, ListFormat};
 pub use logging::{init_logging, LogFormat};
 
@@ -38,6 +40,11 @@ pub enum Command {
     Agent,
     /// Show the cluster's members.
     List {
+        #[arg(long, value_enum, default_value_t = ListFormat::Table)]
+        format: ListFormat,
+    },
+    /// Show the timeline switches (promotions) recorded in etcd.
+    History {
         #[arg(long, value_enum, default_value_t = ListFormat::Table)]
         format: ListFormat,
     },

@@ -69,6 +69,10 @@ pub struct PostgresConfig {
     /// Seconds to wait for PostgreSQL to start before calling it failed.
     #[serde(default = "default_start_timeout")]
     pub start_timeout: u64,
+    /// When pg_rewind fails, wipe the data directory and clone again
+    /// (otherwise the member reports the failure and stays out of routing).
+    #[serde(default)]
+    pub remove_data_directory_on_rewind_failure: bool,
 }
 
 fn default_os_user() -> String {
@@ -224,10 +228,18 @@ pub struct DynamicConfig {
     /// Seconds a member may be gone before the leader drops its slot.
     #[serde(default = "default_member_slots_ttl")]
     pub member_slots_ttl: u64,
+    /// Seconds a leader whose PostgreSQL went down may spend restarting it
+    /// before it releases the lease to a replica.
+    #[serde(default = "default_primary_start_timeout")]
+    pub primary_start_timeout: u64,
     #[serde(default)]
     pub synchronous_mode: bool,
     #[serde(default)]
     pub postgresql: DynamicPostgres,
+}
+
+fn default_primary_start_timeout() -> u64 {
+    10
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
@@ -266,6 +278,7 @@ impl Default for DynamicConfig {
             use_slots: true,
             use_pg_rewind: true,
             member_slots_ttl: default_member_slots_ttl(),
+            primary_start_timeout: default_primary_start_timeout(),
             synchronous_mode: false,
             postgresql: DynamicPostgres::default(),
         }

@@ -20,6 +20,8 @@ pub enum DcsError {
         key: String,
         source: serde_json::Error,
     },
+    #[error("etcd key {0} kept changing under concurrent writers")]
+    Conflict(String),
     #[error("our etcd lease expired")]
     LeaseLost,
 }
@@ -299,6 +301,38 @@ impl Dcs {
         })?;
         with_timeout(self.timeout, self.client.put(key, value, None)).await?;
         Ok(())
+    }
+
+    /// Appends to `history` with compare-and-swap on the key's revision, so
+    /// that concurrent writers cannot lose an entry.
+    pub async fn append_history(&mut self, entry: HistoryEntry) -> Result<(), DcsError> {
+        let key = self.keys.history();
+        for _ in 0..5 {
+            let resp = with_timeout(self.timeout, self.client.get(key.clone(), None)).await?;
+            let (mut list, revision) = match resp.kvs().first() {
+                Some(kv) => (
+                    decode::<Vec<HistoryEntry>>(&key, kv.value())?,
+                    kv.mod_revision(),
+                ),
+                None => (Vec::new(), 0),
+            };
+            list.push(entry.clone());
+            let value = serde_json::to_vec(&list).map_err(|source| DcsError::Decode {
+                key: key.clone(),
+                source,
+            })?;
+            let txn = Txn::new()
+                .when([Compare::mod_revision(
+                    key.clone(),
+                    CompareOp::Equal,
+                    revision,
+                )])
+                .and_then([TxnOp::put(key.clone(), value, None)]);
+            if self.run_txn(txn).await? == LeaderOutcome::Won {
+                return Ok(());
+            }
+        }
+        Err(DcsError::Conflict(key))
     }
 
     /// Drops our lease and with it our member key (and leader key if held).

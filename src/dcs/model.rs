@@ -66,6 +66,9 @@ pub enum PgState {
     CloneFailed,
     #[serde(rename = "start failed")]
     StartFailed,
+    Rewinding,
+    #[serde(rename = "rewind failed")]
+    RewindFailed,
     Crashed,
 }
 
@@ -83,6 +86,8 @@ impl PgState {
             PgState::BootstrapFailed => "bootstrap failed",
             PgState::CloneFailed => "clone failed",
             PgState::StartFailed => "start failed",
+            PgState::Rewinding => "rewinding",
+            PgState::RewindFailed => "rewind failed",
             PgState::Crashed => "crashed",
         }
     }

@@ -20,13 +20,28 @@ pub fn decide(cluster: &ClusterView, local: &LocalView, now: Duration) -> Decisi
             && !lease_fresh(local, cfg.retry_timeout, now)
         {
             d.push(
-                Action::Demote { upstream: None },
-                "cannot reach etcd to renew the leader lease: demoting so that no write lands on a possibly deposed primary",
+                Action::Stop,
+                "cannot reach etcd to renew the leader lease: stopping PostgreSQL so that no write lands on a possibly deposed primary",
             );
         } else {
             d.waiting = Some("etcd is unreachable".into());
         }
         return d;
+    }
+
+    if i_lead && !local.pg.is_primary() {
+        if let Some(since) = local.primary_down_since {
+            if now.saturating_sub(since) >= Duration::from_secs(cfg.primary_start_timeout) {
+                d.push(
+                    Action::ReleaseLeader,
+                    format!(
+                        "PostgreSQL has not been a running primary for {}s (primary_start_timeout): releasing the leader lease so a replica can take over",
+                        cfg.primary_start_timeout
+                    ),
+                );
+                return d;
+            }
+        }
     }
 
     if let Some(job) = &local.job {
@@ -157,18 +172,22 @@ fn decide_stopped(cluster: &ClusterView, local: &LocalView, now: Duration, d: &m
     match leader {
         Some(l) if l == local.name => {
             d.push(Action::RenewLeader, "holding the leader lease");
-            d.push(
-                Action::StartPrimary,
-                "PostgreSQL is stopped and we hold the leader lease: starting it as primary",
-            );
+            if local.control.as_ref().is_none_or(|c| c.was_primary) {
+                d.push(
+                    Action::StartPrimary,
+                    "PostgreSQL is stopped and we hold the leader lease: starting it as primary",
+                );
+            } else {
+                // A standby's data becomes primary only through promotion,
+                // which opens a new timeline: starting it writable directly
+                // would hide a fork from every rejoin check.
+                d.push(
+                    Action::StartReplica { upstream: None },
+                    "we hold the leader lease over a standby's data: starting it to promote",
+                );
+            }
         }
-        Some(l) => {
-            let upstream = upstream_of(cluster, l);
-            d.push(
-                Action::StartReplica { upstream },
-                format!("PostgreSQL is stopped: starting it as a replica of {l}"),
-            );
-        }
+        Some(l) => rejoin(cluster, local, l, d),
         None if cluster.initialize == Initialize::Absent => d.push(
             Action::ClaimBootstrap,
             "etcd holds no cluster but we have data: claiming the cluster for it",
@@ -202,9 +221,9 @@ fn decide_primary(
             }
             if !lease_fresh(local, cfg.retry_timeout, now) {
                 d.push(
-                    Action::Demote { upstream: None },
+                    Action::Stop,
                     format!(
-                        "leader lease not renewed for {}s (retry_timeout): demoting before it may expire",
+                        "leader lease not renewed for {}s (retry_timeout): stopping PostgreSQL before the lease may expire",
                         cfg.retry_timeout
                     ),
                 );
@@ -226,13 +245,10 @@ fn decide_primary(
             manage_slots(cluster, local, pg, now, d);
             d.push(Action::WriteStatus, "publishing the primary's WAL position");
         }
-        Some(l) => {
-            let upstream = upstream_of(cluster, l);
-            d.push(
-                Action::Demote { upstream },
-                format!("{l} holds the leader lease but we run as primary: demoting"),
-            );
-        }
+        Some(l) => d.push(
+            Action::Stop,
+            format!("{l} holds the leader lease but we run as primary: stopping to rejoin as its replica"),
+        ),
         None => d.push(
             Action::AcquireLeader,
             "running as primary and nobody holds the leader lease: taking it",
@@ -263,12 +279,113 @@ fn decide_replica(cluster: &ClusterView, local: &LocalView, pg: &PgRunning, d: &
                 d.waiting = Some(reason);
                 return;
             }
+            if let Some(better) = better_candidate(local, pg) {
+                d.waiting = Some(format!(
+                    "no leader, but {better} is a better failover candidate: leaving the lease to it"
+                ));
+                return;
+            }
             d.push(
                 Action::AcquireLeader,
                 "no leader and we are a healthy candidate: taking the lease",
             );
         }
     }
+}
+
+/// A stopped member rejoins a cluster led by `leader`: as a plain replica
+/// when its data is on the leader's history, by pg_rewind when it was a
+/// primary on another timeline.
+fn rejoin(cluster: &ClusterView, local: &LocalView, leader: &str, d: &mut Decision) {
+    let Some(m) = cluster.member(leader) else {
+        d.waiting = Some(format!(
+            "waiting for leader {leader} to publish its address"
+        ));
+        return;
+    };
+    let upstream = Upstream {
+        name: leader.to_string(),
+        address: format!("{}:{}", m.host, m.port),
+    };
+    let diverged = local.control.as_ref().filter(|c| c.was_primary);
+    let Some(ours) = diverged else {
+        d.push(
+            Action::StartReplica {
+                upstream: Some(upstream),
+            },
+            format!("PostgreSQL is stopped: starting it as a replica of {leader}"),
+        );
+        return;
+    };
+    if m.role != Role::Leader || m.state != PgState::Running {
+        d.waiting = Some(format!(
+            "waiting for leader {leader} to run as primary before rejoining"
+        ));
+        return;
+    }
+    match m.timeline {
+        Some(tl) if tl == ours.timeline => d.push(
+            Action::StartReplica { upstream: Some(upstream) },
+            format!("PostgreSQL is stopped and on the leader's timeline {tl}: starting it as a replica of {leader}"),
+        ),
+        Some(tl) => {
+            let failed = local.last_failure.as_ref().filter(|f| matches!(f.kind, JobKind::Rewind { .. }));
+            if let Some(f) = failed {
+                if local.reclone_on_rewind_failure {
+                    d.push(
+                        Action::RemoveData,
+                        format!("pg_rewind failed ({}): removing the data directory to clone {leader} afresh", f.message),
+                    );
+                } else {
+                    d.problem = Some(format!(
+                        "pg_rewind from {leader} failed: {}; not starting (set postgresql.remove_data_directory_on_rewind_failure to re-clone automatically)",
+                        f.message
+                    ));
+                }
+            } else if !cluster.config.use_pg_rewind {
+                if local.reclone_on_rewind_failure {
+                    d.push(
+                        Action::RemoveData,
+                        format!("our data diverged from {leader} and use_pg_rewind is off: removing it to clone afresh"),
+                    );
+                } else {
+                    d.problem = Some(format!(
+                        "our data diverged from {leader} (timeline {} vs {tl}) and use_pg_rewind is off: not starting",
+                        ours.timeline
+                    ));
+                }
+            } else {
+                d.push(
+                    Action::Rewind { upstream },
+                    format!(
+                        "we were a primary on timeline {} and {leader} now leads on timeline {tl}: rewinding with pg_rewind before rejoining",
+                        ours.timeline
+                    ),
+                );
+            }
+        }
+        None => d.waiting = Some(format!("waiting for leader {leader} to publish its timeline")),
+    }
+}
+
+/// Rule 3: another reachable candidate further ahead (ties: higher
+/// failover_priority, then the smaller name) gets the lease instead.
+fn better_candidate(local: &LocalView, pg: &PgRunning) -> Option<String> {
+    let ours = pg.receive_lsn.max(pg.wal_lsn).unwrap_or(0);
+    let our_prio = local.tags.failover_priority;
+    local
+        .peers
+        .iter()
+        .filter(|p| p.name != local.name && !p.nofailover)
+        .find(|p| match p.wal_lsn {
+            Some(lsn) if lsn > ours => true,
+            Some(lsn) if lsn == ours => {
+                p.failover_priority > our_prio
+                    || (p.failover_priority == our_prio && p.name < local.name)
+            }
+            _ => false,
+        })
+        .map(|p| p.name.clone())
 }
 
 fn lag_too_big(cluster: &ClusterView, pg: &PgRunning) -> Option<String> {
@@ -366,7 +483,8 @@ fn job_name(job: &JobKind) -> String {
         JobKind::Clone { from } => format!("clone from {from}"),
         JobKind::Start => "start".into(),
         JobKind::Stop => "stop".into(),
-        JobKind::Demote => "demotion".into(),
+        JobKind::Rewind { from } => format!("rewind from {from}"),
+        JobKind::RemoveData => "removal of the data directory".into(),
     }
 }
 

@@ -1,1 +1,1067 @@
+//! The decision function as tables of (situation → actions).
+//!
+//! Each row builds a cluster view and a local view with small builders so
+//! that a row reads as one line of situation, then compares
+//! `decision.actions()` exactly (and in order), plus `waiting` / `problem`
+//! where the row names a substring. A grid test at the end checks the safety
+//! rules of DESIGN.md over every combination of a few dimensions.
 
+use super::*;
+use crate::config::{DynamicConfig, Tags};
+use crate::dcs::{slot_name, ClusterStatus, ClusterView, Initialize, MemberStatus, PgState, Role};
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+/// This member.
+const ME: &str = "node1";
+const N2: &str = "node2";
+const N3: &str = "node3";
+const SYSID: &str = "7301234567890123456";
+const FOREIGN: &str = "7309999999999999999";
+/// The agent's monotonic clock at the decision, in seconds.
+const NOW: u64 = 1_000;
+/// WAL position of the running instance in the builders.
+const LSN: u64 = 0x300_0000;
+
+// ---------------------------------------------------------------- builders
+
+fn secs(s: u64) -> Duration {
+    Duration::from_secs(s)
+}
+
+/// host:port under which the builders publish a member.
+fn addr(name: &str) -> String {
+    format!("{name}.db:5432")
+}
+
+fn upstream(name: &str) -> Option<Upstream> {
+    Some(Upstream {
+        name: name.to_string(),
+        address: addr(name),
+    })
+}
+
+fn slots(names: &[&str]) -> Vec<String> {
+    names.iter().map(|n| slot_name(n)).collect()
+}
+
+#[derive(Clone)]
+struct Cluster(ClusterView);
+
+/// etcd is empty: no `initialize`, no leader, no members, config stored
+/// with the defaults (ttl 10, loop_wait 1, retry_timeout 4).
+fn cluster() -> Cluster {
+    Cluster(ClusterView {
+        initialize: Initialize::Absent,
+        leader: None,
+        members: vec![],
+        config: DynamicConfig::default(),
+        config_stored: true,
+        status: None,
+        history: vec![],
+    })
+}
+
+impl Cluster {
+    fn initialize(mut self, i: Initialize) -> Self {
+        self.0.initialize = i;
+        self
+    }
+    fn claimed(self) -> Self {
+        self.initialize(Initialize::Claimed)
+    }
+    fn initialized(self, sysid: &str) -> Self {
+        self.initialize(Initialize::SystemId(sysid.to_string()))
+    }
+    /// The leader key only (the member may or may not be published).
+    fn leader(mut self, name: &str) -> Self {
+        self.0.leader = Some(name.to_string());
+        self
+    }
+    fn member(mut self, name: &str, role: Role, state: PgState) -> Self {
+        self.0.members.retain(|m| m.name != name);
+        self.0.members.push(MemberStatus {
+            name: name.to_string(),
+            role,
+            state,
+            host: format!("{name}.db"),
+            port: 5432,
+            api_url: format!("http://{name}.db:8008"),
+            conn_url: format!("postgres://{name}.db:5432/postgres"),
+            timeline: Some(1),
+            wal_lsn: Some(LSN),
+            receive_lsn: None,
+            upstream: None,
+            tags: Tags::default(),
+            version: "0.1.0".into(),
+            error: None,
+        });
+        self
+    }
+    /// `name` holds the leader key and publishes itself as a running leader.
+    fn led_by(self, name: &str) -> Self {
+        self.leader(name)
+            .member(name, Role::Leader, PgState::Running)
+    }
+    fn replica(self, name: &str) -> Self {
+        self.member(name, Role::Replica, PgState::Streaming)
+    }
+    fn config_not_stored(mut self) -> Self {
+        self.0.config_stored = false;
+        self
+    }
+    fn use_slots(mut self, on: bool) -> Self {
+        self.0.config.use_slots = on;
+        self
+    }
+    fn loop_wait(mut self, s: u64) -> Self {
+        self.0.config.loop_wait = s;
+        self
+    }
+    fn member_slots_ttl(mut self, s: u64) -> Self {
+        self.0.config.member_slots_ttl = s;
+        self
+    }
+    fn max_lag(mut self, bytes: u64) -> Self {
+        self.0.config.maximum_lag_on_failover = bytes;
+        self
+    }
+    /// The last primary position the leader wrote to `status`.
+    fn primary_lsn(mut self, lsn: u64) -> Self {
+        self.0.status = Some(ClusterStatus {
+            leader: N2.into(),
+            wal_lsn: lsn,
+            timeline: 1,
+            slots: BTreeMap::new(),
+        });
+        self
+    }
+}
+
+#[derive(Clone)]
+struct Local(LocalView);
+
+/// This member, freshly started: empty data directory, PostgreSQL stopped,
+/// no job, no failure, etcd reachable, never renewed a lease.
+fn local() -> Local {
+    Local(LocalView {
+        name: ME.into(),
+        tags: Tags::default(),
+        data: DataDir::Empty,
+        pg: PgRun::Stopped,
+        job: None,
+        last_failure: None,
+        dcs_ok: true,
+        last_renew: None,
+        slot_last_seen: BTreeMap::new(),
+    })
+}
+
+impl Local {
+    fn data_empty(mut self) -> Self {
+        self.0.data = DataDir::Empty;
+        self
+    }
+    fn data(mut self, sysid: &str) -> Self {
+        self.0.data = DataDir::Initialized {
+            system_id: sysid.to_string(),
+        };
+        self
+    }
+    fn stopped(mut self) -> Self {
+        self.0.pg = PgRun::Stopped;
+        self
+    }
+    fn unresponsive(mut self) -> Self {
+        self.0.pg = PgRun::Unresponsive;
+        self
+    }
+    /// Running writable, with these member names' replication slots.
+    fn pg_primary(mut self, slot_members: &[&str]) -> Self {
+        self.0.pg = PgRun::Running(PgRunning {
+            in_recovery: false,
+            timeline: Some(1),
+            wal_lsn: Some(LSN),
+            receive_lsn: None,
+            streaming: false,
+            upstream: None,
+            slots: slots(slot_members),
+        });
+        self
+    }
+    /// Running in recovery, streaming from `upstream` (host:port), having
+    /// received WAL up to `receive_lsn`.
+    fn pg_replica(mut self, upstream: Option<String>, receive_lsn: u64) -> Self {
+        self.0.pg = PgRun::Running(PgRunning {
+            in_recovery: true,
+            timeline: Some(1),
+            wal_lsn: Some(receive_lsn),
+            receive_lsn: Some(receive_lsn),
+            streaming: upstream.is_some(),
+            upstream,
+            slots: vec![],
+        });
+        self
+    }
+    /// A replica that only knows its replay position (no WAL receiver).
+    fn pg_replica_replayed(mut self, wal_lsn: u64) -> Self {
+        self.0.pg = PgRun::Running(PgRunning {
+            in_recovery: true,
+            timeline: Some(1),
+            wal_lsn: Some(wal_lsn),
+            receive_lsn: None,
+            streaming: false,
+            upstream: None,
+            slots: vec![],
+        });
+        self
+    }
+    fn job(mut self, kind: JobKind) -> Self {
+        self.0.job = Some(kind);
+        self
+    }
+    fn failed(mut self, kind: JobKind, at: u64) -> Self {
+        self.0.last_failure = Some(JobFailure {
+            kind,
+            message: "it broke".into(),
+            at: secs(at),
+        });
+        self
+    }
+    /// Start of the last successful lease renewal.
+    fn renewed_at(mut self, t: u64) -> Self {
+        self.0.last_renew = Some(secs(t));
+        self
+    }
+    /// When the member behind this slot was last seen in etcd.
+    fn slot_seen(mut self, member: &str, t: u64) -> Self {
+        self.0.slot_last_seen.insert(slot_name(member), secs(t));
+        self
+    }
+    fn nofailover(mut self) -> Self {
+        self.0.tags.nofailover = true;
+        self
+    }
+    fn dcs_down(mut self) -> Self {
+        self.0.dcs_ok = false;
+        self
+    }
+}
+
+fn clone_from(name: &str) -> Action {
+    Action::Clone {
+        from: name.to_string(),
+        conn: addr(name),
+    }
+}
+
+fn clone_job(name: &str) -> JobKind {
+    JobKind::Clone {
+        from: name.to_string(),
+    }
+}
+
+// ------------------------------------------------------------------- rows
+
+struct Row {
+    name: &'static str,
+    cluster: ClusterView,
+    local: LocalView,
+    now: Duration,
+    actions: Vec<Action>,
+    /// A substring `waiting` must contain.
+    waiting: Option<&'static str>,
+    /// A substring `problem` must contain; without it, `problem` must be None.
+    problem: Option<&'static str>,
+}
+
+fn row(name: &'static str, c: Cluster, l: Local, now: u64, actions: Vec<Action>) -> Row {
+    Row {
+        name,
+        cluster: c.0,
+        local: l.0,
+        now: secs(now),
+        actions,
+        waiting: None,
+        problem: None,
+    }
+}
+
+impl Row {
+    fn waiting(mut self, s: &'static str) -> Self {
+        self.waiting = Some(s);
+        self
+    }
+    fn problem(mut self, s: &'static str) -> Self {
+        self.problem = Some(s);
+        self
+    }
+}
+
+/// Runs every row and reports all mismatches at once.
+fn check(rows: Vec<Row>) {
+    let mut failures = Vec::new();
+    let mut names = std::collections::BTreeSet::new();
+    for r in &rows {
+        assert!(names.insert(r.name), "duplicate row name {:?}", r.name);
+        let d = decide(&r.cluster, &r.local, r.now);
+        let got: Vec<Action> = d.actions().into_iter().cloned().collect();
+        let mut why = Vec::new();
+        if got != r.actions {
+            why.push(format!(
+                "actions\n    expected {:?}\n    got      {:?}",
+                r.actions, got
+            ));
+        }
+        if let Some(w) = r.waiting {
+            if !d.waiting.as_deref().is_some_and(|x| x.contains(w)) {
+                why.push(format!(
+                    "waiting: expected to contain {w:?}, got {:?}",
+                    d.waiting
+                ));
+            }
+        }
+        match r.problem {
+            Some(p) if !d.problem.as_deref().is_some_and(|x| x.contains(p)) => why.push(format!(
+                "problem: expected to contain {p:?}, got {:?}",
+                d.problem
+            )),
+            None if d.problem.is_some() => {
+                why.push(format!("problem: expected none, got {:?}", d.problem))
+            }
+            _ => {}
+        }
+        if d.steps.iter().any(|s| s.reason.trim().is_empty()) {
+            why.push("a step has no reason".into());
+        }
+        if d != decide(&r.cluster, &r.local, r.now) {
+            why.push("not deterministic".into());
+        }
+        if !why.is_empty() {
+            failures.push(format!("row {:?}:\n  {}", r.name, why.join("\n  ")));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of {} rows failed:\n{}",
+        failures.len(),
+        rows.len(),
+        failures.join("\n")
+    );
+}
+
+// ------------------------------------------------------------- bootstrap
+
+#[test]
+#[rustfmt::skip]
+fn empty_data_dir() {
+    use Action::*;
+    let bootstrap = JobKind::Bootstrap;
+    check(vec![
+        row("no initialize, no leader: claim the bootstrap",
+            cluster(), local().data_empty(), NOW,
+            vec![ClaimBootstrap]),
+        row("claimed and we lead: renew and bootstrap",
+            cluster().claimed().leader(ME), local().data_empty().renewed_at(NOW - 1), NOW,
+            vec![RenewLeader, Bootstrap]),
+        row("claimed and we lead, agent never renewed: renew and bootstrap",
+            cluster().claimed().leader(ME), local().data_empty(), NOW,
+            vec![RenewLeader, Bootstrap]),
+        row("claimed and we lead, bootstrap failed 1s ago: abandon",
+            cluster().claimed().leader(ME), local().data_empty().failed(bootstrap.clone(), NOW - 1), NOW,
+            vec![AbandonBootstrap]),
+        row("claimed and we lead, bootstrap failed 4s ago (within 5 x loop_wait): abandon",
+            cluster().claimed().leader(ME), local().data_empty().failed(bootstrap.clone(), NOW - 4), NOW,
+            vec![AbandonBootstrap]),
+        row("claimed and we lead, bootstrap failed 5s ago (backoff over): bootstrap again",
+            cluster().claimed().leader(ME), local().data_empty().failed(bootstrap.clone(), NOW - 5), NOW,
+            vec![RenewLeader, Bootstrap]),
+        row("claimed and we lead, an unrelated clone failed: bootstrap",
+            cluster().claimed().leader(ME), local().data_empty().failed(clone_job(N2), NOW - 1), NOW,
+            vec![RenewLeader, Bootstrap]),
+        row("claimed, another member leads: wait for it",
+            cluster().claimed().leader(N2), local().data_empty(), NOW,
+            vec![]).waiting("node2 to bootstrap"),
+        row("claimed, no leader: wait",
+            cluster().claimed(), local().data_empty(), NOW,
+            vec![]).waiting("bootstrap in progress"),
+        row("sysid published, leader running: clone from it",
+            cluster().initialized(SYSID).led_by(N2).replica(N3), local().data_empty(), NOW,
+            vec![clone_from(N2)]),
+        row("sysid published, leader publishes starting: wait",
+            cluster().initialized(SYSID).leader(N2).member(N2, Role::Leader, PgState::Starting), local().data_empty(), NOW,
+            vec![]).waiting("waiting for leader node2 to be running"),
+        row("sysid published, leader's member key says replica: wait",
+            cluster().initialized(SYSID).leader(N2).member(N2, Role::Replica, PgState::Running), local().data_empty(), NOW,
+            vec![]).waiting("waiting for leader node2 to be running"),
+        row("sysid published, leader not published at all: wait",
+            cluster().initialized(SYSID).leader(N2).replica(N3), local().data_empty(), NOW,
+            vec![]).waiting("waiting for leader node2 to be running"),
+        row("sysid published, no leader: wait",
+            cluster().initialized(SYSID).replica(N2), local().data_empty(), NOW,
+            vec![]).waiting("waiting for a leader to clone from"),
+        row("sysid published, we hold the leader key without data: release it",
+            cluster().initialized(SYSID).leader(ME), local().data_empty().renewed_at(NOW - 1), NOW,
+            vec![ReleaseLeader]),
+        row("clone from the leader failed 1s ago: wait",
+            cluster().initialized(SYSID).led_by(N2), local().data_empty().failed(clone_job(N2), NOW - 1), NOW,
+            vec![]).waiting("retry the clone from node2"),
+        row("clone from the leader failed 4s ago: still wait",
+            cluster().initialized(SYSID).led_by(N2), local().data_empty().failed(clone_job(N2), NOW - 4), NOW,
+            vec![]).waiting("retry the clone from node2"),
+        row("clone from the leader failed 5s ago (5 x loop_wait): clone again",
+            cluster().initialized(SYSID).led_by(N2), local().data_empty().failed(clone_job(N2), NOW - 5), NOW,
+            vec![clone_from(N2)]),
+        row("loop_wait 2: clone failed 9s ago is still within 5 x loop_wait",
+            cluster().loop_wait(2).initialized(SYSID).led_by(N2), local().data_empty().failed(clone_job(N2), NOW - 9), NOW,
+            vec![]).waiting("retry the clone"),
+        row("loop_wait 2: clone failed 10s ago: clone again",
+            cluster().loop_wait(2).initialized(SYSID).led_by(N2), local().data_empty().failed(clone_job(N2), NOW - 10), NOW,
+            vec![clone_from(N2)]),
+        row("clone from a former leader failed: the new leader is tried at once",
+            cluster().initialized(SYSID).led_by(N2), local().data_empty().failed(clone_job(N3), NOW - 1), NOW,
+            vec![clone_from(N2)]),
+        row("a start failure does not delay a clone",
+            cluster().initialized(SYSID).led_by(N2), local().data_empty().failed(JobKind::Start, NOW - 1), NOW,
+            vec![clone_from(N2)]),
+        row("no initialize but a leader exists: wait",
+            cluster().led_by(N2), local().data_empty(), NOW,
+            vec![]).waiting("waiting for node2 to initialize"),
+    ]);
+}
+
+// ------------------------------------------------------------------ jobs
+
+#[test]
+#[rustfmt::skip]
+fn job_running() {
+    use Action::*;
+    check(vec![
+        row("bootstrap running, we lead: only renew",
+            cluster().claimed().leader(ME), local().data_empty().unresponsive().job(JobKind::Bootstrap).renewed_at(NOW - 1), NOW,
+            vec![RenewLeader]).waiting("bootstrap in progress"),
+        row("clone running from the leader: nothing",
+            cluster().initialized(SYSID).led_by(N2), local().data_empty().unresponsive().job(clone_job(N2)), NOW,
+            vec![]).waiting("clone from node2 in progress"),
+        row("clone running, no leader any more: nothing",
+            cluster().initialized(SYSID), local().data_empty().unresponsive().job(clone_job(N2)), NOW,
+            vec![]).waiting("clone from node2 in progress"),
+        row("start running, we lead: only renew",
+            cluster().initialized(SYSID).led_by(ME), local().data(SYSID).unresponsive().job(JobKind::Start).renewed_at(NOW - 1), NOW,
+            vec![RenewLeader]).waiting("start in progress"),
+        row("start running, other leads: nothing",
+            cluster().initialized(SYSID).led_by(N2), local().data(SYSID).unresponsive().job(JobKind::Start), NOW,
+            vec![]).waiting("start in progress"),
+        row("start running, no leader: nothing (no AcquireLeader)",
+            cluster().initialized(SYSID), local().data(SYSID).unresponsive().job(JobKind::Start), NOW,
+            vec![]).waiting("start in progress"),
+        row("start running with foreign data: nothing, no problem yet",
+            cluster().initialized(SYSID).led_by(N2), local().data(FOREIGN).unresponsive().job(JobKind::Start), NOW,
+            vec![]).waiting("start in progress"),
+        row("demotion running, other leads: nothing",
+            cluster().initialized(SYSID).led_by(N2), local().data(SYSID).unresponsive().job(JobKind::Demote), NOW,
+            vec![]).waiting("demotion in progress"),
+        row("stop running, no leader: nothing",
+            cluster().initialized(SYSID), local().data(SYSID).unresponsive().job(JobKind::Stop), NOW,
+            vec![]).waiting("stop in progress"),
+        row("job running as seen while PostgreSQL looks stopped: no start on top",
+            cluster().initialized(SYSID).led_by(N2), local().data(SYSID).stopped().job(JobKind::Start), NOW,
+            vec![]).waiting("start in progress"),
+    ]);
+}
+
+// ------------------------------------------------------- data, stopped
+
+#[test]
+#[rustfmt::skip]
+fn data_present_stopped() {
+    use Action::*;
+    check(vec![
+        row("system id differs from the cluster's: problem, no start",
+            cluster().initialized(SYSID).led_by(N2), local().data(FOREIGN).stopped(), NOW,
+            vec![]).problem("another cluster"),
+        row("system id differs and no leader: problem, no claim",
+            cluster().initialized(SYSID), local().data(FOREIGN).stopped(), NOW,
+            vec![]).problem("another cluster"),
+        row("system id differs and we lead: problem, release the key",
+            cluster().initialized(SYSID).led_by(ME), local().data(FOREIGN).stopped().renewed_at(NOW - 1), NOW,
+            vec![ReleaseLeader]).problem("another cluster"),
+        row("system id differs, running as primary, no leader: problem, no AcquireLeader",
+            cluster().initialized(SYSID), local().data(FOREIGN).pg_primary(&[]), NOW,
+            vec![]).problem("another cluster"),
+        row("system id differs, running as replica, we lead: problem, release, no promote",
+            cluster().initialized(SYSID).led_by(ME), local().data(FOREIGN).pg_replica(None, LSN).renewed_at(NOW - 1), NOW,
+            vec![ReleaseLeader]).problem("another cluster"),
+        row("stopped and we lead: renew, start primary",
+            cluster().initialized(SYSID).led_by(ME), local().data(SYSID).stopped().renewed_at(NOW - 1), NOW,
+            vec![RenewLeader, StartPrimary]),
+        row("stopped, claimed and we lead (bootstrap interrupted after initdb): renew, start primary",
+            cluster().claimed().leader(ME), local().data(SYSID).stopped().renewed_at(NOW - 1), NOW,
+            vec![RenewLeader, StartPrimary]),
+        row("stopped and other leads: start as its replica",
+            cluster().initialized(SYSID).led_by(N2), local().data(SYSID).stopped(), NOW,
+            vec![StartReplica { upstream: upstream(N2) }]),
+        row("stopped and the leader has not published itself: start replica without upstream",
+            cluster().initialized(SYSID).leader(N2), local().data(SYSID).stopped(), NOW,
+            vec![StartReplica { upstream: None }]),
+        row("stopped, no leader, no initialize: claim the cluster for our data",
+            cluster(), local().data(SYSID).stopped(), NOW,
+            vec![ClaimBootstrap]),
+        row("stopped, no leader, initialized: start read-only without upstream",
+            cluster().initialized(SYSID).replica(N2), local().data(SYSID).stopped(), NOW,
+            vec![StartReplica { upstream: None }]),
+        row("start failed 1s ago, other leads: wait",
+            cluster().initialized(SYSID).led_by(N2), local().data(SYSID).stopped().failed(JobKind::Start, NOW - 1), NOW,
+            vec![]).waiting("retry starting"),
+        row("start failed 1s ago, no leader: wait, no claim",
+            cluster(), local().data(SYSID).stopped().failed(JobKind::Start, NOW - 1), NOW,
+            vec![]).waiting("retry starting"),
+        row("start failed 1s ago and we lead: release the key, wait",
+            cluster().initialized(SYSID).led_by(ME), local().data(SYSID).stopped().failed(JobKind::Start, NOW - 1).renewed_at(NOW - 1), NOW,
+            vec![ReleaseLeader]).waiting("retry starting"),
+        row("start failed 5s ago, other leads: start again",
+            cluster().initialized(SYSID).led_by(N2), local().data(SYSID).stopped().failed(JobKind::Start, NOW - 5), NOW,
+            vec![StartReplica { upstream: upstream(N2) }]),
+        row("a failed clone does not hold back a start",
+            cluster().initialized(SYSID).led_by(N2), local().data(SYSID).stopped().failed(clone_job(N2), NOW - 1), NOW,
+            vec![StartReplica { upstream: upstream(N2) }]),
+    ]);
+}
+
+// ------------------------------------------------------ running primary
+
+#[test]
+#[rustfmt::skip]
+fn running_primary() {
+    use Action::*;
+    let mine = || cluster().initialized(SYSID).led_by(ME);
+    let fresh = || local().data(SYSID).renewed_at(NOW - 1);
+    check(vec![
+        row("we lead, all in order: renew, write status",
+            mine().replica(N2), fresh().pg_primary(&[N2]).slot_seen(N2, NOW), NOW,
+            vec![RenewLeader, WriteStatus]),
+        row("we lead, lease renewed 3s ago (< retry_timeout): normal",
+            mine(), local().data(SYSID).pg_primary(&[]).renewed_at(NOW - 3), NOW,
+            vec![RenewLeader, WriteStatus]),
+        row("initialize still claimed: publish the system id",
+            cluster().claimed().led_by(ME), fresh().pg_primary(&[]), NOW,
+            vec![RenewLeader, PublishSystemId(SYSID.into()), WriteStatus]),
+        row("initialize absent (deleted) while we lead: publish the system id",
+            cluster().led_by(ME), fresh().pg_primary(&[]), NOW,
+            vec![RenewLeader, PublishSystemId(SYSID.into()), WriteStatus]),
+        row("config not stored: init config",
+            mine().config_not_stored(), fresh().pg_primary(&[]), NOW,
+            vec![RenewLeader, InitConfig, WriteStatus]),
+        row("just bootstrapped with a replica waiting: everything, in order",
+            cluster().claimed().led_by(ME).replica(N2).config_not_stored(), fresh().pg_primary(&[]), NOW,
+            vec![RenewLeader, PublishSystemId(SYSID.into()), InitConfig,
+                 CreateSlots(slots(&[N2])), WriteStatus]),
+        row("create slots for members lacking them, not for ourselves",
+            mine().replica(N2).replica(N3), fresh().pg_primary(&[N2]).slot_seen(N2, NOW), NOW,
+            vec![RenewLeader, CreateSlots(slots(&[N3])), WriteStatus]),
+        row("create slots for every other member, in member order",
+            mine().replica(N3).replica(N2), fresh().pg_primary(&[]), NOW,
+            vec![RenewLeader, CreateSlots(slots(&[N3, N2])), WriteStatus]),
+        row("slot names are sanitised member names",
+            mine().replica("DB-03.b"), fresh().pg_primary(&[]), NOW,
+            vec![RenewLeader, CreateSlots(vec!["db_03_b".into()]), WriteStatus]),
+        row("slot of a member gone exactly member_slots_ttl: drop it",
+            mine().replica(N2), fresh().pg_primary(&[N2, N3]).slot_seen(N2, NOW).slot_seen(N3, NOW - 1800), NOW,
+            vec![RenewLeader, DropSlots(slots(&[N3])), WriteStatus]),
+        row("slot of a member gone for less than member_slots_ttl: keep it",
+            mine().replica(N2), fresh().pg_primary(&[N2, N3]).slot_seen(N2, NOW).slot_seen(N3, NOW - 1799), NOW,
+            vec![RenewLeader, WriteStatus]),
+        row("member_slots_ttl 60: slot gone 60s dropped",
+            mine().member_slots_ttl(60), fresh().pg_primary(&[N3]).slot_seen(N3, NOW - 60), NOW,
+            vec![RenewLeader, DropSlots(slots(&[N3])), WriteStatus]),
+        row("slot of a present member is kept however old its last_seen",
+            mine().replica(N2), fresh().pg_primary(&[N2]).slot_seen(N2, 0), NOW,
+            vec![RenewLeader, WriteStatus]),
+        row("create and drop in one decision: create first",
+            mine().replica(N2), fresh().pg_primary(&[N3]).slot_seen(N3, NOW - 3600), NOW,
+            vec![RenewLeader, CreateSlots(slots(&[N2])), DropSlots(slots(&[N3])), WriteStatus]),
+        row("use_slots=false: no slot actions at all",
+            mine().use_slots(false).replica(N2), fresh().pg_primary(&[N3]).slot_seen(N3, NOW - 3600), NOW,
+            vec![RenewLeader, WriteStatus]),
+        row("we lead but the agent just started (last_renew None): only renew",
+            cluster().claimed().led_by(ME).replica(N2).config_not_stored(), local().data(SYSID).pg_primary(&[]), NOW,
+            vec![RenewLeader]),
+        row("we lead but the lease is retry_timeout old: demote",
+            mine().replica(N2), local().data(SYSID).pg_primary(&[N2]).renewed_at(NOW - 4), NOW,
+            vec![Demote { upstream: None }]),
+        row("we lead but the lease is long expired: demote",
+            mine(), local().data(SYSID).pg_primary(&[]).renewed_at(NOW - 60), NOW,
+            vec![Demote { upstream: None }]),
+        row("another member leads: demote under it",
+            cluster().initialized(SYSID).led_by(N2), fresh().pg_primary(&[]), NOW,
+            vec![Demote { upstream: upstream(N2) }]),
+        row("another member leads, unpublished: demote without upstream",
+            cluster().initialized(SYSID).leader(N2), fresh().pg_primary(&[]), NOW,
+            vec![Demote { upstream: None }]),
+        row("no leader: take the lease",
+            cluster().initialized(SYSID).replica(N2), local().data(SYSID).pg_primary(&[N2]), NOW,
+            vec![AcquireLeader]),
+        row("no leader, nofailover: a running primary still takes the lease",
+            cluster().initialized(SYSID), local().data(SYSID).pg_primary(&[]).nofailover(), NOW,
+            vec![AcquireLeader]),
+    ]);
+}
+
+// ------------------------------------------------------ running replica
+
+#[test]
+#[rustfmt::skip]
+fn running_replica() {
+    use Action::*;
+    let led = || cluster().initialized(SYSID).led_by(N2);
+    let leaderless = || cluster().initialized(SYSID).replica(N2).primary_lsn(LSN);
+    let mb = 1024 * 1024;
+    check(vec![
+        row("we lead: renew, promote",
+            cluster().initialized(SYSID).leader(ME).replica(ME), local().data(SYSID).pg_replica(Some(addr(N2)), LSN).renewed_at(NOW - 1), NOW,
+            vec![RenewLeader, Promote]),
+        row("other leads, we stream from it: nothing",
+            led(), local().data(SYSID).pg_replica(Some(addr(N2)), LSN), NOW,
+            vec![]),
+        row("other leads, we stream from someone else: follow the leader",
+            led().replica(N3), local().data(SYSID).pg_replica(Some(addr(N3)), LSN), NOW,
+            vec![Follow { upstream: upstream(N2).unwrap() }]),
+        row("other leads, no primary_conninfo: follow the leader",
+            led(), local().data(SYSID).pg_replica(None, LSN), NOW,
+            vec![Follow { upstream: upstream(N2).unwrap() }]),
+        row("other leads, unpublished: wait for its address",
+            cluster().initialized(SYSID).leader(N2), local().data(SYSID).pg_replica(Some(addr(N3)), LSN), NOW,
+            vec![]).waiting("not published its address"),
+        row("no leader, healthy: take the lease",
+            leaderless(), local().data(SYSID).pg_replica(Some(addr(N2)), LSN), NOW,
+            vec![AcquireLeader]),
+        row("no leader, no status known: take the lease",
+            cluster().initialized(SYSID), local().data(SYSID).pg_replica(None, LSN), NOW,
+            vec![AcquireLeader]),
+        row("no leader, nofailover: nothing",
+            leaderless(), local().data(SYSID).pg_replica(Some(addr(N2)), LSN).nofailover(), NOW,
+            vec![]).waiting("nofailover"),
+        row("no leader, lag exactly maximum_lag_on_failover: take the lease",
+            cluster().initialized(SYSID).primary_lsn(LSN + mb), local().data(SYSID).pg_replica(None, LSN), NOW,
+            vec![AcquireLeader]),
+        row("no leader, lag one byte beyond maximum_lag_on_failover: nothing",
+            cluster().initialized(SYSID).primary_lsn(LSN + mb + 1), local().data(SYSID).pg_replica(None, LSN), NOW,
+            vec![]).waiting("bytes behind"),
+        row("no leader, far behind with a custom maximum_lag_on_failover: nothing",
+            cluster().initialized(SYSID).max_lag(100).primary_lsn(LSN + 101), local().data(SYSID).pg_replica(None, LSN), NOW,
+            vec![]).waiting("maximum_lag_on_failover 100"),
+        row("no leader, only a replay position, far behind: nothing",
+            cluster().initialized(SYSID).primary_lsn(LSN + 2 * mb), local().data(SYSID).pg_replica_replayed(LSN), NOW,
+            vec![]).waiting("bytes behind"),
+        row("no leader, only a replay position, close: take the lease",
+            cluster().initialized(SYSID).primary_lsn(LSN + 10), local().data(SYSID).pg_replica_replayed(LSN), NOW,
+            vec![AcquireLeader]),
+        row("no leader, ahead of the recorded primary position: take the lease",
+            cluster().initialized(SYSID).primary_lsn(LSN), local().data(SYSID).pg_replica(None, LSN + 100), NOW,
+            vec![AcquireLeader]),
+    ]);
+}
+
+// ------------------------------------------------------ etcd unreachable
+
+#[test]
+#[rustfmt::skip]
+fn dcs_unreachable() {
+    use Action::*;
+    let mine = || cluster().initialized(SYSID).led_by(ME);
+    check(vec![
+        row("replica: nothing",
+            cluster().initialized(SYSID).led_by(N2), local().data(SYSID).pg_replica(Some(addr(N2)), LSN).dcs_down(), NOW,
+            vec![]).waiting("etcd"),
+        row("replica that led (last view): nothing, no promote",
+            mine(), local().data(SYSID).pg_replica(None, LSN).renewed_at(NOW - 1).dcs_down(), NOW,
+            vec![]).waiting("etcd"),
+        row("replica, last view had no leader: nothing, no AcquireLeader",
+            cluster().initialized(SYSID), local().data(SYSID).pg_replica(None, LSN).dcs_down(), NOW,
+            vec![]).waiting("etcd"),
+        row("primary, lease renewed 1s ago: nothing yet",
+            mine(), local().data(SYSID).pg_primary(&[]).renewed_at(NOW - 1).dcs_down(), NOW,
+            vec![]).waiting("etcd"),
+        row("primary, lease renewed 3s ago: nothing yet",
+            mine(), local().data(SYSID).pg_primary(&[]).renewed_at(NOW - 3).dcs_down(), NOW,
+            vec![]).waiting("etcd"),
+        row("primary, lease retry_timeout old: demote",
+            mine(), local().data(SYSID).pg_primary(&[]).renewed_at(NOW - 4).dcs_down(), NOW,
+            vec![Demote { upstream: None }]),
+        row("primary, never renewed: demote",
+            mine(), local().data(SYSID).pg_primary(&[]).dcs_down(), NOW,
+            vec![Demote { upstream: None }]),
+        row("primary, last view had another leader: demote without upstream",
+            cluster().initialized(SYSID).led_by(N2), local().data(SYSID).pg_primary(&[]).dcs_down(), NOW,
+            vec![Demote { upstream: None }]),
+        row("stopped and we led: nothing, no start",
+            mine(), local().data(SYSID).stopped().renewed_at(NOW - 1).dcs_down(), NOW,
+            vec![]).waiting("etcd"),
+        row("empty data, empty etcd: nothing, no claim",
+            cluster(), local().data_empty().dcs_down(), NOW,
+            vec![]).waiting("etcd"),
+        row("empty data, leader running: nothing, no clone",
+            cluster().initialized(SYSID).led_by(N2), local().data_empty().dcs_down(), NOW,
+            vec![]).waiting("etcd"),
+        row("job running as leader: nothing, no renew",
+            mine(), local().data(SYSID).unresponsive().job(JobKind::Start).renewed_at(NOW - 1).dcs_down(), NOW,
+            vec![]).waiting("etcd"),
+        row("unresponsive postmaster: nothing",
+            mine(), local().data(SYSID).unresponsive().renewed_at(NOW - 1).dcs_down(), NOW,
+            vec![]).waiting("etcd"),
+        row("foreign data: nothing (the etcd check comes first)",
+            cluster().initialized(SYSID), local().data(FOREIGN).stopped().dcs_down(), NOW,
+            vec![]).waiting("etcd"),
+    ]);
+}
+
+// ------------------------------------------------- unresponsive postmaster
+
+#[test]
+#[rustfmt::skip]
+fn unresponsive_postmaster() {
+    use Action::*;
+    check(vec![
+        row("we lead: only renew",
+            cluster().initialized(SYSID).led_by(ME), local().data(SYSID).unresponsive().renewed_at(NOW - 1), NOW,
+            vec![RenewLeader]).waiting("not answering"),
+        row("other leads: nothing",
+            cluster().initialized(SYSID).led_by(N2), local().data(SYSID).unresponsive(), NOW,
+            vec![]).waiting("not answering"),
+        row("no leader: nothing, no AcquireLeader",
+            cluster().initialized(SYSID), local().data(SYSID).unresponsive(), NOW,
+            vec![]).waiting("not answering"),
+        row("no leader, no initialize: nothing, no claim",
+            cluster(), local().data(SYSID).unresponsive(), NOW,
+            vec![]).waiting("not answering"),
+    ]);
+}
+
+// ------------------------------------------------------ suspected bugs
+
+/// After AbandonBootstrap the keys are gone (initialize absent, no leader)
+/// and the member that just failed claims the bootstrap again on its very
+/// next loop, racing the members it withdrew for. It should sit out the
+/// backoff like every other failed job.
+#[test]
+#[rustfmt::skip]
+#[ignore = "bug: a member whose bootstrap failed re-claims the bootstrap at once after AbandonBootstrap, ignoring the backoff"]
+fn bug_failed_bootstrapper_reclaims_at_once() {
+    check(vec![
+        row("bootstrap failed 1s ago, claim withdrawn: wait out the backoff",
+            cluster(), local().data_empty().failed(JobKind::Bootstrap, NOW - 1), NOW,
+            vec![]),
+        row("bootstrap failed 2s ago, claim withdrawn, another member's replica visible: wait",
+            cluster().replica(N2), local().data_empty().failed(JobKind::Bootstrap, NOW - 2), NOW,
+            vec![]),
+    ]);
+}
+
+/// A running primary that leads only keeps going with a fresh lease (it
+/// renews first after an agent restart, and demotes once the lease is
+/// retry_timeout old). A replica that leads, or a stopped member that
+/// leads, is made writable (Promote / StartPrimary) in the same decision
+/// as the RenewLeader, whatever the age of the lease; act.rs goes on to
+/// the next step even when RenewLeader fails or returns Lost, so a lease
+/// that expired between observe and act is not noticed before writes start.
+#[test]
+#[rustfmt::skip]
+#[ignore = "bug: Promote/StartPrimary are decided without a fresh lease (last_renew None or older than retry_timeout)"]
+fn bug_writable_without_fresh_lease() {
+    use Action::*;
+    let mine = || cluster().initialized(SYSID).led_by(ME);
+    check(vec![
+        row("replica leads after an agent restart: confirm the lease before promoting",
+            mine(), local().data(SYSID).pg_replica(None, LSN), NOW,
+            vec![RenewLeader]),
+        row("replica leads, lease 9s old (etcd was unreachable): renew before promoting",
+            mine(), local().data(SYSID).pg_replica(None, LSN).renewed_at(NOW - 9), NOW,
+            vec![RenewLeader]),
+        row("stopped and leads after an agent restart: confirm the lease before starting writable",
+            mine(), local().data(SYSID).stopped(), NOW,
+            vec![RenewLeader]),
+        row("stopped and leads, lease 9s old: renew before starting writable",
+            mine(), local().data(SYSID).stopped().renewed_at(NOW - 9), NOW,
+            vec![RenewLeader]),
+    ]);
+}
+
+// ------------------------------------------------ determinism and safety
+
+/// Every situation of the safety grid below, at NOW.
+fn sample_situations() -> Vec<(ClusterView, LocalView, Duration)> {
+    let mut out = Vec::new();
+    for c in grid_clusters() {
+        for l in grid_locals() {
+            out.push((c.clone(), l, secs(NOW)));
+        }
+    }
+    out
+}
+
+#[test]
+fn same_inputs_same_decision() {
+    let situations = sample_situations();
+    assert!(situations.len() > 1000);
+    let first: Vec<Decision> = situations
+        .iter()
+        .map(|(c, l, now)| decide(c, l, *now))
+        .collect();
+    // Again, with fresh copies of the inputs and in reverse order: nothing
+    // may leak from one call to the next.
+    let second: Vec<Decision> = situations
+        .iter()
+        .rev()
+        .map(|(c, l, now)| decide(&c.clone(), &l.clone(), *now))
+        .collect();
+    for (i, (a, b)) in first.iter().zip(second.iter().rev()).enumerate() {
+        assert_eq!(a, b, "situation {i} decided differently");
+    }
+    // One explicit pair, steps and reasons included.
+    let c = cluster()
+        .claimed()
+        .led_by(ME)
+        .replica(N2)
+        .config_not_stored()
+        .0;
+    let l = local().data(SYSID).pg_primary(&[N3]).renewed_at(NOW - 1).0;
+    let d1 = decide(&c, &l, secs(NOW));
+    let d2 = decide(&c, &l, secs(NOW));
+    assert_eq!(d1, d2);
+    assert_eq!(d1.steps.len(), 6, "{d1:?}");
+}
+
+fn grid_clusters() -> Vec<ClusterView> {
+    let inits = [
+        Initialize::Absent,
+        Initialize::Claimed,
+        Initialize::SystemId(SYSID.into()),
+    ];
+    let leaders: [Option<&str>; 4] = [None, Some(ME), Some(N2), Some(N3)];
+    let mut out = Vec::new();
+    for init in &inits {
+        for leader in leaders {
+            for status in [false, true] {
+                // N2 is published as a running leader, N3 not at all.
+                let mut c = cluster()
+                    .initialize(init.clone())
+                    .member(ME, Role::Replica, PgState::Streaming)
+                    .member(N2, Role::Leader, PgState::Running);
+                if let Some(l) = leader {
+                    c = c.leader(l);
+                }
+                if status {
+                    c = c.primary_lsn(LSN + 10 * 1024 * 1024);
+                }
+                out.push(c.0);
+            }
+        }
+    }
+    out
+}
+
+fn grid_locals() -> Vec<LocalView> {
+    let datas = [None, Some(SYSID), Some(FOREIGN)];
+    let pgs: [fn(Local) -> Local; 6] = [
+        |l| l.stopped(),
+        |l| l.unresponsive(),
+        |l| l.pg_primary(&[]),
+        |l| l.pg_primary(&[N2, "gone"]),
+        |l| l.pg_replica(Some(addr(N2)), LSN),
+        |l| l.pg_replica(None, LSN + 10 * 1024 * 1024),
+    ];
+    let jobs = [None, Some(JobKind::Start), Some(JobKind::Bootstrap)];
+    let renews = [None, Some(NOW - 1), Some(NOW - 9)];
+    let failures = [
+        None,
+        Some(JobKind::Start),
+        Some(JobKind::Bootstrap),
+        Some(clone_job(N2)),
+    ];
+    let mut out = Vec::new();
+    for data in datas {
+        for pg in pgs {
+            for job in &jobs {
+                for renew in renews {
+                    for failure in &failures {
+                        for nofailover in [false, true] {
+                            for dcs_ok in [true, false] {
+                                let mut l = match data {
+                                    None => local().data_empty(),
+                                    Some(id) => local().data(id),
+                                };
+                                l = pg(l);
+                                if let Some(j) = job {
+                                    l = l.job(j.clone());
+                                }
+                                if let Some(t) = renew {
+                                    l = l.renewed_at(t);
+                                }
+                                if let Some(f) = failure {
+                                    l = l.failed(f.clone(), NOW - 1);
+                                }
+                                if nofailover {
+                                    l = l.nofailover();
+                                }
+                                if !dcs_ok {
+                                    l = l.dcs_down();
+                                }
+                                out.push(l.0);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+fn is_dcs_write(a: &Action) -> bool {
+    matches!(
+        a,
+        Action::ClaimBootstrap
+            | Action::AbandonBootstrap
+            | Action::AcquireLeader
+            | Action::RenewLeader
+            | Action::ReleaseLeader
+            | Action::PublishSystemId(_)
+            | Action::InitConfig
+            | Action::WriteStatus
+    )
+}
+
+fn makes_writable(a: &Action) -> bool {
+    matches!(a, Action::Promote | Action::StartPrimary)
+}
+
+/// The safety rules of DESIGN.md, checked over every combination of
+/// data × pg × leader × initialize × dcs_ok (× job, lease age, last failure,
+/// nofailover, status).
+#[test]
+fn safety_invariants_over_grid() {
+    let mut checked = 0usize;
+    let mut violations = Vec::new();
+    for c in grid_clusters() {
+        for l in grid_locals() {
+            let now = secs(NOW);
+            let d = decide(&c, &l, now);
+            let acts = d.actions();
+            let i_lead = c.leader.as_deref() == Some(ME);
+            let has = |f: &dyn Fn(&Action) -> bool| acts.iter().any(|a| f(a));
+            let lease_fresh = l.last_renew.is_some_and(|t| now - t < secs(4));
+            let foreign =
+                matches!(&l.data, DataDir::Initialized { system_id } if system_id == FOREIGN);
+            let mut bad = |rule: &str| {
+                violations.push(format!(
+                    "{rule}\n    cluster: init {:?} leader {:?} status {}\n    local: data {:?} pg {:?} job {:?} renew {:?} failure {:?} nofailover {} dcs_ok {}\n    decision: {:?}",
+                    c.initialize, c.leader, c.status.is_some(), l.data, l.pg, l.job, l.last_renew,
+                    l.last_failure.as_ref().map(|f| &f.kind), l.tags.nofailover, l.dcs_ok, acts
+                ))
+            };
+
+            // Rule 1: only the lease holder is made writable.
+            if has(&makes_writable) && !i_lead {
+                bad("rule 1: Promote/StartPrimary without holding the leader key");
+            }
+            // ...and only in the same decision as, and after, a renewal.
+            if let Some(p) = acts.iter().position(|a| makes_writable(a)) {
+                if !acts[..p].contains(&&Action::RenewLeader) {
+                    bad("rule 1: Promote/StartPrimary not preceded by RenewLeader");
+                }
+            }
+            if has(&|a| *a == Action::Promote) && has(&|a| matches!(a, Action::Demote { .. })) {
+                bad("Promote and Demote in one decision");
+            }
+            if !l.dcs_ok && has(&is_dcs_write) {
+                bad("a DCS write while etcd is unreachable");
+            }
+            // Rule 2: a primary that cannot renew steps down in time.
+            if l.pg.is_primary() && l.job.is_none() && !lease_fresh {
+                let foreign_seen = foreign && matches!(c.initialize, Initialize::SystemId(_));
+                let must_demote = !l.dcs_ok || (i_lead && l.last_renew.is_some() && !foreign_seen);
+                if must_demote && !has(&|a| matches!(a, Action::Demote { .. })) {
+                    bad("rule 2: primary with a stale lease does not demote");
+                }
+            }
+            // Rule 3: nofailover replicas and laggards never run for leader.
+            if has(&|a| *a == Action::AcquireLeader) {
+                if c.leader.is_some() {
+                    bad("AcquireLeader while a leader exists");
+                }
+                if let Some(pg) = l.pg.running().filter(|p| p.in_recovery) {
+                    if l.tags.nofailover {
+                        bad("rule 3: nofailover replica acquires the lease");
+                    }
+                    if let Some(st) = &c.status {
+                        let ours = pg.receive_lsn.max(pg.wal_lsn).unwrap_or(0);
+                        if st.wal_lsn.saturating_sub(ours) > c.config.maximum_lag_on_failover {
+                            bad("rule 3: lagging replica acquires the lease");
+                        }
+                    }
+                } else if !l.pg.is_primary() {
+                    bad("AcquireLeader without a running instance");
+                }
+            }
+            if has(&|a| *a == Action::ClaimBootstrap)
+                && (c.leader.is_some() || c.initialize != Initialize::Absent)
+            {
+                bad("ClaimBootstrap while the cluster is claimed or led");
+            }
+            if has(&|a| *a == Action::Bootstrap)
+                && !(l.data == DataDir::Empty && c.initialize == Initialize::Claimed && i_lead)
+            {
+                bad("Bootstrap outside an empty data dir with our own claim");
+            }
+            if has(&|a| matches!(a, Action::Clone { .. }))
+                && (l.data != DataDir::Empty || i_lead || c.leader.is_none())
+            {
+                bad("Clone over data, or with no one else to clone from");
+            }
+            // Foreign data is never started, promoted or put up for leader.
+            if foreign
+                && matches!(c.initialize, Initialize::SystemId(_))
+                && l.dcs_ok
+                && l.job.is_none()
+            {
+                if acts.iter().any(|a| !matches!(a, Action::ReleaseLeader)) {
+                    bad("foreign data acted upon");
+                }
+                if d.problem.is_none() {
+                    bad("foreign data without a problem reported");
+                }
+            }
+            // A running job: nothing on top but holding the lease.
+            if l.job.is_some() && acts.iter().any(|a| **a != Action::RenewLeader) {
+                bad("an action on top of a running job");
+            }
+            // No action twice in one decision.
+            for (i, a) in acts.iter().enumerate() {
+                if acts[i + 1..].contains(a) {
+                    bad("an action appears twice");
+                }
+            }
+            // Doing nothing is explained, except for a settled replica.
+            if acts.is_empty() && d.waiting.is_none() && d.problem.is_none() {
+                let settled_replica =
+                    l.pg.running().is_some_and(|p| p.in_recovery) && c.leader.is_some() && !i_lead;
+                if !settled_replica {
+                    bad("no action and no explanation");
+                }
+            }
+            checked += 1;
+        }
+    }
+    assert!(checked > 50_000, "grid too small: {checked}");
+    assert!(
+        violations.is_empty(),
+        "{} of {checked} situations violate a rule; first ones:\n{}",
+        violations.len(),
+        violations
+            .iter()
+            .take(10)
+            .cloned()
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+}

@@ -23,6 +23,33 @@ pub struct LocalView {
     /// Per existing replication slot: when a member using it was last seen
     /// in etcd (leader only; used to drop slots of departed members).
     pub slot_last_seen: BTreeMap<String, Duration>,
+    /// Where the data directory stood when PostgreSQL last stopped (read
+    /// from pg_control while it is not running).
+    pub control: Option<ControlInfo>,
+    /// Failover candidates' positions, asked over their APIs when there is
+    /// no leader (empty otherwise).
+    pub peers: Vec<PeerPosition>,
+    /// Since when we hold the leader key without a running primary.
+    pub primary_down_since: Option<Duration>,
+    /// Wipe and re-clone when pg_rewind fails.
+    pub reclone_on_rewind_failure: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ControlInfo {
+    pub timeline: u32,
+    /// Last ran as a primary (cluster state "in production" or "shut down").
+    pub was_primary: bool,
+}
+
+/// Another member's answer to "how far are you?".
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerPosition {
+    pub name: String,
+    /// None: it did not answer in time (unreachable) or runs no replica.
+    pub wal_lsn: Option<u64>,
+    pub nofailover: bool,
+    pub failover_priority: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -74,7 +101,8 @@ pub enum JobKind {
     Clone { from: String },
     Start,
     Stop,
-    Demote,
+    Rewind { from: String },
+    RemoveData,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -118,11 +146,16 @@ pub enum Action {
     StartReplica {
         upstream: Option<Upstream>,
     },
-    /// Stop a writable PostgreSQL and restart it read-only under `upstream`.
-    Demote {
-        upstream: Option<Upstream>,
-    },
     Promote,
+    /// Stop PostgreSQL (a primary that finds another leader stops first,
+    /// then rejoins by rewind or as a plain replica).
+    Stop,
+    /// pg_rewind from the upstream, then start as its replica (background).
+    Rewind {
+        upstream: Upstream,
+    },
+    /// Wipe the data directory so that the member clones afresh.
+    RemoveData,
     /// Point a running replica's primary_conninfo at another primary.
     Follow {
         upstream: Upstream,

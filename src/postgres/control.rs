@@ -79,6 +79,11 @@ impl Instance {
     }
 
     pub async fn system_identifier(&self) -> anyhow::Result<String> {
+        Ok(self.control_data().await?.system_id)
+    }
+
+    /// What pg_controldata says about a (typically stopped) data directory.
+    pub async fn control_data(&self) -> anyhow::Result<ControlData> {
         let dir = self.data_dir.to_string_lossy().to_string();
         let out = run(
             &self.bin_dir,
@@ -89,10 +94,7 @@ impl Instance {
             SHORT,
         )
         .await?;
-        out.lines()
-            .find_map(|l| l.strip_prefix("Database system identifier:"))
-            .map(|v| v.trim().to_string())
-            .context("pg_controldata printed no system identifier")
+        ControlData::parse(&out).context("cannot understand pg_controldata's output")
     }
 
     /// Creates the data directory (and its parent) owned by the OS user.
@@ -326,6 +328,54 @@ impl Instance {
         Ok(())
     }
 
+    /// Rewinds this (stopped) data directory to the source's timeline. On
+    /// PostgreSQL 13+ pg_rewind first runs crash recovery itself when the
+    /// target was not shut down cleanly.
+    pub async fn rewind(&self, source: &str) -> anyhow::Result<()> {
+        let (host, port) = source.rsplit_once(':').unwrap_or((source, "5432"));
+        // A just-promoted source records its new timeline in pg_control
+        // only at its next checkpoint; before that pg_rewind sees one
+        // timeline and wrongly concludes no rewind is required.
+        let remote = format!(
+            "host='{}' port={} user='{}' password='{}' dbname=postgres connect_timeout=5 application_name=pgwarden-rewind",
+            host,
+            port,
+            conninfo_escape(&self.superuser.username),
+            conninfo_escape(&self.superuser.password),
+        );
+        let client = tokio::time::timeout(Duration::from_secs(10), observe::connect(&remote))
+            .await
+            .context("connecting to the rewind source timed out")?
+            .context("cannot connect to the rewind source")?;
+        tokio::time::timeout(Duration::from_secs(300), client.batch_execute("CHECKPOINT"))
+            .await
+            .context("CHECKPOINT on the rewind source timed out")?
+            .context("CHECKPOINT on the rewind source failed")?;
+        drop(client);
+        let dir = self.data_dir.to_string_lossy().to_string();
+        let conninfo = format!(
+            "host='{}' port={} user='{}' dbname=postgres connect_timeout=5",
+            host,
+            port,
+            self.superuser
+                .username
+                .replace('\\', "\\\\")
+                .replace('\'', "\\'"),
+        );
+        let target = format!("--target-pgdata={dir}");
+        let src = format!("--source-server={conninfo}");
+        run(
+            &self.bin_dir,
+            "pg_rewind",
+            [target.as_str(), src.as_str()],
+            self.user,
+            &[("PGPASSWORD", self.superuser.password.as_str())],
+            Duration::from_secs(3600),
+        )
+        .await?;
+        Ok(())
+    }
+
     pub async fn promote(&mut self) -> anyhow::Result<()> {
         let dir = self.data_dir.to_string_lossy().to_string();
         run(
@@ -451,6 +501,41 @@ impl Instance {
         }
         Ok(())
     }
+}
+
+/// The parts of pg_controldata's output pgwarden decides on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ControlData {
+    pub system_id: String,
+    /// "in production", "shut down", "shut down in recovery", …
+    pub state: String,
+    pub timeline: u32,
+    pub checkpoint_lsn: u64,
+}
+
+impl ControlData {
+    pub fn parse(out: &str) -> Option<ControlData> {
+        let field = |name: &str| {
+            out.lines()
+                .find_map(|l| l.strip_prefix(name))
+                .map(|v| v.trim().to_string())
+        };
+        Some(ControlData {
+            system_id: field("Database system identifier:")?,
+            state: field("Database cluster state:")?,
+            timeline: field("Latest checkpoint's TimeLineID:")?.parse().ok()?,
+            checkpoint_lsn: crate::dcs::parse_lsn(&field("Latest checkpoint location:")?)?,
+        })
+    }
+
+    /// The data directory was last a primary (not a standby in recovery).
+    pub fn was_primary(&self) -> bool {
+        self.state == "in production" || self.state == "shut down"
+    }
+}
+
+fn conninfo_escape(s: &str) -> String {
+    s.replace('\\', "\\\\").replace('\'', "\\'")
 }
 
 fn quote_literal(s: &str) -> String {
