@@ -125,6 +125,7 @@ cleanup() {
     local rc=$?
     set +e
     trap - EXIT INT TERM
+    [[ -n $NAP_PID ]] && kill "$NAP_PID" 2>/dev/null
     stop_demo
     if [[ -n ${LEFTOVERS// /} ]]; then
         # Processes we started (indirectly) and the demo failed to stop.
@@ -148,6 +149,16 @@ trap 'exit 130' INT
 trap 'exit 143' TERM
 
 # --- helpers --------------------------------------------------------------------
+# A sleep that a trapped signal interrupts at once (bash defers traps until a
+# foreground command ends, `wait` it does not).
+NAP_PID=""
+nap() {
+    sleep "$1" &
+    NAP_PID=$!
+    wait "$NAP_PID"
+    NAP_PID=""
+}
+
 # A port is free if no TCP socket (listening or not) uses it locally.
 port_block_free() {
     local base=$1 n=$2
@@ -349,7 +360,7 @@ for i in $(seq "$MEMBERS"); do
 done
 
 log "settling ${SETTLE_SECS}s, then measuring idle CPU over ${IDLE_SECS}s"
-sleep "$SETTLE_SECS"
+nap "$SETTLE_SECS"
 HZ=$(getconf CLK_TCK)
 declare -A T_BEFORE T_AFTER CPU_PCT RSS_MB HWM_MB RSS_AFTER_MB THREADS
 # For context, also etcd, HAProxy and all processes of the directory
@@ -363,7 +374,7 @@ OTHER_DEMOS=$(pgrep -f "pgwarden demo" | grep -vx "$DEMO_PID" | wc -l || true)
 for p in $(dir_pids); do ALL_BEFORE[$p]=$(cpu_ticks "$p" 2>/dev/null || echo x); done
 for n in "${!AGENT_PID[@]}"; do T_BEFORE[$n]=$(cpu_ticks "${AGENT_PID[$n]}"); done
 W0=$EPOCHREALTIME
-sleep "$IDLE_SECS"
+nap "$IDLE_SECS"
 W1=$EPOCHREALTIME
 for n in "${!AGENT_PID[@]}"; do T_AFTER[$n]=$(cpu_ticks "${AGENT_PID[$n]}"); done
 ALL_TICKS=0
@@ -406,7 +417,7 @@ for n in "${!AGENT_PID[@]}"; do
     HWM_MB[$n]=$(mb "$(status_kb "$p" VmHWM)")
 done
 
-# --- 5. stop --------------------------------------------------------------------
+# --- 4. stop ---------------------------------------------------------------------
 stop_demo
 if [[ -z ${LEFTOVERS// /} ]]; then
     STOP_RESULT="exited after ${STOP_SECS}s; no etcd/HAProxy/agent/PostgreSQL process of the directory left"
@@ -416,7 +427,7 @@ else
     STOP_VERDICT="**FAIL**"
 fi
 
-# --- 4. report ------------------------------------------------------------------
+# --- 5. report ------------------------------------------------------------------
 NODES=$(printf '%s\n' "${!AGENT_PID[@]}" | sort)
 {
     echo

@@ -175,7 +175,7 @@ fn rows() -> Vec<Row> {
                     "postgresql.datadir",
                     "unknown field `datadir`, expected one of `data_dir`, `bin_dir`, `listen`, \
                      `connect_address`, `os_user`, `parameters`, `pg_hba`, `authentication`, \
-                     `start_timeout`",
+                     `start_timeout`, `remove_data_directory_on_rewind_failure`",
                 )
             },
         },
@@ -188,7 +188,7 @@ fn rows() -> Vec<Row> {
                     "bootstrap.dcs.loop_wiat",
                     "unknown field `loop_wiat`, expected one of `ttl`, `loop_wait`, \
                      `retry_timeout`, `maximum_lag_on_failover`, `use_slots`, `use_pg_rewind`, \
-                     `member_slots_ttl`, `synchronous_mode`, `postgresql`",
+                     `member_slots_ttl`, `primary_start_timeout`, `synchronous_mode`, `postgresql`",
                 )
             },
         },

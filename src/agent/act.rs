@@ -22,8 +22,16 @@ impl Agent {
         let mut out = ActOutcome::default();
         for step in steps {
             self.log_step(step);
-            if let Err(e) = self.act_one(cluster, local, &step.action, &mut out).await {
+            let result = self.act_one(cluster, local, &step.action, &mut out).await;
+            if let Err(e) = &result {
                 tracing::error!("{}: {e:#}", step.reason);
+            }
+            // Whatever follows a renewal (promote, start as primary) was
+            // decided on the premise that we hold the lease: if the renewal
+            // did not confirm it, do none of it.
+            if step.action == Action::RenewLeader && (result.is_err() || self.last_renew.is_none())
+            {
+                break;
             }
         }
         self.last_steps = steps.to_vec();
@@ -211,6 +219,7 @@ impl Agent {
                     .and_then(|p| p.receive_lsn.max(p.wal_lsn));
                 self.pg.promote().await?;
                 tracing::info!("promoted: now the primary");
+                self.last_control = None;
                 let inputs = self.conf_inputs(cluster, None);
                 if let Err(e) = self.pg.write_conf(&inputs) {
                     tracing::warn!("cannot rewrite the config after promotion: {e:#}");

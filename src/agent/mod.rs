@@ -46,6 +46,9 @@ struct Agent {
     last_problem: Option<String>,
     problem: Option<String>,
     major: u32,
+    /// pg_control as last read while PostgreSQL was stopped; kept while it
+    /// runs so the policy knows what the running instance started from.
+    last_control: Option<crate::ha::ControlInfo>,
     /// The last leader seen in etcd, for the history of a failover.
     last_leader_seen: Option<String>,
     /// See `ha::LocalView::primary_down_since`.

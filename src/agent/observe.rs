@@ -58,6 +58,9 @@ impl Agent {
         let (kind, result) = job.outcome().await;
         // A job may have replaced the data directory.
         self.system_id = None;
+        if !matches!(kind, JobKind::Start | JobKind::Stop) {
+            self.last_control = None;
+        }
         self.pg.disconnect();
         match result {
             Ok(()) => {
@@ -80,7 +83,6 @@ impl Agent {
 
     pub(super) async fn observe_local(&mut self, cluster: &ClusterView, dcs_ok: bool) -> LocalView {
         let postmaster = self.job.is_none() && self.pg.postmaster_pid().is_some();
-        let mut control = None;
         let data = if !self.pg.has_data() {
             DataDir::Empty
         } else if self.job.is_some() {
@@ -99,7 +101,7 @@ impl Agent {
                 match self.pg.control_data().await {
                     Ok(cd) => {
                         if !postmaster {
-                            control = Some(ControlInfo {
+                            self.last_control = Some(ControlInfo {
                                 timeline: cd.timeline,
                                 was_primary: cd.was_primary(),
                             });
@@ -150,7 +152,7 @@ impl Agent {
             dcs_ok,
             last_renew: self.last_renew.map(|t| self.since_epoch(t)),
             slot_last_seen: self.slot_last_seen.clone(),
-            control,
+            control: self.last_control.clone(),
             peers,
             primary_down_since: self.primary_down_since,
             reclone_on_rewind_failure: self.cfg.postgresql.remove_data_directory_on_rewind_failure,

@@ -135,6 +135,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         major,
         primary_down_since: None,
         last_leader_seen: None,
+        last_control: None,
         http: reqwest::Client::builder()
             .timeout(Duration::from_millis(1500))
             .build()
@@ -151,7 +152,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         let job_done = async {
             loop {
                 tokio::time::sleep(Duration::from_millis(100)).await;
-                if agent.job.as_ref().map_or(true, |j| j.is_finished()) {
+                if agent.job.as_ref().is_none_or(|j| j.is_finished()) {
                     break;
                 }
             }
@@ -239,8 +240,20 @@ async fn watch_leader(endpoints: Vec<String>, keys: Keys, wake: Arc<Notify>) {
     loop {
         if let Ok(mut dcs) = Dcs::connect(&endpoints, keys.clone(), Duration::from_secs(2)).await {
             if let Ok((_watcher, mut stream)) = dcs.watch_leader().await {
-                while let Ok(Some(_)) = stream.message().await {
-                    wake.notify_one();
+                // Wake only when the leader changes or goes away: a write
+                // of the same value (a lease move) is not news.
+                let mut last: Option<Vec<u8>> = None;
+                while let Ok(Some(resp)) = stream.message().await {
+                    for ev in resp.events() {
+                        let value = match ev.event_type() {
+                            etcd_client::EventType::Put => ev.kv().map(|kv| kv.value().to_vec()),
+                            etcd_client::EventType::Delete => None,
+                        };
+                        if value.is_none() || value != last {
+                            wake.notify_one();
+                        }
+                        last = value;
+                    }
                 }
             }
         }

@@ -233,9 +233,15 @@ const REQUIRED_PROGRAMS: &[&str] = &[
     "initdb",
     "pg_basebackup",
     "pg_controldata",
+    "pg_rewind",
 ];
 
 fn check_bin_dir(dir: &Path) -> Result<(), String> {
+    // PostgreSQL programs run from `/` as another user: a relative path
+    // would name a different directory than the one checked here.
+    if !dir.is_absolute() {
+        return Err(format!("`{}` must be an absolute path", dir.display()));
+    }
     let entries =
         std::fs::read_dir(dir).map_err(|e| format!("cannot read {}: {e}", dir.display()))?;
     drop(entries);

@@ -275,6 +275,15 @@ impl Dcs {
     pub async fn renew_leader(&mut self, name: &str, ttl: u64) -> Result<LeaderOutcome, DcsError> {
         let id = self.lease_id(ttl).await?;
         let key = self.keys.leader();
+        // Usually the key is already on our lease and the keep-alive renewed
+        // it: confirm without writing, so that watchers see no event.
+        let confirm = Txn::new().when([
+            Compare::value(key.clone(), CompareOp::Equal, name),
+            Compare::lease(key.clone(), CompareOp::Equal, id),
+        ]);
+        if self.run_txn(confirm).await? == LeaderOutcome::Won {
+            return Ok(LeaderOutcome::Won);
+        }
         let txn = Txn::new()
             .when([Compare::value(key.clone(), CompareOp::Equal, name)])
             .and_then([TxnOp::put(

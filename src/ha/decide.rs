@@ -83,7 +83,7 @@ pub fn decide(cluster: &ClusterView, local: &LocalView, now: Duration) -> Decisi
                 PgRun::Running(pg) if !pg.in_recovery => {
                     decide_primary(cluster, local, pg, system_id, now, &mut d)
                 }
-                PgRun::Running(pg) => decide_replica(cluster, local, pg, &mut d),
+                PgRun::Running(pg) => decide_replica(cluster, local, pg, now, &mut d),
             }
         }
     }
@@ -94,10 +94,19 @@ fn decide_empty(cluster: &ClusterView, local: &LocalView, now: Duration, d: &mut
     let leader = cluster.leader.as_deref();
     let i_lead = leader == Some(local.name.as_str());
     match (&cluster.initialize, leader) {
-        (Initialize::Absent, None) => d.push(
-            Action::ClaimBootstrap,
-            "no cluster in etcd yet and no data directory: claiming the bootstrap",
-        ),
+        (Initialize::Absent, None) => {
+            if backing_off(local, &JobKind::Bootstrap, cluster.config.loop_wait, now) {
+                d.waiting = Some(
+                    "our bootstrap failed: leaving the next attempt to another member for now"
+                        .into(),
+                );
+            } else {
+                d.push(
+                    Action::ClaimBootstrap,
+                    "no cluster in etcd yet and no data directory: claiming the bootstrap",
+                );
+            }
+        }
         (Initialize::Claimed, Some(_)) if i_lead => {
             if backing_off(local, &JobKind::Bootstrap, cluster.config.loop_wait, now) {
                 d.push(
@@ -172,7 +181,9 @@ fn decide_stopped(cluster: &ClusterView, local: &LocalView, now: Duration, d: &m
     match leader {
         Some(l) if l == local.name => {
             d.push(Action::RenewLeader, "holding the leader lease");
-            if local.control.as_ref().is_none_or(|c| c.was_primary) {
+            if !lease_fresh(local, cluster.config.retry_timeout, now) {
+                // Confirm the lease first; start on a later pass.
+            } else if local.control.as_ref().is_none_or(|c| c.was_primary) {
                 d.push(
                     Action::StartPrimary,
                     "PostgreSQL is stopped and we hold the leader lease: starting it as primary",
@@ -256,12 +267,24 @@ fn decide_primary(
     }
 }
 
-fn decide_replica(cluster: &ClusterView, local: &LocalView, pg: &PgRunning, d: &mut Decision) {
+fn decide_replica(
+    cluster: &ClusterView,
+    local: &LocalView,
+    pg: &PgRunning,
+    now: Duration,
+    d: &mut Decision,
+) {
     match cluster.leader.as_deref() {
         Some(l) if l == local.name => {
             d.push(Action::RenewLeader, "holding the leader lease");
-            d.push(Action::Promote, "we hold the leader lease: promoting");
+            if lease_fresh(local, cluster.config.retry_timeout, now) {
+                d.push(Action::Promote, "we hold the leader lease: promoting");
+            }
         }
+        Some(l) if diverged_from(cluster, local, l) => d.push(
+            Action::Stop,
+            format!("our data last ran as a primary on an older timeline than leader {l}'s: stopping to rewind before following it"),
+        ),
         Some(l) => match upstream_of(cluster, l) {
             Some(up) if pg.upstream.as_deref() != Some(up.address.as_str()) => d.push(
                 Action::Follow { upstream: up },
@@ -368,6 +391,18 @@ fn rejoin(cluster: &ClusterView, local: &LocalView, leader: &str, d: &mut Decisi
     }
 }
 
+/// We run as a replica over data that was a primary on an older timeline
+/// than the leader's: following it would fail or, worse, hide a fork.
+fn diverged_from(cluster: &ClusterView, local: &LocalView, leader: &str) -> bool {
+    let Some(ours) = local.control.as_ref().filter(|c| c.was_primary) else {
+        return false;
+    };
+    cluster
+        .member(leader)
+        .and_then(|m| m.timeline)
+        .is_some_and(|tl| tl != ours.timeline)
+}
+
 /// Rule 3: another reachable candidate further ahead (ties: higher
 /// failover_priority, then the smaller name) gets the lease instead.
 fn better_candidate(local: &LocalView, pg: &PgRunning) -> Option<String> {
@@ -439,7 +474,7 @@ fn manage_slots(
             local
                 .slot_last_seen
                 .get(*s)
-                .map_or(true, |seen| now.saturating_sub(*seen) >= ttl)
+                .is_some_and(|seen| now.saturating_sub(*seen) >= ttl)
         })
         .cloned()
         .collect();

@@ -31,10 +31,10 @@ impl OsUser {
 
 #[derive(Debug, thiserror::Error)]
 pub enum PgCommandError {
-    #[error("cannot run {program}: {source}")]
+    #[error("cannot run {program}: {error}")]
     Spawn {
         program: String,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("{program} did not finish within {timeout:?}")]
     Timeout { program: String, timeout: Duration },
@@ -76,16 +76,16 @@ where
     if let Some(u) = user {
         cmd.uid(u.uid).gid(u.gid);
     }
-    let child = cmd.spawn().map_err(|source| PgCommandError::Spawn {
+    let child = cmd.spawn().map_err(|error| PgCommandError::Spawn {
         program: program.to_string(),
-        source,
+        error,
     })?;
     let out = match tokio::time::timeout(timeout, child.wait_with_output()).await {
         Ok(Ok(out)) => out,
-        Ok(Err(source)) => {
+        Ok(Err(error)) => {
             return Err(PgCommandError::Spawn {
                 program: program.to_string(),
-                source,
+                error,
             })
         }
         Err(_) => {

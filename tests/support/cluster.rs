@@ -21,6 +21,9 @@ pub struct ClusterOptions {
     pub ttl: u64,
     pub loop_wait: u64,
     pub retry_timeout: u64,
+    /// How many agents `Cluster::start` starts (the rest are started by the
+    /// test, e.g. after the first has bootstrapped).
+    pub autostart: usize,
 }
 
 impl ClusterOptions {
@@ -30,6 +33,7 @@ impl ClusterOptions {
             ttl: 10,
             loop_wait: 1,
             retry_timeout: 4,
+            autostart: n,
         }
     }
 }
@@ -134,7 +138,7 @@ retry_timeout = {retry}
             stats_port: free_port(),
             root,
         };
-        for i in 0..c.members.len() {
+        for i in 0..opts.autostart.min(c.members.len()) {
             c.start_agent(i);
         }
         c
@@ -225,6 +229,80 @@ retry_timeout = {retry}
         .await
     }
 
+    /// Waits for one primary and every other member answering 200 on
+    /// /replica, then starts HAProxy. Returns the primary's index.
+    pub async fn ready_with_haproxy(&mut self) -> usize {
+        let primary = self.wait_single_primary(Duration::from_secs(120)).await;
+        for i in 0..self.members.len() {
+            if i == primary {
+                continue;
+            }
+            let url = self.members[i].api("/replica");
+            eventually(
+                &format!("{} streaming", self.members[i].name),
+                Duration::from_secs(120),
+                || {
+                    let url = url.clone();
+                    async move { (http_status("GET", &url).await == 200).then_some(()) }
+                },
+            )
+            .await;
+        }
+        self.start_haproxy();
+        primary
+    }
+
+    /// The invariant monitor over every member.
+    pub fn monitor(&self) -> super::faults::Monitor {
+        super::faults::Monitor::start(
+            self.members
+                .iter()
+                .map(|m| (m.name.clone(), m.api("/primary"), m.pg_port))
+                .collect(),
+        )
+    }
+
+    pub fn kill9_postgres(&self, i: usize) {
+        if let Some(pid) = self.postmaster_pid(i) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+
+    /// The whole "server" of member i dies: agent and PostgreSQL, kill -9.
+    pub fn kill9_server(&mut self, i: usize) {
+        let pid = self.postmaster_pid(i);
+        self.kill9_agent(i);
+        if let Some(pid) = pid {
+            // The postmaster's children die with it, as on a host crash.
+            let children = children_of(pid);
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+            for c in children {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(c),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
+    }
+
+    /// Row count of `table` on member i.
+    pub async fn count(&self, i: usize, table: &str) -> Option<i64> {
+        let c = super::sql(self.members[i].pg_port, SUPERUSER_PASSWORD)
+            .await
+            .ok()?;
+        let row = c
+            .query_one(&format!("SELECT count(*) FROM {table}"), &[])
+            .await
+            .ok()?;
+        Some(row.get(0))
+    }
+
     /// Runs `pgwarden <args>` with this member's config; returns stdout.
     pub fn cli(&self, i: usize, args: &[&str]) -> std::process::Output {
         Command::new(pgwarden_bin())
@@ -292,6 +370,19 @@ retry_timeout = {retry}
 
 impl Drop for Cluster {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            // The agents' own words are the best clue to a failed test.
+            for (i, m) in self.members.iter().enumerate() {
+                let log = self.agent_log(i);
+                let tail: Vec<&str> = log.lines().filter(|l| !l.contains("DEBUG")).collect();
+                let from = tail.len().saturating_sub(25);
+                eprintln!(
+                    "--- {} agent log (last lines) ---\n{}",
+                    m.name,
+                    tail[from..].join("\n")
+                );
+            }
+        }
         for m in &self.members {
             if let Some(c) = &m.agent {
                 let _ = nix::sys::signal::kill(
@@ -350,4 +441,30 @@ pub fn as_postgres(cmd: &mut Command) {
 pub fn set_mode(path: &Path, mode: u32) {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).expect("chmod");
+}
+
+/// PIDs whose parent is `pid` (from /proc).
+pub fn children_of(pid: i32) -> Vec<i32> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(child) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        // "pid (comm) state ppid ...": comm may contain spaces; split after ')'.
+        let ppid = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+            .and_then(|p| p.parse::<i32>().ok());
+        if ppid == Some(pid) {
+            out.push(child);
+        }
+    }
+    out
 }

@@ -4,6 +4,7 @@
 #![allow(dead_code, unused_imports)]
 
 pub mod cluster;
+pub mod faults;
 pub mod procs;
 
 use std::future::Future;
