@@ -273,19 +273,36 @@ async fn nofailover_and_lagging_replicas_are_never_promoted() {
         })
         .collect();
     assert_eq!(receivers.len(), 1, "one walreceiver on the lagging replica");
-    let stop = |sig| {
-        for r in &receivers {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(*r), sig);
+    /// Resumes the frozen WAL receiver however the test ends.
+    struct Thaw(Vec<i32>);
+    impl Drop for Thaw {
+        fn drop(&mut self) {
+            for r in &self.0 {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(*r),
+                    nix::sys::signal::Signal::SIGCONT,
+                );
+            }
         }
-    };
-    stop(nix::sys::signal::Signal::SIGSTOP);
+    }
+    for r in &receivers {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(*r),
+            nix::sys::signal::Signal::SIGSTOP,
+        );
+    }
+    let thaw = Thaw(receivers.clone());
+    // Right after HAProxy starts, servers count as up until their first
+    // check: insist on a connection that really reached the primary.
     let client = eventually(
-        "a connection through HAProxy's read-write port",
+        "a connection through HAProxy's read-write port to the primary",
         LONG,
         || async {
-            support::sql(c.rw_port, support::cluster::SUPERUSER_PASSWORD)
+            let c = support::sql(c.rw_port, support::cluster::SUPERUSER_PASSWORD)
                 .await
-                .ok()
+                .ok()?;
+            let row = c.query_one("SELECT pg_is_in_recovery()", &[]).await.ok()?;
+            (!row.get::<_, bool>(0)).then_some(c)
         },
     )
     .await;
@@ -293,14 +310,29 @@ async fn nofailover_and_lagging_replicas_are_never_promoted() {
         .batch_execute("CREATE TABLE big AS SELECT g, repeat('x', 500) AS pad FROM generate_series(1, 20000) g")
         .await
         .expect("write 10 MB");
-    // The leader publishes its position in `status`.
+    // The leader publishes its position in `status`: wait until it is
+    // more than maximum_lag_on_failover (1 MB) past what the frozen replica
+    // received.
+    let frozen_at = {
+        let r = support::sql(
+            c.members[lagging].pg_port,
+            support::cluster::SUPERUSER_PASSWORD,
+        )
+        .await
+        .expect("connect to the lagging replica");
+        let row = r
+            .query_one("SELECT (pg_last_wal_receive_lsn() - '0/0')::bigint", &[])
+            .await
+            .expect("receive position");
+        row.get::<_, i64>(0) as u64
+    };
     eventually(
         "the leader publishes a position 1 MB past the lagging replica",
         LONG,
         || async {
             let st = c.etcd.get("/service/it/status").await?;
             let v: serde_json::Value = serde_json::from_str(&st).ok()?;
-            (v["wal_lsn"].as_u64()? > 8 * 1024 * 1024).then_some(())
+            (v["wal_lsn"].as_u64()? > frozen_at + 2 * 1024 * 1024).then_some(())
         },
     )
     .await;
@@ -339,6 +371,6 @@ async fn nofailover_and_lagging_replicas_are_never_promoted() {
             200
         );
     }
-    stop(nix::sys::signal::Signal::SIGCONT);
+    drop(thaw);
     monitor.finish().await;
 }

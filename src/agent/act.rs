@@ -213,19 +213,23 @@ impl Agent {
             Action::Promote => {
                 // standby.signal must stay until PostgreSQL removes it
                 // itself at promotion; the primary's config follows after.
+                // In the background: a promotion that hangs must not stop
+                // the loop from renewing the lease.
                 let before = local
                     .pg
                     .running()
                     .and_then(|p| p.receive_lsn.max(p.wal_lsn));
-                self.pg.promote().await?;
-                tracing::info!("promoted: now the primary");
-                self.last_control = None;
+                self.pending_promotion = Some(super::Promotion {
+                    switch_lsn: before,
+                    reason: promotion_reason(cluster, &name, self.last_leader_seen.as_deref()),
+                });
+                let mut pg = self.pg.detached();
                 let inputs = self.conf_inputs(cluster, None);
-                if let Err(e) = self.pg.write_conf(&inputs) {
-                    tracing::warn!("cannot rewrite the config after promotion: {e:#}");
-                }
-                let previous = self.last_leader_seen.clone();
-                self.record_promotion(before, previous).await;
+                self.spawn_job(JobKind::Promote, async move {
+                    pg.promote().await?;
+                    pg.write_conf(&inputs)?;
+                    Ok(())
+                });
             }
             Action::Follow { upstream } => {
                 let inputs = self.conf_inputs(cluster, Some(Some(upstream.clone())));
@@ -240,6 +244,42 @@ impl Agent {
                     });
                 }
             }
+            Action::BeginSwitchover { candidate } => {
+                self.dcs_mut()?
+                    .set_failover_candidate(&name, candidate)
+                    .await?;
+                let mut pg = self.pg.detached();
+                // Keep the lease: it is handed over only once the candidate
+                // has the shutdown checkpoint.
+                self.spawn_job(JobKind::Stop, async move { pg.stop().await });
+            }
+            Action::ClearFailover => {
+                self.dcs_mut()?.clear_failover().await?;
+                out.dcs_changed = true;
+            }
+            Action::Restart => {
+                let mut pg = self.pg.detached();
+                self.spawn_job(JobKind::Restart, async move {
+                    pg.stop().await?;
+                    pg.start().await
+                });
+            }
+            Action::Reload => {
+                let replica = local.pg.running().is_some_and(|p| p.in_recovery);
+                let upstream = cluster
+                    .leader
+                    .as_deref()
+                    .filter(|l| *l != name)
+                    .and_then(|l| cluster.member(l))
+                    .map(|m| Upstream {
+                        name: m.name.clone(),
+                        address: format!("{}:{}", m.host, m.port),
+                    });
+                let inputs = self.conf_inputs(cluster, replica.then_some(upstream));
+                self.pg.write_conf(&inputs)?;
+                self.pg.reload().await?;
+            }
+            Action::AckRequest => self.pending_request = None,
             Action::CreateSlots(slots) => self.pg.create_slots(slots).await?,
             Action::DropSlots(slots) => self.pg.drop_slots(slots).await?,
         }
@@ -248,11 +288,7 @@ impl Agent {
 
     /// Appends the promotion to `history`: the new timeline and the WAL
     /// position where it forked.
-    async fn record_promotion(
-        &mut self,
-        switch_lsn: Option<u64>,
-        cluster_leader_before: Option<String>,
-    ) {
+    pub(super) async fn record_promotion(&mut self, promotion: super::Promotion) {
         let mut obs = None;
         for _ in 0..20 {
             match self.pg.observe().await {
@@ -269,11 +305,8 @@ impl Agent {
         };
         let entry = HistoryEntry {
             timeline: obs.state.timeline.unwrap_or(0),
-            lsn: switch_lsn.or(obs.state.wal_lsn).unwrap_or(0),
-            reason: match cluster_leader_before {
-                Some(prev) => format!("automatic failover: {prev} lost the leader lease"),
-                None => "automatic failover: no leader".into(),
-            },
+            lsn: promotion.switch_lsn.or(obs.state.wal_lsn).unwrap_or(0),
+            reason: promotion.reason,
             time: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
             leader: self.cfg.name.clone(),
         };
@@ -333,5 +366,23 @@ impl Agent {
                 slot: use_slots.then(|| slot_name(&self.cfg.name)),
             }),
         }
+    }
+}
+
+/// Why we are being promoted, in the words `history` records.
+fn promotion_reason(cluster: &ClusterView, name: &str, previous: Option<&str>) -> String {
+    use crate::dcs::FailoverKind;
+    match &cluster.failover {
+        Some(f) if f.candidate.as_deref() == Some(name) => match f.kind {
+            FailoverKind::Switchover => format!(
+                "switchover from {}",
+                previous.unwrap_or("the previous leader")
+            ),
+            FailoverKind::Failover => "manual failover".to_string(),
+        },
+        _ => match previous {
+            Some(prev) => format!("automatic failover: {prev} lost the leader lease"),
+            None => "automatic failover: no leader".to_string(),
+        },
     }
 }

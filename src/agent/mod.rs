@@ -49,6 +49,10 @@ struct Agent {
     /// pg_control as last read while PostgreSQL was stopped; kept while it
     /// runs so the policy knows what the running instance started from.
     last_control: Option<crate::ha::ControlInfo>,
+    /// An operator request from the API not yet acknowledged by the policy.
+    pending_request: Option<crate::ha::OperatorRequest>,
+    /// A promotion running as a job, to record in `history` once done.
+    pending_promotion: Option<Promotion>,
     /// The last leader seen in etcd, for the history of a failover.
     last_leader_seen: Option<String>,
     /// See `ha::LocalView::primary_down_since`.
@@ -65,4 +69,10 @@ impl Agent {
     fn since_epoch(&self, t: Instant) -> Duration {
         t.saturating_duration_since(self.epoch)
     }
+}
+
+/// What `history` will say about a promotion in progress.
+struct Promotion {
+    switch_lsn: Option<u64>,
+    reason: String,
 }

@@ -36,6 +36,8 @@ impl Agent {
             config_stored: false,
             status: None,
             history: Vec::new(),
+            failover: None,
+            config_revision: 0,
         });
         (view, false)
     }
@@ -65,6 +67,12 @@ impl Agent {
         match result {
             Ok(()) => {
                 tracing::info!("{} finished", describe(&kind));
+                if kind == JobKind::Promote {
+                    tracing::info!("promoted: now the primary");
+                    if let Some(p) = self.pending_promotion.take() {
+                        self.record_promotion(p).await;
+                    }
+                }
                 if self.last_failure.as_ref().is_some_and(|f| f.kind == kind) {
                     self.last_failure = None;
                 }
@@ -104,6 +112,8 @@ impl Agent {
                             self.last_control = Some(ControlInfo {
                                 timeline: cd.timeline,
                                 was_primary: cd.was_primary(),
+                                checkpoint_lsn: cd.checkpoint_lsn,
+                                clean_shutdown: cd.state == "shut down",
                             });
                         }
                         self.system_id = Some(cd.system_id);
@@ -136,12 +146,16 @@ impl Agent {
         };
         self.track_slots(cluster, &pg);
         self.track_primary_down(cluster, &pg);
-        let peers =
-            if cluster.leader.is_none() && dcs_ok && pg.running().is_some_and(|p| p.in_recovery) {
-                self.ask_peers(cluster).await
-            } else {
-                Vec::new()
-            };
+        // Rule 3 needs the candidates' positions when there is no leader; a
+        // leader handing over needs its candidate's.
+        let i_lead = cluster.leader.as_deref() == Some(self.cfg.name.as_str());
+        let electing = cluster.leader.is_none() && pg.running().is_some_and(|p| p.in_recovery);
+        let handing_over = i_lead && cluster.failover.is_some() && pg.running().is_none();
+        let peers = if dcs_ok && (electing || handing_over) {
+            self.ask_peers(cluster).await
+        } else {
+            Vec::new()
+        };
         LocalView {
             name: self.cfg.name.clone(),
             tags: self.cfg.tags.clone(),
@@ -156,6 +170,11 @@ impl Agent {
             peers,
             primary_down_since: self.primary_down_since,
             reclone_on_rewind_failure: self.cfg.postgresql.remove_data_directory_on_rewind_failure,
+            wall_clock: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+            request: self.pending_request,
         }
     }
 
@@ -243,6 +262,8 @@ pub(super) fn describe(kind: &crate::ha::JobKind) -> String {
         Start => "start of PostgreSQL".into(),
         Stop => "stop of PostgreSQL".into(),
         Rewind { from } => format!("rewind from {from}"),
+        Promote => "promotion".into(),
+        Restart => "restart".into(),
         RemoveData => "removal of the data directory".into(),
     }
 }

@@ -136,6 +136,8 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         primary_down_since: None,
         last_leader_seen: None,
         last_control: None,
+        pending_promotion: None,
+        pending_request: None,
         http: reqwest::Client::builder()
             .timeout(Duration::from_millis(1500))
             .build()

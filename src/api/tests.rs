@@ -54,6 +54,8 @@ fn view(leader: Option<&str>) -> ClusterView {
             time: "2024-01-01T00:00:00Z".into(),
             leader: "pg1".into(),
         }],
+        failover: None,
+        config_revision: 1,
     }
 }
 

@@ -350,6 +350,25 @@ async fn run_reload(cmd: &str) -> anyhow::Result<()> {
 
 #[cfg(test)]
 mod tests {
+    /// The reload command runs just after the file is renamed into place:
+    /// poll for its effect rather than racing it.
+    async fn wait_for_reloads(path: &std::path::Path, want: usize) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        loop {
+            let n = std::fs::read_to_string(path)
+                .map(|t| t.lines().count())
+                .unwrap_or(0);
+            if n == want {
+                return;
+            }
+            assert!(
+                n < want && std::time::Instant::now() < deadline,
+                "expected {want} reloads, saw {n}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+
     use super::*;
     use clap::Parser;
     use std::process::{Child, Command, Stdio};
@@ -672,12 +691,12 @@ password = "rep-secret"
             .await
             .unwrap();
         wait_for_file(&output, |t| t.contains("server d 127.0.0.1:5434")).await;
-        assert_eq!(count_lines(&reloads), 1);
+        wait_for_reloads(&reloads, 1).await;
 
         // A departed member is removed...
         client.delete(keys.member("a"), None).await.unwrap();
         wait_for_file(&output, |t| !t.contains("server a ")).await;
-        assert_eq!(count_lines(&reloads), 2);
+        wait_for_reloads(&reloads, 2).await;
 
         // ...but an empty member list keeps the last servers.
         client.delete(keys.member("b c"), None).await.unwrap();

@@ -43,12 +43,106 @@ fn default_dial_timeout() -> u64 {
     2
 }
 
+/// `[api]`. Credentials and TLS files come in pairs: one without the other
+/// is reported as the missing key (checked while parsing, see
+/// [`RawApiConfig`]); whether the TLS files can be read and used is checked
+/// when the agent starts its API.
 #[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
+#[serde(try_from = "RawApiConfig")]
 pub struct ApiConfig {
     pub listen: SocketAddr,
     /// host:port other members, HAProxy and the CLI use to reach this API.
     pub connect_address: Option<String>,
+    /// HTTP basic credentials that mutating requests (switchover, restart,
+    /// PATCH /config...) must carry. Without them such requests are refused.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub username: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub password: Option<String>,
+    /// PEM certificate (chain) and private key: the API serves HTTPS.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub certfile: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub keyfile: Option<PathBuf>,
+    /// PEM CA certificate(s) the CLI trusts for members' HTTPS APIs
+    /// (default: `certfile` itself, right for a shared or self-signed one).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cafile: Option<PathBuf>,
+}
+
+/// `[api]` as written in the file, before the pairs are checked.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawApiConfig {
+    listen: SocketAddr,
+    connect_address: Option<String>,
+    #[serde(default, deserialize_with = "non_empty")]
+    username: Option<String>,
+    #[serde(default, deserialize_with = "non_empty")]
+    password: Option<String>,
+    #[serde(default, deserialize_with = "non_empty_path")]
+    certfile: Option<PathBuf>,
+    #[serde(default, deserialize_with = "non_empty_path")]
+    keyfile: Option<PathBuf>,
+    #[serde(default, deserialize_with = "non_empty_path")]
+    cafile: Option<PathBuf>,
+}
+
+impl TryFrom<RawApiConfig> for ApiConfig {
+    type Error = String;
+    /// A pair with one half missing reads like serde's own "missing field"
+    /// error, which the loader reports against the missing key itself
+    /// (`api.password: required key is missing`).
+    fn try_from(raw: RawApiConfig) -> Result<Self, String> {
+        let missing = |key: &str| Err(format!("missing field `{key}`"));
+        match (&raw.username, &raw.password) {
+            (Some(_), None) => return missing("password"),
+            (None, Some(_)) => return missing("username"),
+            _ => {}
+        }
+        match (&raw.certfile, &raw.keyfile) {
+            (Some(_), None) => return missing("keyfile"),
+            (None, Some(_)) => return missing("certfile"),
+            _ => {}
+        }
+        Ok(ApiConfig {
+            listen: raw.listen,
+            connect_address: raw.connect_address,
+            username: raw.username,
+            password: raw.password,
+            certfile: raw.certfile,
+            keyfile: raw.keyfile,
+            cafile: raw.cafile,
+        })
+    }
+}
+
+fn non_empty<'de, D: serde::Deserializer<'de>>(de: D) -> Result<Option<String>, D::Error> {
+    let s = String::deserialize(de)?;
+    if s.is_empty() {
+        return Err(serde::de::Error::custom("must not be empty"));
+    }
+    Ok(Some(s))
+}
+
+fn non_empty_path<'de, D: serde::Deserializer<'de>>(de: D) -> Result<Option<PathBuf>, D::Error> {
+    let s = String::deserialize(de)?;
+    if s.trim().is_empty() {
+        return Err(serde::de::Error::custom("must not be empty"));
+    }
+    Ok(Some(PathBuf::from(s)))
+}
+
+impl ApiConfig {
+    /// The configured basic credentials, when both are set.
+    pub fn credentials(&self) -> Option<(&str, &str)> {
+        self.username.as_deref().zip(self.password.as_deref())
+    }
+
+    /// The API serves HTTPS.
+    pub fn tls(&self) -> bool {
+        self.certfile.is_some() && self.keyfile.is_some()
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -234,6 +328,9 @@ pub struct DynamicConfig {
     pub primary_start_timeout: u64,
     #[serde(default)]
     pub synchronous_mode: bool,
+    /// Maintenance mode: agents observe but act only on operator requests.
+    #[serde(default)]
+    pub pause: bool,
     #[serde(default)]
     pub postgresql: DynamicPostgres,
 }
@@ -280,6 +377,7 @@ impl Default for DynamicConfig {
             member_slots_ttl: default_member_slots_ttl(),
             primary_start_timeout: default_primary_start_timeout(),
             synchronous_mode: false,
+            pause: false,
             postgresql: DynamicPostgres::default(),
         }
     }
@@ -311,6 +409,12 @@ impl DynamicConfig {
 }
 
 impl Config {
+    /// The URL this member's API is reached at (`https://` with TLS).
+    pub fn api_url(&self) -> String {
+        let scheme = if self.api.tls() { "https" } else { "http" };
+        format!("{scheme}://{}", self.api_connect_address())
+    }
+
     pub fn api_connect_address(&self) -> String {
         self.api
             .connect_address

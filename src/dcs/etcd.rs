@@ -42,9 +42,9 @@ pub enum LeaderOutcome {
 /// A connection to etcd scoped to one cluster, holding this agent's lease
 /// (the member key and, while leader, the leader key live on it).
 pub struct Dcs {
-    client: Client,
-    keys: Keys,
-    timeout: Duration,
+    pub(super) client: Client,
+    pub(super) keys: Keys,
+    pub(super) timeout: Duration,
     lease: Option<i64>,
     keeper: Option<(LeaseKeeper, LeaseKeepAliveStream)>,
 }
@@ -97,6 +97,8 @@ impl Dcs {
             config_stored: false,
             status: None,
             history: Vec::new(),
+            failover: None,
+            config_revision: 0,
         };
         for kv in resp.kvs() {
             let key = String::from_utf8_lossy(kv.key()).to_string();
@@ -115,7 +117,11 @@ impl Dcs {
                 "config" => {
                     view.config = decode(&key, value)?;
                     view.config_stored = true;
+                    view.config_revision = kv.mod_revision();
                 }
+                // A malformed request is ignored rather than blocking the
+                // loop; the API and CLI validate what they write.
+                "failover" => view.failover = serde_json::from_slice(value).ok(),
                 "status" => view.status = Some(decode::<ClusterStatus>(&key, value)?),
                 "history" => view.history = decode::<Vec<HistoryEntry>>(&key, value)?,
                 r if r.starts_with("members/") => {
@@ -168,8 +174,16 @@ impl Dcs {
         if result.is_err() {
             self.keeper = None;
         }
-        if matches!(result, Err(DcsError::LeaseLost)) {
+        // etcd reports an expired lease as an error on the keep-alive
+        // stream rather than as a zero TTL: either way, start a new lease.
+        let expired = match &result {
+            Err(DcsError::LeaseLost) => true,
+            Err(DcsError::Etcd(e)) => e.to_string().contains("lease not found"),
+            _ => false,
+        };
+        if expired {
             self.lease = None;
+            return Err(DcsError::LeaseLost);
         }
         result
     }
@@ -344,6 +358,43 @@ impl Dcs {
         Err(DcsError::Conflict(key))
     }
 
+    /// Records the candidate a leader chose for a switchover, so that every
+    /// member knows who takes over.
+    pub async fn set_failover_candidate(
+        &mut self,
+        leader: &str,
+        candidate: &str,
+    ) -> Result<(), DcsError> {
+        let key = self.keys.failover();
+        let resp = with_timeout(self.timeout, self.client.get(key.clone(), None)).await?;
+        let Some(kv) = resp.kvs().first() else {
+            return Err(DcsError::Conflict(key));
+        };
+        let mut req: super::FailoverRequest = decode(&key, kv.value())?;
+        req.leader = Some(leader.to_string());
+        req.candidate = Some(candidate.to_string());
+        let value = serde_json::to_vec(&req).map_err(|source| DcsError::Decode {
+            key: key.clone(),
+            source,
+        })?;
+        let txn = Txn::new()
+            .when([Compare::mod_revision(
+                key.clone(),
+                CompareOp::Equal,
+                kv.mod_revision(),
+            )])
+            .and_then([TxnOp::put(key.clone(), value, None)]);
+        match self.run_txn(txn).await? {
+            LeaderOutcome::Won => Ok(()),
+            LeaderOutcome::Lost => Err(DcsError::Conflict(key)),
+        }
+    }
+
+    pub async fn clear_failover(&mut self) -> Result<(), DcsError> {
+        with_timeout(self.timeout, self.client.delete(self.keys.failover(), None)).await?;
+        Ok(())
+    }
+
     /// Drops our lease and with it our member key (and leader key if held).
     pub async fn revoke_lease(&mut self) -> Result<(), DcsError> {
         self.keeper = None;
@@ -380,7 +431,7 @@ impl Dcs {
         Ok(resp.deleted())
     }
 
-    async fn run_txn(&mut self, txn: Txn) -> Result<LeaderOutcome, DcsError> {
+    pub(super) async fn run_txn(&mut self, txn: Txn) -> Result<LeaderOutcome, DcsError> {
         let resp = with_timeout(self.timeout, self.client.txn(txn)).await?;
         Ok(if resp.succeeded() {
             LeaderOutcome::Won
@@ -390,14 +441,17 @@ impl Dcs {
     }
 }
 
-fn decode<T: serde::de::DeserializeOwned>(key: &str, value: &[u8]) -> Result<T, DcsError> {
+pub(super) fn decode<T: serde::de::DeserializeOwned>(
+    key: &str,
+    value: &[u8],
+) -> Result<T, DcsError> {
     serde_json::from_slice(value).map_err(|source| DcsError::Decode {
         key: key.to_string(),
         source,
     })
 }
 
-async fn with_timeout<T>(
+pub(super) async fn with_timeout<T>(
     timeout: Duration,
     fut: impl Future<Output = Result<T, etcd_client::Error>>,
 ) -> Result<T, DcsError> {

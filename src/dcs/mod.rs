@@ -3,9 +3,11 @@
 
 mod etcd;
 mod model;
+mod requests;
 
 pub use etcd::{Dcs, DcsError, LeaderOutcome};
 pub use model::*;
+pub use requests::{CancelOutcome, StoredConfig};
 
 /// `<namespace>/<scope>/` with exactly one slash between parts.
 pub fn cluster_prefix(namespace: &str, scope: &str) -> String {

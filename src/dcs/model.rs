@@ -67,6 +67,8 @@ pub enum PgState {
     #[serde(rename = "start failed")]
     StartFailed,
     Rewinding,
+    Promoting,
+    Restarting,
     #[serde(rename = "rewind failed")]
     RewindFailed,
     Crashed,
@@ -87,6 +89,8 @@ impl PgState {
             PgState::CloneFailed => "clone failed",
             PgState::StartFailed => "start failed",
             PgState::Rewinding => "rewinding",
+            PgState::Promoting => "promoting",
+            PgState::Restarting => "restarting",
             PgState::RewindFailed => "rewind failed",
             PgState::Crashed => "crashed",
         }
@@ -114,6 +118,38 @@ pub struct HistoryEntry {
     pub leader: String,
 }
 
+/// An operator's request to move the primary role (`failover` key). The
+/// leader carries out a switchover; a failover names the member that must
+/// take over when there is no healthy leader. Deleted when done.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FailoverRequest {
+    pub kind: FailoverKind,
+    /// The leader the switchover moves away from (None: whoever leads).
+    #[serde(default)]
+    pub leader: Option<String>,
+    /// The member to promote (None: the healthiest, switchover only).
+    #[serde(default)]
+    pub candidate: Option<String>,
+    /// RFC 3339 time before which the switchover must not happen.
+    #[serde(default)]
+    pub scheduled_at: Option<String>,
+    /// Unix seconds of `scheduled_at`, for comparisons without parsing.
+    #[serde(default)]
+    pub scheduled_unix: Option<u64>,
+    pub requested_at: String,
+    /// Unix seconds of `requested_at`: an unscheduled request nobody acted
+    /// on for a while no longer holds elections back.
+    #[serde(default)]
+    pub requested_unix: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FailoverKind {
+    Switchover,
+    Failover,
+}
+
 /// State of the `initialize` key.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Initialize {
@@ -136,6 +172,10 @@ pub struct ClusterView {
     pub config_stored: bool,
     pub status: Option<ClusterStatus>,
     pub history: Vec<HistoryEntry>,
+    /// A pending switchover or failover request.
+    pub failover: Option<FailoverRequest>,
+    /// etcd revision of `config` (0: absent), for compare-and-swap edits.
+    pub config_revision: i64,
 }
 
 impl ClusterView {

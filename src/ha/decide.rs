@@ -1,3 +1,4 @@
+use super::operator::{self, ReplicaVerdict};
 use super::view::*;
 use crate::dcs::{slot_name, ClusterView, Initialize, PgState, Role};
 use std::time::Duration;
@@ -11,6 +12,13 @@ pub fn decide(cluster: &ClusterView, local: &LocalView, now: Duration) -> Decisi
     let cfg = &cluster.config;
     let leader = cluster.leader.as_deref();
     let i_lead = leader == Some(local.name.as_str());
+
+    // Maintenance mode (as last seen in etcd) overrides even fencing: the
+    // operator took the controls.
+    if cfg.pause {
+        decide_paused(cluster, local, now, &mut d);
+        return d;
+    }
 
     if !local.dcs_ok {
         // Without etcd we cannot know whether our lease still stands: a
@@ -26,6 +34,10 @@ pub fn decide(cluster: &ClusterView, local: &LocalView, now: Duration) -> Decisi
         } else {
             d.waiting = Some("etcd is unreachable".into());
         }
+        return d;
+    }
+
+    if operator::member_request(cluster, local, &mut d) {
         return d;
     }
 
@@ -180,6 +192,9 @@ fn decide_stopped(cluster: &ClusterView, local: &LocalView, now: Duration, d: &m
     }
     match leader {
         Some(l) if l == local.name => {
+            if operator::leader_hands_over(cluster, local, d) {
+                return;
+            }
             d.push(Action::RenewLeader, "holding the leader lease");
             if !lease_fresh(local, cluster.config.retry_timeout, now) {
                 // Confirm the lease first; start on a later pass.
@@ -255,6 +270,7 @@ fn decide_primary(
             }
             manage_slots(cluster, local, pg, now, d);
             d.push(Action::WriteStatus, "publishing the primary's WAL position");
+            operator::leader_handles_request(cluster, local, pg, d);
         }
         Some(l) => d.push(
             Action::Stop,
@@ -294,6 +310,17 @@ fn decide_replica(
             None => d.waiting = Some(format!("leader {l} has not published its address")),
         },
         None => {
+            match operator::replica_verdict(cluster, local) {
+                Some(ReplicaVerdict::TakeLease(reason)) => {
+                    d.push(Action::AcquireLeader, reason);
+                    return;
+                }
+                Some(ReplicaVerdict::LeaveTo(reason)) => {
+                    d.waiting = Some(reason);
+                    return;
+                }
+                None => {}
+            }
             if local.tags.nofailover {
                 d.waiting = Some("no leader; tagged nofailover, so not a candidate".into());
                 return;
@@ -346,6 +373,21 @@ fn rejoin(cluster: &ClusterView, local: &LocalView, leader: &str, d: &mut Decisi
         ));
         return;
     }
+    // A clean shutdown whose checkpoint lies before the point where the
+    // leader's timeline forked (a switchover): nothing to rewind.
+    let forked_after_us = cluster
+        .history
+        .iter()
+        .rev()
+        .find(|h| Some(h.timeline) == m.timeline)
+        .is_some_and(|h| ours.clean_shutdown && h.lsn > ours.checkpoint_lsn);
+    if forked_after_us {
+        d.push(
+            Action::StartReplica { upstream: Some(upstream) },
+            format!("we shut down cleanly before {leader}'s timeline forked: starting as its replica without rewind"),
+        );
+        return;
+    }
     match m.timeline {
         Some(tl) if tl == ours.timeline => d.push(
             Action::StartReplica { upstream: Some(upstream) },
@@ -388,6 +430,87 @@ fn rejoin(cluster: &ClusterView, local: &LocalView, leader: &str, d: &mut Decisi
             }
         }
         None => d.waiting = Some(format!("waiting for leader {leader} to publish its timeline")),
+    }
+}
+
+/// Maintenance mode: observe, keep the leader key of a running primary,
+/// and act only on explicit operator requests.
+fn decide_paused(cluster: &ClusterView, local: &LocalView, now: Duration, d: &mut Decision) {
+    let i_lead = cluster.leader.as_deref() == Some(local.name.as_str());
+    if !local.dcs_ok {
+        d.waiting = Some("paused; etcd is unreachable".into());
+        return;
+    }
+    if local.job.is_some() {
+        if i_lead {
+            d.push(
+                Action::RenewLeader,
+                "holding the leader lease while a job runs",
+            );
+        }
+        d.waiting = Some("paused; a job is running".into());
+        return;
+    }
+    if operator::member_request(cluster, local, d) {
+        return;
+    }
+    match &local.pg {
+        PgRun::Running(pg) if !pg.in_recovery => match cluster.leader.as_deref() {
+            Some(l) if l == local.name => {
+                d.push(Action::RenewLeader, "renewed leader lease");
+                if lease_fresh(local, cluster.config.retry_timeout, now) {
+                    manage_slots(cluster, local, pg, now, d);
+                    d.push(Action::WriteStatus, "publishing the primary's WAL position");
+                    operator::leader_handles_request(cluster, local, pg, d);
+                }
+            }
+            Some(l) => {
+                d.problem = Some(format!(
+                    "paused: we run as primary while {l} holds the leader lease"
+                ))
+            }
+            None => d.push(
+                Action::AcquireLeader,
+                "paused, running as primary without a leader: taking the lease",
+            ),
+        },
+        PgRun::Running(pg) => match cluster.leader.as_deref() {
+            Some(l) if l == local.name => {
+                d.push(Action::RenewLeader, "holding the leader lease");
+                if lease_fresh(local, cluster.config.retry_timeout, now) {
+                    d.push(
+                        Action::Promote,
+                        "operator's failover gave us the leader lease: promoting",
+                    );
+                }
+            }
+            Some(l) => {
+                if let Some(up) = upstream_of(cluster, l) {
+                    if pg.upstream.as_deref() != Some(up.address.as_str()) {
+                        d.push(
+                            Action::Follow { upstream: up },
+                            format!("re-pointing replication at the leader {l}"),
+                        );
+                    }
+                }
+            }
+            None => match operator::replica_verdict(cluster, local) {
+                Some(ReplicaVerdict::TakeLease(reason)) => d.push(Action::AcquireLeader, reason),
+                _ => {
+                    d.waiting = Some(
+                        "paused: no leader, and no automatic failover in maintenance mode".into(),
+                    )
+                }
+            },
+        },
+        PgRun::Stopped | PgRun::Unresponsive => {
+            if i_lead && !operator::leader_hands_over(cluster, local, d) {
+                d.push(Action::RenewLeader, "paused: keeping the leader lease");
+            }
+            if d.waiting.is_none() {
+                d.waiting = Some("paused: not starting PostgreSQL".into());
+            }
+        }
     }
 }
 
@@ -520,11 +643,13 @@ fn job_name(job: &JobKind) -> String {
         JobKind::Stop => "stop".into(),
         JobKind::Rewind { from } => format!("rewind from {from}"),
         JobKind::RemoveData => "removal of the data directory".into(),
+        JobKind::Promote => "promotion".into(),
+        JobKind::Restart => "restart".into(),
     }
 }
 
 impl Decision {
-    fn push(&mut self, action: Action, reason: impl Into<String>) {
+    pub(super) fn push(&mut self, action: Action, reason: impl Into<String>) {
         self.steps.push(Step {
             action,
             reason: reason.into(),

@@ -3,6 +3,7 @@
 //! can tabulate situations and a simulator can replay fault schedules.
 
 mod decide;
+mod operator;
 mod view;
 
 pub use decide::decide;

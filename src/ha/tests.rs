@@ -63,6 +63,8 @@ fn cluster() -> Cluster {
         config_stored: true,
         status: None,
         history: vec![],
+        failover: None,
+        config_revision: 1,
     })
 }
 
@@ -179,6 +181,8 @@ fn local() -> Local {
         peers: vec![],
         primary_down_since: None,
         reclone_on_rewind_failure: false,
+        wall_clock: 1_800_000_000,
+        request: None,
     })
 }
 
@@ -280,6 +284,8 @@ impl Local {
         self.0.control = Some(ControlInfo {
             timeline: tl,
             was_primary: true,
+            checkpoint_lsn: 0,
+            clean_shutdown: false,
         });
         self
     }
@@ -288,6 +294,8 @@ impl Local {
         self.0.control = Some(ControlInfo {
             timeline: tl,
             was_primary: false,
+            checkpoint_lsn: 0,
+            clean_shutdown: false,
         });
         self
     }
@@ -1413,4 +1421,321 @@ fn safety_invariants_over_grid() {
             .collect::<Vec<_>>()
             .join("\n")
     );
+}
+
+// ---- operator requests: switchover, manual failover, maintenance mode ----
+
+impl Cluster {
+    fn request(
+        mut self,
+        kind: crate::dcs::FailoverKind,
+        leader: Option<&str>,
+        candidate: Option<&str>,
+    ) -> Self {
+        self.0.failover = Some(crate::dcs::FailoverRequest {
+            kind,
+            leader: leader.map(str::to_string),
+            candidate: candidate.map(str::to_string),
+            scheduled_at: None,
+            scheduled_unix: None,
+            requested_at: "2027-01-15T08:00:00Z".into(),
+            requested_unix: 1_800_000_000,
+        });
+        self
+    }
+    fn scheduled(mut self, unix: u64) -> Self {
+        if let Some(f) = self.0.failover.as_mut() {
+            f.scheduled_unix = Some(unix);
+            f.scheduled_at = Some("later".into());
+        }
+        self
+    }
+    fn paused(mut self) -> Self {
+        self.0.config.pause = true;
+        self
+    }
+    fn fork_at(mut self, timeline: u32, lsn: u64) -> Self {
+        self.0.history.push(crate::dcs::HistoryEntry {
+            timeline,
+            lsn,
+            reason: "switchover".into(),
+            time: "t".into(),
+            leader: N2.into(),
+        });
+        self
+    }
+}
+
+impl Local {
+    fn clean_shutdown_at(mut self, tl: u32, checkpoint: u64) -> Self {
+        self.0.control = Some(ControlInfo {
+            timeline: tl,
+            was_primary: true,
+            checkpoint_lsn: checkpoint,
+            clean_shutdown: true,
+        });
+        self
+    }
+    fn asked(mut self, r: OperatorRequest) -> Self {
+        self.0.request = Some(r);
+        self
+    }
+}
+
+#[test]
+fn switchover_and_failover_requests() {
+    use crate::dcs::FailoverKind::*;
+    use Action::*;
+    let mine = || cluster().initialized(SYSID).led_by(ME);
+    let fresh = || local().data(SYSID).renewed_at(NOW - 1);
+    let streaming = |c: Cluster, n: &str| c.replica(n);
+    check(vec![
+        row(
+            "switchover to a streaming replica: hand over",
+            streaming(mine(), N2).request(Switchover, Some(ME), Some(N2)),
+            fresh().pg_primary(&[N2]).slot_seen(N2, NOW),
+            NOW,
+            vec![
+                RenewLeader,
+                WriteStatus,
+                BeginSwitchover {
+                    candidate: N2.into(),
+                },
+            ],
+        ),
+        row(
+            "switchover without candidate: the healthiest replica",
+            streaming(streaming(mine(), N2), N3).request(Switchover, None, None),
+            fresh()
+                .pg_primary(&[N2, N3])
+                .slot_seen(N2, NOW)
+                .slot_seen(N3, NOW),
+            NOW,
+            vec![
+                RenewLeader,
+                WriteStatus,
+                BeginSwitchover {
+                    candidate: N2.into(),
+                },
+            ],
+        ),
+        row(
+            "switchover to a stopped member: refused and cleared",
+            mine().member(N2, Role::Replica, PgState::Stopped).request(
+                Switchover,
+                Some(ME),
+                Some(N2),
+            ),
+            fresh().pg_primary(&[N2]).slot_seen(N2, NOW),
+            NOW,
+            vec![RenewLeader, WriteStatus, ClearFailover],
+        )
+        .problem("not a streaming replica"),
+        row(
+            "scheduled switchover in the future: wait",
+            streaming(mine(), N2)
+                .request(Switchover, Some(ME), Some(N2))
+                .scheduled(1_900_000_000),
+            fresh().pg_primary(&[N2]).slot_seen(N2, NOW),
+            NOW,
+            vec![RenewLeader, WriteStatus],
+        )
+        .waiting("scheduled"),
+        row(
+            "request naming another leader: stale, cleared",
+            streaming(mine(), N2).request(Switchover, Some(N3), Some(N2)),
+            fresh().pg_primary(&[N2]).slot_seen(N2, NOW),
+            NOW,
+            vec![RenewLeader, WriteStatus, ClearFailover],
+        ),
+        row(
+            "the new leader clears the completed request",
+            streaming(mine(), N2).request(Switchover, Some(N2), Some(ME)),
+            fresh().pg_primary(&[N2]).slot_seen(N2, NOW),
+            NOW,
+            vec![RenewLeader, WriteStatus, ClearFailover],
+        ),
+        row(
+            "stopped for hand-over, candidate has the checkpoint: release",
+            mine().request(Switchover, Some(ME), Some(N2)),
+            fresh().clean_shutdown_at(1, LSN).peer(N2, Some(LSN + 100)),
+            NOW,
+            vec![ReleaseLeader],
+        ),
+        row(
+            "stopped for hand-over, candidate behind: keep the lease and wait",
+            mine().request(Switchover, Some(ME), Some(N2)),
+            fresh().clean_shutdown_at(1, LSN).peer(N2, Some(LSN - 100)),
+            NOW,
+            vec![RenewLeader],
+        )
+        .waiting("shutdown checkpoint"),
+        row(
+            "no leader, request names us: take the lease despite a better peer",
+            cluster()
+                .initialized(SYSID)
+                .request(Switchover, Some(N3), Some(ME)),
+            local()
+                .data(SYSID)
+                .pg_replica(None, LSN)
+                .peer(N2, Some(LSN + 1000)),
+            NOW,
+            vec![AcquireLeader],
+        ),
+        row(
+            "no leader, request names another: leave it the lease",
+            cluster()
+                .initialized(SYSID)
+                .request(Failover, None, Some(N2)),
+            local().data(SYSID).pg_replica(None, LSN),
+            NOW,
+            vec![],
+        )
+        .waiting("in progress"),
+        row(
+            "old primary shut down cleanly before the fork: replica, no rewind",
+            cluster()
+                .initialized(SYSID)
+                .led_by(N2)
+                .timeline(N2, Some(2))
+                .fork_at(2, LSN + 200),
+            local().data(SYSID).clean_shutdown_at(1, LSN),
+            NOW,
+            vec![StartReplica {
+                upstream: Some(up(N2)),
+            }],
+        ),
+        row(
+            "old primary's checkpoint past the fork: rewind",
+            cluster()
+                .initialized(SYSID)
+                .led_by(N2)
+                .timeline(N2, Some(2))
+                .fork_at(2, LSN - 200),
+            local().data(SYSID).clean_shutdown_at(1, LSN),
+            NOW,
+            vec![Rewind { upstream: up(N2) }],
+        ),
+    ]);
+}
+
+#[test]
+fn maintenance_mode_is_hands_off() {
+    use crate::dcs::FailoverKind::*;
+    use Action::*;
+    let paused = || cluster().initialized(SYSID).paused();
+    check(vec![
+        row(
+            "paused leader whose PostgreSQL died: keep the key, do not restart",
+            paused().led_by(ME),
+            local().data(SYSID).renewed_at(NOW - 1),
+            NOW,
+            vec![RenewLeader],
+        )
+        .waiting("not starting"),
+        row(
+            "paused leader past primary_start_timeout: still hands off",
+            paused().led_by(ME),
+            local()
+                .data(SYSID)
+                .renewed_at(NOW - 1)
+                .primary_down_since(NOW - 100),
+            NOW,
+            vec![RenewLeader],
+        ),
+        row(
+            "paused replica, no leader: no automatic failover",
+            paused(),
+            local().data(SYSID).pg_replica(None, LSN),
+            NOW,
+            vec![],
+        )
+        .waiting("no automatic failover"),
+        row(
+            "paused replica named by a manual failover: takes the lease",
+            paused().request(Failover, None, Some(ME)),
+            local().data(SYSID).pg_replica(None, LSN),
+            NOW,
+            vec![AcquireLeader],
+        ),
+        row(
+            "paused stopped replica: not started",
+            paused().led_by(N2),
+            local().data(SYSID),
+            NOW,
+            vec![],
+        )
+        .waiting("not starting"),
+        row(
+            "paused primary with a stale lease and no etcd: nothing",
+            paused().led_by(ME),
+            local()
+                .data(SYSID)
+                .pg_primary(&[])
+                .renewed_at(NOW - 100)
+                .dcs_down(),
+            NOW,
+            vec![],
+        ),
+        row(
+            "paused: an operator restart still happens",
+            paused().led_by(N2).replica(ME),
+            local()
+                .data(SYSID)
+                .pg_replica(Some(addr(N2)), LSN)
+                .asked(OperatorRequest::Restart),
+            NOW,
+            vec![AckRequest, Restart],
+        ),
+    ]);
+}
+
+#[test]
+fn member_requests() {
+    use Action::*;
+    let led = || cluster().initialized(SYSID).led_by(N2).replica(ME);
+    check(vec![
+        row(
+            "reload",
+            led(),
+            local()
+                .data(SYSID)
+                .pg_replica(Some(addr(N2)), LSN)
+                .asked(OperatorRequest::Reload),
+            NOW,
+            vec![AckRequest, Reload],
+        ),
+        row(
+            "reinit a replica: wipe and clone",
+            led(),
+            local()
+                .data(SYSID)
+                .pg_replica(Some(addr(N2)), LSN)
+                .asked(OperatorRequest::Reinit),
+            NOW,
+            vec![AckRequest, RemoveData],
+        ),
+        row(
+            "reinit the leader: refused",
+            cluster().initialized(SYSID).led_by(ME),
+            local()
+                .data(SYSID)
+                .pg_primary(&[])
+                .renewed_at(NOW - 1)
+                .asked(OperatorRequest::Reinit),
+            NOW,
+            vec![AckRequest],
+        )
+        .problem("refusing to reinitialize the leader"),
+        row(
+            "a request waits for a running job",
+            led(),
+            local()
+                .data(SYSID)
+                .job(JobKind::Start)
+                .asked(OperatorRequest::Restart),
+            NOW,
+            vec![],
+        ),
+    ]);
 }

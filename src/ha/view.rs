@@ -33,11 +33,30 @@ pub struct LocalView {
     pub primary_down_since: Option<Duration>,
     /// Wipe and re-clone when pg_rewind fails.
     pub reclone_on_rewind_failure: bool,
+    /// Wall-clock time (Unix seconds), only for scheduled switchovers and
+    /// the age of operator requests; never for lease arithmetic.
+    pub wall_clock: u64,
+    /// An operator request made to this member's API (restart, reinit,
+    /// reload), not yet carried out.
+    pub request: Option<OperatorRequest>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OperatorRequest {
+    Restart,
+    Reinit,
+    Reload,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ControlInfo {
     pub timeline: u32,
+    /// Start of the last checkpoint record (for a clean shutdown, the end
+    /// of this instance's WAL).
+    pub checkpoint_lsn: u64,
+    /// Cluster state "shut down": all WAL was written and, with streaming
+    /// replicas connected, sent.
+    pub clean_shutdown: bool,
     /// Last ran as a primary (cluster state "in production" or "shut down").
     pub was_primary: bool,
 }
@@ -103,6 +122,8 @@ pub enum JobKind {
     Stop,
     Rewind { from: String },
     RemoveData,
+    Promote,
+    Restart,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -156,6 +177,19 @@ pub enum Action {
     },
     /// Wipe the data directory so that the member clones afresh.
     RemoveData,
+    /// Planned hand-over: record the chosen candidate in the request, then
+    /// shut PostgreSQL down cleanly while keeping the lease.
+    BeginSwitchover {
+        candidate: String,
+    },
+    /// Delete the `failover` request (done, stale or refused).
+    ClearFailover,
+    /// Operator restart: stop and start PostgreSQL in its current role.
+    Restart,
+    /// Rewrite the config files and reload PostgreSQL.
+    Reload,
+    /// The operator's request has been handled (or refused).
+    AckRequest,
     /// Point a running replica's primary_conninfo at another primary.
     Follow {
         upstream: Upstream,

@@ -1,4 +1,4 @@
-use super::procs::{wait_port, Etcd, Haproxy};
+use super::procs::{wait_addr, wait_port, Etcd, Haproxy};
 use super::{eventually, free_port, http_status, pgwarden_bin, temp_dir};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -13,6 +13,11 @@ pub struct MemberOptions {
     pub extra: String,
     /// Extra lines inside [postgresql] (e.g. parameters).
     pub pg_extra: String,
+    /// The member's name (default `node<N>`, N from 1).
+    pub name: Option<String>,
+    /// Address its PostgreSQL and API bind to (default 127.0.0.1). Members
+    /// given the same address model instances on one host.
+    pub host: Option<String>,
 }
 
 #[derive(Clone)]
@@ -24,6 +29,11 @@ pub struct ClusterOptions {
     /// How many agents `Cluster::start` starts (the rest are started by the
     /// test, e.g. after the first has bootstrapped).
     pub autostart: usize,
+    /// One etcd member per address (a real cluster: e1, e2... with their
+    /// URLs on these addresses). Empty: one etcd on 127.0.0.1.
+    pub etcd_hosts: Vec<String>,
+    /// Address HAProxy's frontends bind to (default 127.0.0.1).
+    pub haproxy_host: Option<String>,
 }
 
 impl ClusterOptions {
@@ -34,6 +44,8 @@ impl ClusterOptions {
             loop_wait: 1,
             retry_timeout: 4,
             autostart: n,
+            etcd_hosts: Vec::new(),
+            haproxy_host: None,
         }
     }
 }
@@ -44,6 +56,8 @@ pub struct Member {
     pub config: PathBuf,
     pub pg_port: u16,
     pub api_port: u16,
+    /// Address PostgreSQL and the API listen on.
+    pub host: String,
     agent: Option<Child>,
 }
 
@@ -52,12 +66,17 @@ impl Member {
         self.dir.join("data")
     }
     pub fn api(&self, path: &str) -> String {
-        format!("http://127.0.0.1:{}{path}", self.api_port)
+        format!("http://{}:{}{path}", self.host, self.api_port)
     }
 }
 
 pub struct Cluster {
     pub etcd: Etcd,
+    /// The other members of a multi-member etcd (`etcd` is e1); empty
+    /// with the default single etcd.
+    pub etcd_peers: Vec<Etcd>,
+    /// Address HAProxy's frontends bind to.
+    pub haproxy_host: String,
     pub members: Vec<Member>,
     pub scope: String,
     pub haproxy: Option<Haproxy>,
@@ -72,11 +91,23 @@ impl Cluster {
     /// Starts etcd and one agent per member (agents bootstrap PostgreSQL).
     pub fn start(opts: &ClusterOptions) -> Cluster {
         let root = temp_dir("pgwarden-it-");
-        let etcd = Etcd::start(root.path());
+        let (etcd, etcd_peers) = if opts.etcd_hosts.is_empty() {
+            (Etcd::start(root.path()), Vec::new())
+        } else {
+            let mut all = Etcd::start_cluster(root.path(), &opts.etcd_hosts);
+            let first = all.remove(0);
+            (first, all)
+        };
+        let endpoints = std::iter::once(&etcd)
+            .chain(&etcd_peers)
+            .map(|e| format!("\"{}\"", e.endpoint()))
+            .collect::<Vec<_>>()
+            .join(", ");
         let scope = "it".to_string();
         let mut members = Vec::new();
         for (i, m) in opts.members.iter().enumerate() {
-            let name = format!("node{}", i + 1);
+            let name = m.name.clone().unwrap_or_else(|| format!("node{}", i + 1));
+            let host = m.host.clone().unwrap_or_else(|| "127.0.0.1".to_string());
             let dir = root.path().join(&name);
             std::fs::create_dir_all(&dir).expect("member dir");
             set_mode(&dir, 0o755);
@@ -88,14 +119,14 @@ impl Cluster {
 name = "{name}"
 {extra}
 [etcd]
-endpoints = ["{etcd}"]
+endpoints = [{endpoints}]
 
 [api]
-listen = "127.0.0.1:{api_port}"
+listen = "{host}:{api_port}"
 
 [postgresql]
 data_dir = "{data}"
-listen = "127.0.0.1:{pg_port}"
+listen = "{host}:{pg_port}"
 {pg_extra}
 [postgresql.authentication.superuser]
 username = "postgres"
@@ -112,7 +143,6 @@ retry_timeout = {retry}
 "#,
                 extra = m.extra,
                 pg_extra = m.pg_extra,
-                etcd = etcd.endpoint(),
                 data = dir.join("data").display(),
                 ttl = opts.ttl,
                 loop_wait = opts.loop_wait,
@@ -125,11 +155,17 @@ retry_timeout = {retry}
                 config,
                 pg_port,
                 api_port,
+                host,
                 agent: None,
             });
         }
         let mut c = Cluster {
             etcd,
+            etcd_peers,
+            haproxy_host: opts
+                .haproxy_host
+                .clone()
+                .unwrap_or_else(|| "127.0.0.1".to_string()),
             members,
             scope,
             haproxy: None,
@@ -155,7 +191,7 @@ retry_timeout = {retry}
         let child = Command::new(pgwarden_bin())
             .args(["agent", "-c"])
             .arg(&m.config)
-            .arg("--log-level=debug")
+            .arg("--log-level=info,pgwarden=debug")
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(err)
@@ -163,8 +199,9 @@ retry_timeout = {retry}
             .expect("start agent");
         m.agent = Some(child);
         let port = m.api_port;
+        let host = m.host.clone();
         assert!(
-            wait_port(port, Duration::from_secs(20)),
+            wait_addr(&host, port, Duration::from_secs(20)),
             "agent {} did not open its API; log:\n{}",
             self.members[i].name,
             self.agent_log(i)
@@ -252,7 +289,9 @@ retry_timeout = {retry}
         primary
     }
 
-    /// The invariant monitor over every member.
+    /// The invariant monitor over every member. Its writability probe
+    /// connects to 127.0.0.1, so with members on other addresses only the
+    /// /primary half of the check is effective.
     pub fn monitor(&self) -> super::faults::Monitor {
         super::faults::Monitor::start(
             self.members
@@ -291,11 +330,111 @@ retry_timeout = {retry}
         }
     }
 
-    /// Row count of `table` on member i.
-    pub async fn count(&self, i: usize, table: &str) -> Option<i64> {
-        let c = super::sql(self.members[i].pg_port, SUPERUSER_PASSWORD)
+    /// Every etcd member: `etcd` first, then `etcd_peers`.
+    pub fn etcd_members(&self) -> Vec<&Etcd> {
+        std::iter::once(&self.etcd)
+            .chain(&self.etcd_peers)
+            .collect()
+    }
+
+    /// Client URLs of the etcd members still running.
+    pub fn etcd_endpoints(&self) -> Vec<String> {
+        self.etcd_members()
+            .into_iter()
+            .filter(|e| e.running)
+            .map(|e| e.endpoint())
+            .collect()
+    }
+
+    /// A key's value read through any running etcd member (None: absent or
+    /// etcd did not answer).
+    pub async fn dcs_get(&self, key: &str) -> Option<String> {
+        let opts = etcd_client::ConnectOptions::new()
+            .with_connect_timeout(Duration::from_secs(2))
+            .with_timeout(Duration::from_secs(3));
+        let mut c = etcd_client::Client::connect(self.etcd_endpoints(), Some(opts))
             .await
             .ok()?;
+        let resp = c.get(key, None).await.ok()?;
+        resp.kvs()
+            .first()
+            .map(|kv| String::from_utf8_lossy(kv.value()).to_string())
+    }
+
+    /// Indexes of the members whose address is `host`.
+    pub fn members_on(&self, host: &str) -> Vec<usize> {
+        (0..self.members.len())
+            .filter(|i| self.members[*i].host == host)
+            .collect()
+    }
+
+    /// A whole host dies at one instant: every agent and PostgreSQL instance
+    /// (postmaster and all its children) of the members on `host`, and the
+    /// etcd member on that address, kill -9. Everything is SIGSTOPped first
+    /// so no process forks or acts while the others are being killed, then
+    /// all are SIGKILLed in one sweep.
+    pub fn kill9_host(&mut self, host: &str) {
+        use nix::sys::signal::{kill, Signal};
+        use nix::unistd::Pid;
+        let on_host = self.members_on(host);
+        let mut roots: Vec<i32> = Vec::new();
+        for i in &on_host {
+            if let Some(pid) = self.agent_pid(*i) {
+                roots.push(pid as i32);
+            }
+            if let Some(pid) = self.postmaster_pid(*i) {
+                roots.push(pid);
+            }
+        }
+        for e in std::iter::once(&self.etcd).chain(&self.etcd_peers) {
+            if e.host == host {
+                if let Some(pid) = e.pid() {
+                    roots.push(pid as i32);
+                }
+            }
+        }
+        for pid in &roots {
+            let _ = kill(Pid::from_raw(*pid), Signal::SIGSTOP);
+        }
+        // Stopped parents fork no more: their children are a fixed set now
+        // (the agents' too: pg_ctl, pg_basebackup, pg_rewind in flight).
+        let mut all = roots.clone();
+        let mut i = 0;
+        while i < all.len() {
+            for c in children_of(all[i]) {
+                if !all.contains(&c) {
+                    all.push(c);
+                }
+            }
+            i += 1;
+        }
+        for pid in &all {
+            let _ = kill(Pid::from_raw(*pid), Signal::SIGKILL);
+        }
+        // Reap what we own.
+        for i in on_host {
+            self.kill9_agent(i);
+        }
+        for e in std::iter::once(&mut self.etcd).chain(self.etcd_peers.iter_mut()) {
+            if e.host == host && e.running {
+                e.kill9();
+            }
+        }
+    }
+
+    /// One SQL connection to member i's PostgreSQL, on its own address.
+    pub async fn sql(&self, i: usize) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+        sql_at(
+            &self.members[i].host,
+            self.members[i].pg_port,
+            SUPERUSER_PASSWORD,
+        )
+        .await
+    }
+
+    /// Row count of `table` on member i.
+    pub async fn count(&self, i: usize, table: &str) -> Option<i64> {
+        let c = self.sql(i).await.ok()?;
         let row = c
             .query_one(&format!("SELECT count(*) FROM {table}"), &[])
             .await
@@ -322,7 +461,7 @@ retry_timeout = {retry}
             &[
                 "haproxy-config",
                 "--bind",
-                "127.0.0.1",
+                &self.haproxy_host,
                 "--rw-port",
                 &self.rw_port.to_string(),
                 "--ro-port",
@@ -350,9 +489,10 @@ retry_timeout = {retry}
             String::from_utf8_lossy(&check.stdout),
             String::from_utf8_lossy(&check.stderr)
         );
-        self.haproxy = Some(Haproxy::start(
+        self.haproxy = Some(Haproxy::start_at(
             &cfg,
             &self.root.path().join("haproxy.log"),
+            &self.haproxy_host,
             self.rw_port,
         ));
         cfg
@@ -381,6 +521,23 @@ impl Drop for Cluster {
                     m.name,
                     tail[from..].join("\n")
                 );
+            }
+            // A multi-member etcd logs to etcd-<name>.log under the root.
+            if !self.etcd_peers.is_empty() {
+                for e in std::iter::once(&self.etcd).chain(&self.etcd_peers) {
+                    let log = std::fs::read_to_string(
+                        self.root.path().join(format!("etcd-{}.log", e.name)),
+                    )
+                    .unwrap_or_default();
+                    let lines: Vec<&str> = log.lines().collect();
+                    let from = lines.len().saturating_sub(8);
+                    eprintln!(
+                        "--- etcd {} ({}) log (last lines) ---\n{}",
+                        e.name,
+                        e.host,
+                        lines[from..].join("\n")
+                    );
+                }
             }
         }
         for m in &self.members {
@@ -412,6 +569,22 @@ impl Drop for Cluster {
             }
         }
     }
+}
+
+/// One SQL connection (no TLS, short timeout) to `host:port` as postgres.
+pub async fn sql_at(
+    host: &str,
+    port: u16,
+    password: &str,
+) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+    let conninfo = format!(
+        "host={host} port={port} user=postgres password={password} dbname=postgres connect_timeout=3"
+    );
+    let (client, conn) = tokio_postgres::connect(&conninfo, tokio_postgres::NoTls).await?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(client)
 }
 
 pub fn pg_bin_dir() -> PathBuf {

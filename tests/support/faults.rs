@@ -158,6 +158,21 @@ impl Monitor {
 
     /// Stops and asserts no violation was seen (and that it really polled).
     pub async fn finish(mut self) {
+        // A fast fault can end before a loaded machine polled much: make
+        // sure the monitor looked a few times at the final state too.
+        let polls = self.polls.clone();
+        let start = *polls.lock().unwrap_or_else(|p| p.into_inner());
+        super::eventually(
+            "the invariant monitor polling the final state",
+            Duration::from_secs(60),
+            || {
+                let polls = polls.clone();
+                async move {
+                    (*polls.lock().unwrap_or_else(|p| p.into_inner()) >= start + 3).then_some(())
+                }
+            },
+        )
+        .await;
         self.stop.store(true, Ordering::Relaxed);
         if let Some(t) = self.task.take() {
             let _ = t.await;

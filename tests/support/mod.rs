@@ -5,6 +5,7 @@
 
 pub mod cluster;
 pub mod faults;
+pub mod netns;
 pub mod procs;
 
 use std::future::Future;

@@ -17,6 +17,32 @@ fn spawn_logged(program: &str, args: &[String], log: &Path) -> Child {
         })
 }
 
+/// Waits until something accepts TCP connections on `host:port`.
+pub fn wait_addr(host: &str, port: u16, within: Duration) -> bool {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if std::net::TcpStream::connect((host, port)).is_ok() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
+}
+
+/// Body of a plain HTTP/1.0 GET (no client library: usable from sync code),
+/// None when nothing answered or the status was not 200.
+pub fn http_get_blocking(host: &str, port: u16, path: &str) -> Option<String> {
+    use std::io::{Read, Write};
+    let addr: std::net::SocketAddr = format!("{host}:{port}").parse().ok()?;
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n").ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).ok()?;
+    let (head, body) = text.split_once("\r\n\r\n")?;
+    (head.split_whitespace().nth(1) == Some("200")).then(|| body.to_string())
+}
+
 pub fn wait_port(port: u16, within: Duration) -> bool {
     let deadline = Instant::now() + within;
     while Instant::now() < deadline {
@@ -33,6 +59,14 @@ pub struct Etcd {
     child: Child,
     pub port: u16,
     pub dir: PathBuf,
+    /// Address its client and peer URLs bind to (127.0.0.1 unless started
+    /// by `start_cluster`).
+    pub host: String,
+    /// `--name` of this member.
+    pub name: String,
+    pub peer_port: u16,
+    /// False once `kill9` ran.
+    pub running: bool,
 }
 
 impl Etcd {
@@ -70,11 +104,115 @@ impl Etcd {
             child,
             port,
             dir: data,
+            host: "127.0.0.1".to_string(),
+            name: "t".to_string(),
+            peer_port: peer,
+            running: true,
         }
     }
 
+    /// A real etcd cluster: one member per address in `hosts`, named e1,
+    /// e2..., each with its client and peer URLs on its host's address, one
+    /// `--initial-cluster` listing all, `--initial-cluster-state new` and a
+    /// shared `--initial-cluster-token`. Returns once every member answers
+    /// /health (the cluster has a quorum and a raft leader).
+    pub fn start_cluster(dir: &Path, hosts: &[String]) -> Vec<Etcd> {
+        assert!(!hosts.is_empty(), "an etcd cluster needs a host");
+        let ports: Vec<(u16, u16)> = hosts.iter().map(|_| (free_port(), free_port())).collect();
+        let names: Vec<String> = (1..=hosts.len()).map(|i| format!("e{i}")).collect();
+        let initial_cluster = names
+            .iter()
+            .zip(hosts)
+            .zip(&ports)
+            .map(|((n, h), (_, peer))| format!("{n}=http://{h}:{peer}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        // Unique per cluster so members of two test clusters never join.
+        let token = format!(
+            "pgwarden-it-{}-{}",
+            std::process::id(),
+            dir.file_name()
+                .map(|n| n.to_string_lossy().to_string())
+                .unwrap_or_default()
+        );
+        // Every member is spawned before any is waited for (none can serve
+        // before a quorum is up); each is owned by the Vec at once, so a
+        // panic below stops those already started.
+        let mut out: Vec<Etcd> = Vec::new();
+        for ((name, host), (port, peer)) in names.iter().zip(hosts).zip(&ports) {
+            let url = format!("http://{host}:{port}");
+            let peer_url = format!("http://{host}:{peer}");
+            let data = dir.join(format!("etcd-{name}"));
+            let args: Vec<String> = [
+                "--name",
+                name,
+                "--data-dir",
+                &data.to_string_lossy(),
+                "--listen-client-urls",
+                &url,
+                "--advertise-client-urls",
+                &url,
+                "--listen-peer-urls",
+                &peer_url,
+                "--initial-advertise-peer-urls",
+                &peer_url,
+                "--initial-cluster",
+                &initial_cluster,
+                "--initial-cluster-state",
+                "new",
+                "--initial-cluster-token",
+                &token,
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+            let child = spawn_logged("etcd", &args, &dir.join(format!("etcd-{name}.log")));
+            out.push(Etcd {
+                child,
+                port: *port,
+                dir: data,
+                host: host.clone(),
+                name: name.clone(),
+                peer_port: *peer,
+                running: true,
+            });
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        for e in &out {
+            loop {
+                let healthy = http_get_blocking(&e.host, e.port, "/health")
+                    .is_some_and(|b| b.contains("\"health\":\"true\""));
+                if healthy {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "etcd member {} ({}) not healthy within 30 s; log:\n{}",
+                    e.name,
+                    e.endpoint(),
+                    std::fs::read_to_string(dir.join(format!("etcd-{}.log", e.name)))
+                        .unwrap_or_default()
+                );
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        out
+    }
+
     pub fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        format!("http://{}:{}", self.host, self.port)
+    }
+
+    /// The etcd process's PID while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.running.then(|| self.child.id())
+    }
+
+    /// kill -9 this member (and reap it).
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.running = false;
     }
 
     /// Keys under a prefix, via etcdctl-free gRPC (the crate's client).
@@ -130,6 +268,12 @@ pub struct Haproxy {
 
 impl Haproxy {
     pub fn start(cfg: &Path, log: &Path, port: u16) -> Haproxy {
+        Haproxy::start_at(cfg, log, "127.0.0.1", port)
+    }
+
+    /// HAProxy on a config whose frontends bind `host`; returns once `port`
+    /// accepts connections there.
+    pub fn start_at(cfg: &Path, log: &Path, host: &str, port: u16) -> Haproxy {
         let args = vec![
             "-db".to_string(),
             "-f".to_string(),
@@ -137,8 +281,8 @@ impl Haproxy {
         ];
         let child = spawn_logged("haproxy", &args, log);
         assert!(
-            wait_port(port, Duration::from_secs(10)),
-            "haproxy did not listen on {port}"
+            wait_addr(host, port, Duration::from_secs(10)),
+            "haproxy did not listen on {host}:{port}"
         );
         Haproxy { child }
     }

@@ -1,0 +1,237 @@
+//! The parts of the policy that carry out operators' wishes: switchover and
+//! manual failover requests, maintenance mode, and requests made to one
+//! member (restart, reinit, reload).
+
+use super::view::*;
+use crate::dcs::{ClusterView, FailoverKind, FailoverRequest, PgState, Role};
+
+/// An unscheduled request nobody acted on for this long stops holding
+/// elections back.
+const REQUEST_MAX_AGE_SECS: u64 = 60;
+
+/// A request that should still be obeyed.
+pub(super) fn live_request<'a>(
+    cluster: &'a ClusterView,
+    local: &LocalView,
+) -> Option<&'a FailoverRequest> {
+    let f = cluster.failover.as_ref()?;
+    let since = f.scheduled_unix.unwrap_or(f.requested_unix);
+    (f.requested_unix == 0 || local.wall_clock <= since.saturating_add(REQUEST_MAX_AGE_SECS))
+        .then_some(f)
+}
+
+/// The leader, running as primary with a fresh lease, looks at a pending
+/// request. Returns true when it started a hand-over (nothing else to do).
+pub(super) fn leader_handles_request(
+    cluster: &ClusterView,
+    local: &LocalView,
+    pg: &PgRunning,
+    d: &mut Decision,
+) -> bool {
+    let Some(f) = cluster.failover.as_ref() else {
+        return false;
+    };
+    if f.candidate.as_deref() == Some(local.name.as_str()) {
+        d.push(
+            Action::ClearFailover,
+            format!("{} to us complete", kind_word(f.kind)),
+        );
+        return false;
+    }
+    if let Some(l) = f.leader.as_deref() {
+        if l != local.name {
+            d.push(
+                Action::ClearFailover,
+                format!(
+                    "dropping a {} request from leader {l}: we lead now",
+                    kind_word(f.kind)
+                ),
+            );
+            return false;
+        }
+    }
+    if let Some(at) = f.scheduled_unix {
+        if at > local.wall_clock {
+            d.waiting = Some(format!(
+                "switchover scheduled at {}",
+                f.scheduled_at.as_deref().unwrap_or("a later time")
+            ));
+            return false;
+        }
+    }
+    match pick_candidate(cluster, local, pg, f.candidate.as_deref()) {
+        Ok(candidate) => {
+            d.push(
+                Action::BeginSwitchover {
+                    candidate: candidate.clone(),
+                },
+                format!(
+                    "{} to {candidate} requested: shutting PostgreSQL down cleanly to hand over",
+                    kind_word(f.kind)
+                ),
+            );
+            true
+        }
+        Err(why) => {
+            d.push(
+                Action::ClearFailover,
+                format!("{} refused: {why}", kind_word(f.kind)),
+            );
+            d.problem = Some(format!("{} aborted: {why}", kind_word(f.kind)));
+            false
+        }
+    }
+}
+
+/// The leader has shut down for a hand-over: it gives up the lease once the
+/// candidate has received everything up to the shutdown checkpoint.
+/// Returns true when a hand-over is in progress.
+pub(super) fn leader_hands_over(
+    cluster: &ClusterView,
+    local: &LocalView,
+    d: &mut Decision,
+) -> bool {
+    let Some(f) = cluster.failover.as_ref() else {
+        return false;
+    };
+    let Some(candidate) = f.candidate.as_deref() else {
+        return false;
+    };
+    if f.leader.as_deref() != Some(local.name.as_str()) || candidate == local.name {
+        return false;
+    }
+    let Some(control) = local.control.as_ref().filter(|c| c.clean_shutdown) else {
+        return false;
+    };
+    let received = local
+        .peers
+        .iter()
+        .find(|p| p.name == candidate)
+        .and_then(|p| p.wal_lsn);
+    match received {
+        Some(lsn) if lsn > control.checkpoint_lsn => {
+            d.push(
+                Action::ReleaseLeader,
+                format!("{candidate} has received our shutdown checkpoint: handing the leader lease over"),
+            );
+        }
+        _ => {
+            d.push(
+                Action::RenewLeader,
+                "holding the lease until the candidate catches up",
+            );
+            d.waiting = Some(format!(
+                "waiting for {candidate} to receive our shutdown checkpoint"
+            ));
+        }
+    }
+    true
+}
+
+/// What a replica does about a request when there is no leader: take the
+/// lease (it is the named candidate), leave it to the candidate, or follow
+/// the normal election (None).
+pub(super) enum ReplicaVerdict {
+    TakeLease(String),
+    LeaveTo(String),
+}
+
+pub(super) fn replica_verdict(cluster: &ClusterView, local: &LocalView) -> Option<ReplicaVerdict> {
+    let f = live_request(cluster, local)?;
+    let candidate = f.candidate.as_deref()?;
+    if candidate == local.name {
+        Some(ReplicaVerdict::TakeLease(format!(
+            "{} names us: taking the leader lease",
+            kind_word(f.kind)
+        )))
+    } else {
+        Some(ReplicaVerdict::LeaveTo(format!(
+            "{} to {candidate} in progress: not running for leader",
+            kind_word(f.kind)
+        )))
+    }
+}
+
+/// Who takes over in a switchover: the named member if it qualifies, or the
+/// most advanced qualifying replica (ties: failover_priority, then name).
+fn pick_candidate(
+    cluster: &ClusterView,
+    local: &LocalView,
+    pg: &PgRunning,
+    named: Option<&str>,
+) -> Result<String, String> {
+    let ours = pg.wal_lsn.unwrap_or(0);
+    let max_lag = cluster.config.maximum_lag_on_failover;
+    let check = |name: &str| -> Result<u64, String> {
+        let m = cluster
+            .member(name)
+            .ok_or_else(|| format!("{name} is not a member"))?;
+        if m.tags.nofailover {
+            return Err(format!("{name} is tagged nofailover"));
+        }
+        if !matches!(m.role, Role::Replica | Role::SyncStandby) || m.state != PgState::Streaming {
+            return Err(format!(
+                "{name} is not a streaming replica ({})",
+                m.state.as_str()
+            ));
+        }
+        let lsn = m.receive_lsn.max(m.wal_lsn).unwrap_or(0);
+        let lag = ours.saturating_sub(lsn);
+        if lag > max_lag {
+            return Err(format!(
+                "{name} is {lag} bytes behind (maximum_lag_on_failover {max_lag})"
+            ));
+        }
+        Ok(lsn)
+    };
+    if let Some(name) = named {
+        if name == local.name {
+            return Err(format!("{name} is already the leader"));
+        }
+        return check(name).map(|_| name.to_string());
+    }
+    cluster
+        .members
+        .iter()
+        .filter(|m| m.name != local.name)
+        .filter_map(|m| {
+            check(&m.name)
+                .ok()
+                .map(|lsn| (lsn, m.tags.failover_priority, m.name.clone()))
+        })
+        .max_by(|a, b| a.0.cmp(&b.0).then(a.1.cmp(&b.1)).then(b.2.cmp(&a.2)))
+        .map(|(_, _, name)| name)
+        .ok_or_else(|| "no healthy replica to hand over to".to_string())
+}
+
+/// A request made to this member's own API.
+pub(super) fn member_request(cluster: &ClusterView, local: &LocalView, d: &mut Decision) -> bool {
+    let Some(req) = local.request else {
+        return false;
+    };
+    if local.job.is_some() {
+        d.waiting = Some("an operator request waits for the running job".into());
+        return true;
+    }
+    let i_lead = cluster.leader.as_deref() == Some(local.name.as_str());
+    d.push(Action::AckRequest, "operator request received");
+    match req {
+        OperatorRequest::Reload => d.push(Action::Reload, "operator asked for a reload"),
+        OperatorRequest::Restart => d.push(Action::Restart, "operator asked for a restart"),
+        OperatorRequest::Reinit if i_lead => {
+            d.problem = Some("refusing to reinitialize the leader: switch over first".into());
+        }
+        OperatorRequest::Reinit => d.push(
+            Action::RemoveData,
+            "operator asked to reinitialize: removing the data directory to clone afresh",
+        ),
+    }
+    true
+}
+
+fn kind_word(k: FailoverKind) -> &'static str {
+    match k {
+        FailoverKind::Switchover => "switchover",
+        FailoverKind::Failover => "manual failover",
+    }
+}
