@@ -42,6 +42,16 @@ async fn run(args: Cli) -> anyhow::Result<()> {
         Command::History { format } => {
             cli::history(&load()?, *format == cli::ListFormat::Json).await
         }
+        Command::Switchover(a) => cli::switchover(&load()?, a).await,
+        Command::Failover(a) => cli::failover(&load()?, a).await,
+        Command::Restart(a) => cli::restart(&load()?, a).await,
+        Command::Reinit(a) => cli::reinit(&load()?, a).await,
+        Command::Reload(a) => cli::reload(&load()?, a).await,
+        Command::Pause => cli::set_pause(&load()?, true).await,
+        Command::Resume => cli::set_pause(&load()?, false).await,
+        Command::ShowConfig { format } => cli::show_config(&load()?, *format).await,
+        Command::EditConfig(a) => cli::edit_config(&load()?, a).await,
+        Command::Remove { scope } => cli::remove(&load()?, scope).await,
         Command::HaproxyConfig(h) => cli::haproxy_config::run(&load()?, h).await,
         Command::Demo(d) => pgwarden::demo::run(d.clone()).await,
     }

@@ -522,11 +522,14 @@ async fn losing_server_1_promotes_db03_and_haproxy_routes_writes_there() {
     // The two surviving etcd members keep a quorum and hold the new leader.
     assert_eq!(c.etcd_endpoints().len(), 2, "etcd e1 died with server 1");
     etcd_healthy(&c).await;
-    assert_eq!(
-        c.dcs_get("/service/it/leader").await.as_deref(),
-        Some("db03"),
-        "the leader key names db03"
-    );
+    eventually(
+        "the leader key naming db03, read through the surviving etcd members",
+        LONG,
+        || async {
+            (c.dcs_get("/service/it/leader").await.as_deref() == Some("db03")).then_some(())
+        },
+    )
+    .await;
 
     let attempts = writer.stop().await;
     monitor.finish().await;
@@ -617,11 +620,14 @@ async fn losing_server_2_moves_nothing() {
 
     // DB01 stays the only primary; the leader key never moved.
     assert_eq!(c.wait_single_primary(LONG).await, DB01, "nothing moved");
-    assert_eq!(
-        c.dcs_get("/service/it/leader").await.as_deref(),
-        Some("db01"),
-        "the leader key still names db01"
-    );
+    eventually(
+        "the leader key naming db01, read through the surviving etcd members",
+        LONG,
+        || async {
+            (c.dcs_get("/service/it/leader").await.as_deref() == Some("db01")).then_some(())
+        },
+    )
+    .await;
     // Reads through the read-only port are served by DB02 alone now.
     reads_served_by(&c, c.members[DB02].pg_port, "db02").await;
     assert_eq!(c.etcd_endpoints().len(), 2, "etcd e2 died with server 2");

@@ -349,7 +349,7 @@ impl Agent {
 
     /// Config file inputs for the role we are about to run in.
     /// `replica`: None for primary, Some(upstream) for a replica.
-    fn conf_inputs(&self, cluster: &ClusterView, replica: Option<Option<Upstream>>) -> ConfInputs {
+    pub(super) fn conf_inputs(&self, cluster: &ClusterView, replica: Option<Option<Upstream>>) -> ConfInputs {
         let pgc = &self.cfg.postgresql;
         let use_slots = cluster.config.use_slots;
         ConfInputs {

@@ -156,6 +156,7 @@ impl Agent {
         } else {
             Vec::new()
         };
+        let conf_outdated = self.conf_outdated(cluster, &pg);
         LocalView {
             name: self.cfg.name.clone(),
             tags: self.cfg.tags.clone(),
@@ -175,7 +176,21 @@ impl Agent {
                 .map(|d| d.as_secs())
                 .unwrap_or(0),
             request: self.pending_request,
+            conf_outdated,
         }
+    }
+
+    /// The running instance's config files lag behind what the cluster's
+    /// dynamic config and our own file render now.
+    fn conf_outdated(&self, cluster: &ClusterView, pg: &PgRun) -> bool {
+        let Some(running) = pg.running() else { return false };
+        let role = running.in_recovery.then(|| {
+            running.upstream.clone().map(|address| crate::ha::Upstream {
+                name: String::new(),
+                address,
+            })
+        });
+        self.pg.conf_differs(&self.conf_inputs(cluster, role))
     }
 
     /// Starts the primary_start_timeout clock when we hold the leader key

@@ -63,6 +63,7 @@ impl Agent {
             tags: self.cfg.tags.clone(),
             version: env!("CARGO_PKG_VERSION").to_string(),
             error,
+            pending_restart: running.is_some_and(|pg| pg.pending_restart),
         }
     }
 

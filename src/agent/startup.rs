@@ -104,9 +104,13 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let shutdown = Arc::new(Notify::new());
     let api_shutdown = shutdown.clone();
     let api_state = api.clone();
+    let api_options = crate::api::ApiOptions::from_config(&cfg)?;
+    // Operator requests to this member (restart, reinit, reload) reach the
+    // loop here; the policy decides what to do with them.
+    let (commands_tx, mut commands_rx) = tokio::sync::mpsc::channel::<crate::api::MemberCommand>(8);
     let api_task = tokio::spawn(async move {
         let stop = async move { api_shutdown.notified().await };
-        if let Err(e) = crate::api::serve(listener, api_state, stop).await {
+        if let Err(e) = crate::api::serve(listener, api_state, api_options, commands_tx, stop).await {
             tracing::error!("the HTTP API stopped: {e}");
         }
     });
@@ -163,6 +167,13 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             _ = tokio::time::sleep(loop_wait) => {}
             _ = wake.notified() => tracing::debug!("leader key changed"),
             _ = job_done, if agent.job.is_some() => {}
+            Some(cmd) = commands_rx.recv() => {
+                agent.pending_request = Some(match cmd {
+                    crate::api::MemberCommand::Restart => crate::ha::OperatorRequest::Restart,
+                    crate::api::MemberCommand::Reinit => crate::ha::OperatorRequest::Reinit,
+                    crate::api::MemberCommand::Reload => crate::ha::OperatorRequest::Reload,
+                });
+            }
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
         }
@@ -280,6 +291,7 @@ fn initial_snapshot(cfg: &Config) -> ApiSnapshot {
             tags: cfg.tags.clone(),
             version: env!("CARGO_PKG_VERSION").to_string(),
             error: None,
+            pending_restart: false,
         },
         cluster: None,
         holds_leader_key: false,

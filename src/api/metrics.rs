@@ -90,7 +90,7 @@ pub(crate) fn render(snap: &ApiSnapshot, now: Instant) -> String {
         (
             "pgwarden_cluster_paused",
             "1 if the cluster is in maintenance mode.",
-            Some(flag(snap.paused).into()),
+            Some(flag(snap.is_paused()).into()),
         ),
         (
             "pgwarden_cluster_unlocked",

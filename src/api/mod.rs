@@ -1,17 +1,26 @@
 //! The HTTP API: health checks for HAProxy, status and cluster views, and
-//! Prometheus metrics, all answered from the loop's last snapshot.
+//! Prometheus metrics, all answered from the loop's last snapshot; and the
+//! operator's authenticated requests (switchover, failover, config edits,
+//! restart/reinitialize/reload of this member).
 //!
-//! Handlers do no I/O: they clone the snapshot's Arc and render it, so a hung
-//! PostgreSQL or etcd can never hang a health probe.
+//! Read-only handlers do no I/O: they clone the snapshot's Arc and render
+//! it, so a hung PostgreSQL or etcd can never hang a health probe. Only the
+//! mutating handlers (`operator.rs`) talk to etcd.
 
+mod auth;
 mod health;
 mod metrics;
+mod operator;
+pub mod requests;
 mod state;
+pub mod tls;
 mod views;
 
 #[cfg(test)]
 mod tests;
 
+pub use auth::Credentials;
+pub use operator::{ApiOptions, MemberCommand, BODY_LIMIT};
 pub use state::{ApiSnapshot, SharedState};
 
 use axum::extract::State;
@@ -20,12 +29,26 @@ use axum::response::Response;
 use axum::routing::{get, post, MethodRouter};
 use axum::serve::ListenerExt;
 use axum::Router;
+use operator::{AppState, Ops};
 use std::future::Future;
-use std::time::Instant;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
 
 /// Every route of the DESIGN.md "HTTP API" contract. Unknown paths get a JSON
 /// 404, known paths with a wrong method a JSON 405 (with `Allow`).
-pub fn router(state: SharedState) -> Router {
+///
+/// Mutating routes need `options`' credentials (403 when none are
+/// configured); requests to this member's agent go into `commands`.
+pub fn router(
+    state: SharedState,
+    options: ApiOptions,
+    commands: mpsc::Sender<MemberCommand>,
+) -> Router {
+    let app = AppState {
+        snapshot: state,
+        ops: Arc::new(Ops::new(options, commands)),
+    };
     let mut router = Router::new();
     for &(path, check) in health::ROUTES {
         router = router.route(path, health_route(check));
@@ -38,54 +61,81 @@ pub fn router(state: SharedState) -> Router {
         .route(
             "/config",
             view_route(views::config)
-                .patch(views::refuse_mutation)
-                .put(views::refuse_mutation),
+                .patch(operator::patch_config_handler)
+                .put(operator::put_config_handler),
         )
         .route(
             "/switchover",
-            post(views::refuse_mutation)
-                .delete(views::refuse_mutation)
+            post(operator::post_switchover)
+                .delete(operator::delete_switchover)
                 .fallback(views::method_not_allowed),
         )
-        .route("/failover", refused_post())
+        .route("/failover", mutating_post(operator::post_failover))
         .route(
             "/restart",
-            post(views::refuse_mutation)
-                .delete(views::refuse_mutation)
+            post(operator::post_restart)
+                .delete(operator::delete_restart)
                 .fallback(views::method_not_allowed),
         )
-        .route("/reinitialize", refused_post())
-        .route("/reload", refused_post())
+        .route("/reinitialize", mutating_post(operator::post_reinitialize))
+        .route("/reload", mutating_post(operator::post_reload))
         .fallback(views::not_found)
-        .with_state(state)
+        .with_state(app)
 }
 
-/// Serves `router(state)` until `shutdown` completes, then lets in-flight
+/// Serves `router(state, options, commands)` (over HTTPS when `options`
+/// carry a TLS config) until `shutdown` completes, then lets in-flight
 /// requests finish.
 ///
 /// # Errors
 ///
-/// Only what axum's accept loop reports; transient accept errors (too many
+/// Only what the accept loop reports; transient accept errors (too many
 /// open files, aborted connections) are retried inside it, not returned.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: SharedState,
+    options: ApiOptions,
+    commands: mpsc::Sender<MemberCommand>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    // Responses are one small write; Nagle would only add latency to probes.
-    let listener = listener.tap_io(|tcp| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!(error = %e, "could not set TCP_NODELAY on API connection");
+    let tls = options.tls.clone();
+    let app = router(state, options, commands);
+    match tls {
+        None => {
+            // Responses are one small write; Nagle would only add latency
+            // to probes.
+            let listener = listener.tap_io(|tcp| {
+                if let Err(e) = tcp.set_nodelay(true) {
+                    tracing::debug!(error = %e, "could not set TCP_NODELAY on API connection");
+                }
+            });
+            axum::serve(listener, app)
+                .with_graceful_shutdown(shutdown)
+                .await
         }
-    });
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(shutdown)
-        .await
+        Some(tls) => {
+            let handle = axum_server::Handle::<std::net::SocketAddr>::new();
+            let stopper = handle.clone();
+            tokio::spawn(async move {
+                shutdown.await;
+                stopper.graceful_shutdown(Some(Duration::from_secs(10)));
+            });
+            // The default acceptor under TLS sets TCP_NODELAY itself.
+            let acceptor = axum_server::tls_rustls::RustlsAcceptor::new(
+                axum_server::tls_rustls::RustlsConfig::from_config(tls),
+            );
+            axum_server::Server::from_listener(listener)
+                .acceptor(acceptor)
+                .handle(handle)
+                .serve(app.into_make_service())
+                .await
+        }
+    }
 }
 
 /// GET (and so HEAD, whose body axum strips) and OPTIONS, which HAProxy's
 /// plain `option httpchk` sends.
-fn health_route(check: health::Check) -> MethodRouter<SharedState> {
+fn health_route(check: health::Check) -> MethodRouter<AppState> {
     let handler = move |State(state): State<SharedState>, uri: Uri| async move {
         health::respond(&state.get(), check, &uri, Instant::now())
     };
@@ -94,7 +144,7 @@ fn health_route(check: health::Check) -> MethodRouter<SharedState> {
         .fallback(views::method_not_allowed)
 }
 
-fn view_route(render: fn(&ApiSnapshot, Instant) -> Response) -> MethodRouter<SharedState> {
+fn view_route(render: fn(&ApiSnapshot, Instant) -> Response) -> MethodRouter<AppState> {
     let handler =
         move |State(state): State<SharedState>| async move { render(&state.get(), Instant::now()) };
     get(handler)
@@ -102,6 +152,10 @@ fn view_route(render: fn(&ApiSnapshot, Instant) -> Response) -> MethodRouter<Sha
         .fallback(views::method_not_allowed)
 }
 
-fn refused_post() -> MethodRouter<SharedState> {
-    post(views::refuse_mutation).fallback(views::method_not_allowed)
+fn mutating_post<H, T>(handler: H) -> MethodRouter<AppState>
+where
+    H: axum::handler::Handler<T, AppState>,
+    T: 'static,
+{
+    post(handler).fallback(views::method_not_allowed)
 }

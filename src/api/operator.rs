@@ -8,6 +8,10 @@
 //! connection the API opens lazily and drops on error (reopened by the next
 //! request).
 
+// A Response is the natural error of a handler step; it is built once per
+// request, so its size does not matter.
+#![allow(clippy::result_large_err)]
+
 use super::auth::{self, Credentials};
 use super::requests::{
     self, check_failover, check_switchover, parse_body, patch_config, validate_config, EmptyBody,
@@ -78,10 +82,7 @@ impl ApiOptions {
         };
         Ok(ApiOptions {
             scope: cfg.scope.clone(),
-            credentials: cfg
-                .api
-                .credentials()
-                .map(|(u, p)| Credentials::new(u, p)),
+            credentials: cfg.api.credentials().map(|(u, p)| Credentials::new(u, p)),
             tls,
             etcd_endpoints: cfg.etcd.endpoints.clone(),
             keys: Keys::new(cfg.key_prefix()),
@@ -276,7 +277,10 @@ pub(crate) async fn delete_switchover(
     if let Err(r) = parse_body::<EmptyBody>(&bytes) {
         return refuse(r);
     }
-    match ops.with_dcs(async |dcs: &mut Dcs| dcs.cancel_failover().await).await {
+    match ops
+        .with_dcs(async |dcs: &mut Dcs| dcs.cancel_failover().await)
+        .await
+    {
         Err(resp) => resp,
         Ok(CancelOutcome::NothingPending) => error_response(
             StatusCode::NOT_FOUND,
@@ -346,9 +350,7 @@ fn if_match(headers: &HeaderMap) -> Result<Option<i64>, Refusal> {
     text.parse::<i64>().map(Some).map_err(|_| {
         Refusal::new(
             StatusCode::BAD_REQUEST,
-            format!(
-                "If-Match must be the config revision (the ETag of GET /config), not {text:?}"
-            ),
+            format!("If-Match must be the config revision (the ETag of GET /config), not {text:?}"),
         )
     })
 }

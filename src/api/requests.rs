@@ -133,7 +133,9 @@ pub fn parse_schedule(text: &str, now: u64) -> Result<(String, u64), Refusal> {
 pub fn parse_rfc3339(text: &str) -> Result<u64, String> {
     let s = text.trim().as_bytes();
     let num = |range: std::ops::Range<usize>, what: &str| -> Result<i64, String> {
-        let part = s.get(range).ok_or_else(|| format!("too short: no {what}"))?;
+        let part = s
+            .get(range)
+            .ok_or_else(|| format!("too short: no {what}"))?;
         if part.is_empty() || !part.iter().all(u8::is_ascii_digit) {
             return Err(format!("expected digits for the {what}"));
         }
@@ -190,7 +192,20 @@ pub fn parse_rfc3339(text: &str) -> Result<u64, String> {
         return Err("month out of range".into());
     }
     let leap = (year % 4 == 0 && year % 100 != 0) || year % 400 == 0;
-    let days_in_month = [31, if leap { 29 } else { 28 }, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31];
+    let days_in_month = [
+        31,
+        if leap { 29 } else { 28 },
+        31,
+        30,
+        31,
+        30,
+        31,
+        31,
+        30,
+        31,
+        30,
+        31,
+    ];
     if day < 1 || day > days_in_month[(month - 1) as usize] {
         return Err("day out of range".into());
     }
@@ -247,9 +262,16 @@ pub fn lost_race() -> Refusal {
 }
 
 /// Why `name` cannot take over by switchover now, if it cannot.
-fn switchover_candidate_problem(view: &ClusterView, leader: &str, name: &str, scope: &str) -> Option<String> {
+fn switchover_candidate_problem(
+    view: &ClusterView,
+    leader: &str,
+    name: &str,
+    scope: &str,
+) -> Option<String> {
     let Some(m) = view.member(name) else {
-        return Some(format!("candidate {name} is not a member of cluster {scope}"));
+        return Some(format!(
+            "candidate {name} is not a member of cluster {scope}"
+        ));
     };
     if name == leader {
         return Some(format!("candidate {name} is already the leader"));
@@ -316,9 +338,10 @@ pub fn check_switchover(
             }
         }
         None => {
-            let any = view.members.iter().any(|m| {
-                switchover_candidate_problem(view, leader, &m.name, scope).is_none()
-            });
+            let any = view
+                .members
+                .iter()
+                .any(|m| switchover_candidate_problem(view, leader, &m.name, scope).is_none());
             if !any {
                 return Err(Refusal::precondition(
                     "no candidate to switch over to: no other member is streaming, within maximum_lag_on_failover and not tagged nofailover",
@@ -407,9 +430,8 @@ pub fn merge_patch(target: &mut Value, patch: &Value) {
 /// known keys only, values of the right type, the lease timing rule, and
 /// PostgreSQL parameter names. Errors name the key.
 pub fn validate_config(value: Value) -> Result<DynamicConfig, Refusal> {
-    let invalid = |key: &str, message: &str| {
-        Refusal::bad(format!("invalid config: key `{key}`: {message}"))
-    };
+    let invalid =
+        |key: &str, message: &str| Refusal::bad(format!("invalid config: key `{key}`: {message}"));
     let cfg: DynamicConfig = serde_path_to_error::deserialize(value).map_err(|err| {
         let path = err.path().to_string();
         let message = err.inner().to_string();
@@ -425,7 +447,8 @@ pub fn validate_config(value: Value) -> Result<DynamicConfig, Refusal> {
         };
         invalid(&key, &message)
     })?;
-    cfg.check_timing().map_err(|(key, msg)| invalid(key, &msg))?;
+    cfg.check_timing()
+        .map_err(|(key, msg)| invalid(key, &msg))?;
     config::check_parameters(&cfg.postgresql.parameters)
         .map_err(|(name, msg)| invalid(&format!("postgresql.parameters.{name}"), &msg))?;
     Ok(cfg)
@@ -484,6 +507,7 @@ mod tests {
             upstream: None,
             tags: Tags::default(),
             version: String::new(),
+            pending_restart: false,
             error: None,
         }
     }
@@ -518,13 +542,25 @@ mod tests {
         }
     }
 
+    type Row = (
+        &'static str,
+        ClusterView,
+        SwitchoverBody,
+        Result<(), (u16, &'static str)>,
+    );
+
     #[test]
     fn switchover_table() {
         let later = format_time(NOW + 3600);
         let earlier = format_time(NOW - 1);
         let pending = {
             let mut v = view();
-            v.failover = Some(request(FailoverKind::Switchover, Some("n1".into()), Some("n2".into()), NOW));
+            v.failover = Some(request(
+                FailoverKind::Switchover,
+                Some("n1".into()),
+                Some("n2".into()),
+                NOW,
+            ));
             v
         };
         let leaderless = ClusterView {
@@ -537,7 +573,7 @@ mod tests {
             v
         };
         #[rustfmt::skip]
-        let table: Vec<(&str, ClusterView, SwitchoverBody, Result<(), (u16, &str)>)> = vec![
+        let table: Vec<Row> = vec![
             ("to a healthy replica", view(), so(None, Some("n2"), None), Ok(())),
             ("to whoever is healthiest", view(), so(None, None, None), Ok(())),
             ("naming the right leader", view(), so(Some("n1"), Some("n2"), None), Ok(())),
@@ -570,7 +606,11 @@ mod tests {
                     if what != "past" {
                         assert_eq!(r.message, msg, "{what}");
                     } else {
-                        assert!(r.message.contains("is in the past"), "{what}: {}", r.message);
+                        assert!(
+                            r.message.contains("is in the past"),
+                            "{what}: {}",
+                            r.message
+                        );
                     }
                 }
                 (got, want) => panic!("{what}: got {got:?}, want {want:?}"),
@@ -599,14 +639,23 @@ mod tests {
             "candidate n9 is not a member of cluster c"
         );
         assert_eq!(bad(&leaderless, Some("n9")).status.as_u16(), 412);
-        assert_eq!(bad(&leaderless, Some("n4")).message, "candidate n4 is tagged nofailover");
+        assert_eq!(
+            bad(&leaderless, Some("n4")).message,
+            "candidate n4 is tagged nofailover"
+        );
         assert_eq!(bad(&view(), Some("n1")).status.as_u16(), 412);
     }
 
     #[test]
     fn bodies() {
-        assert_eq!(parse_body::<SwitchoverBody>(b"").unwrap(), SwitchoverBody::default());
-        assert_eq!(parse_body::<SwitchoverBody>(b"  \n").unwrap(), SwitchoverBody::default());
+        assert_eq!(
+            parse_body::<SwitchoverBody>(b"").unwrap(),
+            SwitchoverBody::default()
+        );
+        assert_eq!(
+            parse_body::<SwitchoverBody>(b"  \n").unwrap(),
+            SwitchoverBody::default()
+        );
         let e = parse_body::<SwitchoverBody>(b"{\"candidate\":").unwrap_err();
         assert!(e.message.starts_with("malformed JSON body: "), "{e}");
         let e = parse_body::<SwitchoverBody>(b"{\"canidate\":\"x\"}").unwrap_err();
@@ -615,7 +664,10 @@ mod tests {
             "{e}"
         );
         let e = parse_body::<SwitchoverBody>(b"{\"candidate\":3}").unwrap_err();
-        assert!(e.message.starts_with("invalid request body: invalid type"), "{e}");
+        assert!(
+            e.message.starts_with("invalid request body: invalid type"),
+            "{e}"
+        );
         assert!(parse_body::<EmptyBody>(b"{}").is_ok());
         assert!(parse_body::<EmptyBody>(b"{\"schedule\":1}").is_err());
     }
@@ -652,7 +704,12 @@ mod tests {
             assert!(parse_rfc3339(bad).is_err(), "{bad:?} should be rejected");
         }
         assert!(parse_schedule("2027-01-15T08:00:01Z", NOW).is_ok());
-        assert_eq!(parse_schedule("2027-01-15T08:00:00Z", NOW).unwrap_err().status, 400);
+        assert_eq!(
+            parse_schedule("2027-01-15T08:00:00Z", NOW)
+                .unwrap_err()
+                .status,
+            400
+        );
         assert!(parse_schedule("soon", NOW)
             .unwrap_err()
             .message
@@ -666,18 +723,30 @@ mod tests {
             (json!({"a":"b"}), json!({"a":"c"}), json!({"a":"c"})),
             (json!({"a":"b"}), json!({"b":"c"}), json!({"a":"b","b":"c"})),
             (json!({"a":"b"}), json!({"a":null}), json!({})),
-            (json!({"a":"b","b":"c"}), json!({"a":null}), json!({"b":"c"})),
+            (
+                json!({"a":"b","b":"c"}),
+                json!({"a":null}),
+                json!({"b":"c"}),
+            ),
             (json!({"a":["b"]}), json!({"a":"c"}), json!({"a":"c"})),
             (json!({"a":"c"}), json!({"a":["b"]}), json!({"a":["b"]})),
-            (json!({"a":{"b":"c"}}), json!({"a":{"b":"d","c":null}}), json!({"a":{"b":"d"}})),
+            (
+                json!({"a":{"b":"c"}}),
+                json!({"a":{"b":"d","c":null}}),
+                json!({"a":{"b":"d"}}),
+            ),
             (json!({"a":[{"b":"c"}]}), json!({"a":[1]}), json!({"a":[1]})),
-            (json!(["a","b"]), json!(["c","d"]), json!(["c","d"])),
+            (json!(["a", "b"]), json!(["c", "d"]), json!(["c", "d"])),
             (json!({"a":"b"}), json!(["c"]), json!(["c"])),
             (json!({"a":"foo"}), json!(null), json!(null)),
             (json!({"a":"foo"}), json!("bar"), json!("bar")),
             (json!({"e":null}), json!({"a":1}), json!({"e":null,"a":1})),
-            (json!([1,2]), json!({"a":"b","c":null}), json!({"a":"b"})),
-            (json!({}), json!({"a":{"bb":{"ccc":null}}}), json!({"a":{"bb":{}}})),
+            (json!([1, 2]), json!({"a":"b","c":null}), json!({"a":"b"})),
+            (
+                json!({}),
+                json!({"a":{"bb":{"ccc":null}}}),
+                json!({"a":{"bb":{}}}),
+            ),
         ];
         for (target, patch, want) in cases {
             let mut t = target.clone();
@@ -701,24 +770,53 @@ mod tests {
             Some(&crate::config::ParamValue::Text("8MB".into()))
         );
         // Removing a key brings back its default.
-        let back = patch_config(Some(&serde_json::to_value(&ok).unwrap()), &DynamicConfig::default(), &json!({"ttl": null})).unwrap();
+        let back = patch_config(
+            Some(&serde_json::to_value(&ok).unwrap()),
+            &DynamicConfig::default(),
+            &json!({"ttl": null}),
+        )
+        .unwrap();
         assert_eq!(back.ttl, DynamicConfig::default().ttl);
-        let err = |patch: Value| patch_config(Some(&stored), &DynamicConfig::default(), &patch).unwrap_err().message;
+        let err = |patch: Value| {
+            patch_config(Some(&stored), &DynamicConfig::default(), &patch)
+                .unwrap_err()
+                .message
+        };
         assert_eq!(
             err(json!({"ttl": 5})),
             "invalid config: key `ttl`: ttl (5) must be >= loop_wait + 2 * retry_timeout (1 + 2 * 4 = 9)"
         );
-        assert!(err(json!({"tll": 5})).starts_with("invalid config: key `tll`: unknown field `tll`"), "{}", err(json!({"tll": 5})));
-        assert!(err(json!({"postgresql": {"parameter": {}}})).starts_with("invalid config: key `postgresql.parameter`: unknown field `parameter`"));
-        assert!(err(json!({"ttl": "long"})).starts_with("invalid config: key `ttl`: invalid type"), "{}", err(json!({"ttl": "long"})));
+        assert!(
+            err(json!({"tll": 5})).starts_with("invalid config: key `tll`: unknown field `tll`"),
+            "{}",
+            err(json!({"tll": 5}))
+        );
+        assert!(err(json!({"postgresql": {"parameter": {}}}))
+            .starts_with("invalid config: key `postgresql.parameter`: unknown field `parameter`"));
+        assert!(
+            err(json!({"ttl": "long"})).starts_with("invalid config: key `ttl`: invalid type"),
+            "{}",
+            err(json!({"ttl": "long"}))
+        );
         assert_eq!(
             err(json!({"postgresql": {"parameters": {"port": 5433}}})),
             "invalid config: key `postgresql.parameters.port`: is managed by pgwarden and cannot be set here"
         );
-        assert!(err(json!({"postgresql": {"parameters": {"work_mem": [1]}}})).starts_with("invalid config: key `postgresql.parameters.work_mem`"));
+        assert!(
+            err(json!({"postgresql": {"parameters": {"work_mem": [1]}}}))
+                .starts_with("invalid config: key `postgresql.parameters.work_mem`")
+        );
         assert!(err(json!([1])).contains("must be a JSON object"));
         // Before bootstrap the member's defaults are the base.
-        let pre = patch_config(None, &DynamicConfig { ttl: 20, ..DynamicConfig::default() }, &json!({"pause": true})).unwrap();
+        let pre = patch_config(
+            None,
+            &DynamicConfig {
+                ttl: 20,
+                ..DynamicConfig::default()
+            },
+            &json!({"pause": true}),
+        )
+        .unwrap();
         assert!(pre.pause);
         assert_eq!(pre.ttl, 20);
     }

@@ -59,6 +59,12 @@ impl SharedState {
 }
 
 impl ApiSnapshot {
+    /// Maintenance mode, as the agent reports it or as the stored dynamic
+    /// config says (the snapshot's cluster view is the source of truth).
+    pub fn is_paused(&self) -> bool {
+        self.paused || self.cluster.as_ref().is_some_and(|c| c.config.pause)
+    }
+
     /// This member holds the lease and runs as a writable primary, and the
     /// lease cannot have expired yet.
     pub fn is_primary(&self, now: Instant) -> bool {

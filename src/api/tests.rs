@@ -26,6 +26,7 @@ fn member(name: &str, role: Role, state: PgState, wal_lsn: Option<u64>) -> Membe
         upstream: None,
         tags: Tags::default(),
         version: "0.1.0".into(),
+        pending_restart: false,
         error: None,
     }
 }
@@ -155,19 +156,61 @@ struct Server {
 
 impl Server {
     async fn start(snap: ApiSnapshot) -> Server {
+        Server::start_with(snap, options(None)).await.0
+    }
+
+    /// A server with these options; the receiving end of its member
+    /// commands comes back with it.
+    async fn start_with(
+        snap: ApiSnapshot,
+        options: ApiOptions,
+    ) -> (Server, tokio::sync::mpsc::Receiver<MemberCommand>) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (tx, rx) = oneshot::channel::<()>();
-        let task = tokio::spawn(serve(listener, SharedState::new(snap), async move {
-            let _ = rx.await;
-        }));
-        Server {
-            base: format!("http://{addr}"),
-            client: reqwest::Client::new(),
-            stop: Some(tx),
-            task,
-            addr,
+        let (commands, commands_rx) = tokio::sync::mpsc::channel(8);
+        let task = tokio::spawn(serve(
+            listener,
+            SharedState::new(snap),
+            options,
+            commands,
+            async move {
+                let _ = rx.await;
+            },
+        ));
+        (
+            Server {
+                base: format!("http://{addr}"),
+                client: reqwest::Client::new(),
+                stop: Some(tx),
+                task,
+                addr,
+            },
+            commands_rx,
+        )
+    }
+
+    /// A request with a body and optional basic credentials.
+    async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        auth: Option<(&str, &str)>,
+        body: &str,
+    ) -> (StatusCode, Value, reqwest::header::HeaderMap) {
+        let mut req = self
+            .client
+            .request(method, format!("{}{path}", self.base))
+            .body(body.to_string());
+        if let Some((u, p)) = auth {
+            req = req.basic_auth(u, Some(p));
         }
+        let resp = req.send().await.unwrap();
+        let code = resp.status();
+        let headers = resp.headers().clone();
+        let text = resp.text().await.unwrap();
+        let v = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{path}: {e}: {text}"));
+        (code, v, headers)
     }
 
     async fn call(
@@ -720,9 +763,16 @@ async fn answers_follow_the_snapshot() {
     let base = format!("http://{}", listener.local_addr().unwrap());
     let state = SharedState::new(replica());
     let (tx, rx) = oneshot::channel::<()>();
-    let task = tokio::spawn(serve(listener, state.clone(), async move {
-        let _ = rx.await;
-    }));
+    let (commands, _commands_rx) = tokio::sync::mpsc::channel(8);
+    let task = tokio::spawn(serve(
+        listener,
+        state.clone(),
+        options(None),
+        commands,
+        async move {
+            let _ = rx.await;
+        },
+    ));
     let client = reqwest::Client::new();
     let get = |p: &str| client.get(format!("{base}{p}")).send();
     assert_eq!(
@@ -738,4 +788,307 @@ async fn answers_follow_the_snapshot() {
     );
     let _ = tx.send(());
     task.await.unwrap().unwrap();
+}
+
+/// Options whose etcd nobody listens on: handlers that get past their
+/// checks answer 503, so these tests see exactly what is refused before
+/// etcd is asked.
+fn options(credentials: Option<(&str, &str)>) -> ApiOptions {
+    ApiOptions::new(
+        "c",
+        "/service/c/".into(),
+        vec!["http://127.0.0.1:1".into()],
+        credentials,
+    )
+}
+
+const CREDS: (&str, &str) = ("admin", "pw:1");
+
+const MUTATIONS: [(&str, &str); 9] = [
+    ("POST", "/switchover"),
+    ("DELETE", "/switchover"),
+    ("POST", "/failover"),
+    ("POST", "/restart"),
+    ("DELETE", "/restart"),
+    ("POST", "/reinitialize"),
+    ("POST", "/reload"),
+    ("PATCH", "/config"),
+    ("PUT", "/config"),
+];
+
+fn method(m: &str) -> Method {
+    Method::from_bytes(m.as_bytes()).unwrap()
+}
+
+#[tokio::test]
+async fn mutations_need_the_right_credentials() {
+    let (server, _rx) = Server::start_with(replica(), options(Some(CREDS))).await;
+    for (m, path) in MUTATIONS {
+        for (auth, reason) in [
+            (
+                None,
+                "authentication required: send the [api] username and password as HTTP basic credentials",
+            ),
+            (Some(("admin", "pw:2")), "wrong username or password"),
+            (Some(("root", "pw:1")), "wrong username or password"),
+            (Some(("admin", "")), "wrong username or password"),
+        ] {
+            let (code, v, headers) = server.send(method(m), path, auth, "{}").await;
+            assert_eq!(code, StatusCode::UNAUTHORIZED, "{m} {path} {auth:?}");
+            assert_eq!(v["error"], reason, "{m} {path}");
+            assert_eq!(
+                headers.get("www-authenticate").unwrap(),
+                "Basic realm=\"pgwarden\""
+            );
+        }
+        // Wrong credentials are refused before the body is even looked at.
+        let (code, _, _) = server
+            .send(method(m), path, Some(("admin", "nope")), "{not json")
+            .await;
+        assert_eq!(code, StatusCode::UNAUTHORIZED, "{m} {path}");
+    }
+    // Read-only paths stay open.
+    assert_eq!(server.call(Method::GET, "/status").await.0, StatusCode::OK);
+    assert_eq!(server.call(Method::GET, "/config").await.0, StatusCode::OK);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn bad_bodies_are_400_or_413_with_a_reason() {
+    let (server, _rx) = Server::start_with(primary(), options(Some(CREDS))).await;
+    let big = format!("{{\"candidate\": \"{}\"}}", "x".repeat(BODY_LIMIT));
+    #[rustfmt::skip]
+    let table: &[(&str, &str, &str, u16, &str)] = &[
+        ("POST", "/switchover", "{\"candidate\":", 400, "malformed JSON body: EOF while parsing a value at line 1 column 13"),
+        ("POST", "/switchover", "{\"canidate\":\"pg2\"}", 400, "invalid request body: unknown field `canidate`, expected one of `leader`, `candidate`, `scheduled_at` at line 1 column 11"),
+        ("POST", "/switchover", "{\"scheduled_at\":\"2001-01-01T00:00:00Z\"}", 400, "scheduled_at 2001-01-01T00:00:00Z is in the past"),
+        ("POST", "/switchover", "{\"scheduled_at\":\"tomorrow\"}", 400, "scheduled_at \"tomorrow\" is not an RFC 3339 time such as 2030-01-02T03:04:05Z: expected digits for the year"),
+        ("POST", "/switchover", &big, 413, "request body too large: the limit is 65536 bytes"),
+        ("POST", "/failover", "{}", 400, "candidate is required"),
+        ("POST", "/failover", "", 400, "candidate is required"),
+        ("POST", "/failover", "\"pg2\"", 400, "invalid request body: invalid type: string \"pg2\", expected struct FailoverBody at line 1 column 5"),
+        ("POST", "/failover", &big, 413, "request body too large: the limit is 65536 bytes"),
+        ("PATCH", "/config", "{\"ttl\":", 400, "malformed JSON body: EOF while parsing a value at line 1 column 7"),
+        ("PATCH", "/config", &big, 413, "request body too large: the limit is 65536 bytes"),
+        ("PUT", "/config", "{\"ttl\": 5}", 400, "invalid config: key `ttl`: ttl (5) must be >= loop_wait + 2 * retry_timeout (1 + 2 * 4 = 9)"),
+        ("PUT", "/config", "{\"tll\": 5}", 400, "invalid config: key `tll`: unknown field `tll`, expected one of `ttl`, `loop_wait`, `retry_timeout`, `maximum_lag_on_failover`, `use_slots`, `use_pg_rewind`, `member_slots_ttl`, `primary_start_timeout`, `synchronous_mode`, `pause`, `postgresql`"),
+        ("POST", "/restart", "{\"schedule\": \"now\"}", 400, "invalid request body: unknown field `schedule`, there are no fields at line 1 column 11"),
+        ("POST", "/reload", &big, 413, "request body too large: the limit is 65536 bytes"),
+    ];
+    for (m, path, body, want, reason) in table {
+        let (code, v, _) = server.send(method(m), path, Some(CREDS), body).await;
+        assert_eq!(code.as_u16(), *want, "{m} {path} {body:.40}: {v}");
+        let got = v["error"].as_str().unwrap();
+        if reason.contains("is in the past") {
+            assert!(got.starts_with(reason), "{m} {path}: {got}");
+        } else {
+            assert_eq!(got, *reason, "{m} {path}");
+        }
+    }
+    // A good body gets as far as etcd, which is down here.
+    for (m, path, body) in [
+        ("POST", "/switchover", "{\"candidate\":\"pg2\"}"),
+        ("POST", "/failover", "{\"candidate\":\"pg2\"}"),
+        ("PATCH", "/config", "{\"ttl\": 30}"),
+        ("DELETE", "/switchover", ""),
+    ] {
+        let (code, v, _) = server.send(method(m), path, Some(CREDS), body).await;
+        assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE, "{m} {path}");
+        assert!(
+            v["error"]
+                .as_str()
+                .unwrap()
+                .starts_with("etcd unavailable, nothing changed: "),
+            "{v}"
+        );
+    }
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn member_commands_reach_the_agent() {
+    let (server, mut rx) = Server::start_with(replica(), options(Some(CREDS))).await;
+    for (path, command, text) in [
+        ("/restart", MemberCommand::Restart, "restart requested"),
+        ("/reload", MemberCommand::Reload, "reload requested"),
+        (
+            "/reinitialize",
+            MemberCommand::Reinit,
+            "reinitialize requested",
+        ),
+    ] {
+        let (code, v, _) = server.send(Method::POST, path, Some(CREDS), "").await;
+        assert_eq!(code, StatusCode::ACCEPTED, "{path}");
+        assert_eq!(v["message"], text);
+        assert_eq!(rx.try_recv().unwrap(), command);
+    }
+    // Nobody drains the queue: the ninth request finds it full.
+    for _ in 0..8 {
+        let (code, _, _) = server
+            .send(Method::POST, "/reload", Some(CREDS), "{}")
+            .await;
+        assert_eq!(code, StatusCode::ACCEPTED);
+    }
+    let (code, v, _) = server.send(Method::POST, "/restart", Some(CREDS), "").await;
+    assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(v["error"].as_str().unwrap().starts_with("busy"), "{v}");
+    server.stop().await;
+
+    let (server, mut rx) = Server::start_with(primary(), options(Some(CREDS))).await;
+    let (code, v, _) = server
+        .send(Method::POST, "/reinitialize", Some(CREDS), "")
+        .await;
+    assert_eq!(code, StatusCode::CONFLICT);
+    assert_eq!(
+        v["error"],
+        "refusing to reinitialize the leader: switch over first"
+    );
+    assert!(rx.try_recv().is_err(), "nothing sent to the agent");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn cluster_view_shows_pause_and_pending_request() {
+    let mut snap = replica();
+    let view = snap.cluster.as_mut().unwrap();
+    view.config.pause = true;
+    view.config_revision = 42;
+    view.failover = Some(crate::dcs::FailoverRequest {
+        kind: crate::dcs::FailoverKind::Switchover,
+        leader: Some("pg1".into()),
+        candidate: Some("pg2".into()),
+        scheduled_at: Some("2030-01-01T00:00:00Z".into()),
+        scheduled_unix: Some(1_893_456_000),
+        requested_at: "2029-12-31T00:00:00Z".into(),
+        requested_unix: 1_893_369_600,
+    });
+    let server = Server::start(snap).await;
+    let (_, v) = server.json("/cluster").await;
+    assert_eq!(v["paused"], true);
+    assert_eq!(v["failover"]["kind"], "switchover");
+    assert_eq!(v["failover"]["candidate"], "pg2");
+    assert_eq!(v["failover"]["scheduled_at"], "2030-01-01T00:00:00Z");
+    let (_, v) = server.json("/status").await;
+    assert_eq!(v["paused"], true);
+    let (_, body, _) = server.call(Method::GET, "/metrics").await;
+    assert_eq!(
+        metric(&parse_metrics(&body), "pgwarden_cluster_paused"),
+        Some(1.0)
+    );
+    let (_, _, headers) = server.call(Method::GET, "/config").await;
+    assert_eq!(headers.get("etag").unwrap(), "\"42\"");
+    server.stop().await;
+
+    let server = Server::start(replica()).await;
+    let (_, v) = server.json("/cluster").await;
+    assert_eq!(v["paused"], false);
+    assert!(v["failover"].is_null());
+    server.stop().await;
+}
+
+/// A self-signed certificate for 127.0.0.1 and localhost, written as PEM.
+fn self_signed(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf) {
+    let cert =
+        rcgen::generate_simple_self_signed(vec!["127.0.0.1".into(), "localhost".into()]).unwrap();
+    let (c, k) = (dir.join("api.crt"), dir.join("api.key"));
+    std::fs::write(&c, cert.cert.pem()).unwrap();
+    std::fs::write(&k, cert.signing_key.serialize_pem()).unwrap();
+    (c, k)
+}
+
+#[tokio::test]
+async fn https_with_the_configured_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = self_signed(dir.path());
+    let cfg_path = dir.path().join("pgwarden.toml");
+    let mut opts = options(Some(CREDS));
+    opts.tls = Some(tls::server_config(&cfg_path, &cert, &key).unwrap());
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let (commands, mut commands_rx) = tokio::sync::mpsc::channel(8);
+    let task = tokio::spawn(serve(
+        listener,
+        SharedState::new(replica()),
+        opts,
+        commands,
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+    let root = reqwest::Certificate::from_pem(&std::fs::read(&cert).unwrap()).unwrap();
+    let client = reqwest::Client::builder()
+        .add_root_certificate(root)
+        .build()
+        .unwrap();
+    let base = format!("https://127.0.0.1:{}", addr.port());
+    let resp = client.get(format!("{base}/replica")).send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let resp = client
+        .post(format!("{base}/reload"))
+        .basic_auth(CREDS.0, Some(CREDS.1))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::ACCEPTED);
+    assert_eq!(commands_rx.try_recv().unwrap(), MemberCommand::Reload);
+    // Plain HTTP gets no answer from a TLS listener.
+    let plain = reqwest::Client::new()
+        .get(format!("http://127.0.0.1:{}/replica", addr.port()))
+        .timeout(Duration::from_secs(3))
+        .send()
+        .await;
+    assert!(plain.is_err() || !plain.unwrap().status().is_success());
+    // A client that does not trust the certificate is refused.
+    assert!(reqwest::Client::new()
+        .get(format!("{base}/replica"))
+        .send()
+        .await
+        .is_err());
+    let _ = stop.send(());
+    tokio::time::timeout(Duration::from_secs(15), task)
+        .await
+        .expect("TLS server did not shut down")
+        .unwrap()
+        .unwrap();
+}
+
+#[test]
+fn tls_file_problems_name_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = self_signed(dir.path());
+    let (other_cert, other_key) = {
+        let sub = dir.path().join("other");
+        std::fs::create_dir(&sub).unwrap();
+        self_signed(&sub)
+    };
+    let garbage = dir.path().join("garbage.pem");
+    std::fs::write(&garbage, "not a pem file\n").unwrap();
+    let missing = dir.path().join("missing.pem");
+    let cfg = std::path::Path::new("/etc/pgwarden.toml");
+    let cases: &[(&std::path::Path, &std::path::Path, &str, &str)] = &[
+        (&missing, &key, "api.certfile", "cannot read"),
+        (&garbage, &key, "api.certfile", "holds no PEM certificate"),
+        (&cert, &missing, "api.keyfile", "cannot read"),
+        (
+            &cert,
+            &garbage,
+            "api.keyfile",
+            "holds no usable PEM private key",
+        ),
+        (
+            &cert,
+            &other_key,
+            "api.keyfile",
+            "does not go with the certificate",
+        ),
+        (&key, &key, "api.certfile", "holds no PEM certificate"),
+    ];
+    for (c, k, want_key, want) in cases {
+        let err = tls::server_config(cfg, c, k).unwrap_err();
+        assert_eq!(err.key_name(), Some(*want_key), "{err}");
+        assert!(err.to_string().contains(want), "{err}");
+    }
+    assert!(tls::server_config(cfg, &other_cert, &other_key).is_ok());
 }

@@ -13,8 +13,8 @@ pub(crate) fn server_config(
     certfile: &Path,
     keyfile: &Path,
 ) -> Result<Arc<rustls::ServerConfig>, ConfigError> {
-    let certs = read_certs(certfile)
-        .map_err(|m| ConfigError::key(config_path, "api.certfile", m))?;
+    let certs =
+        read_certs(certfile).map_err(|m| ConfigError::key(config_path, "api.certfile", m))?;
     let key = read_key(keyfile).map_err(|m| ConfigError::key(config_path, "api.keyfile", m))?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let config = rustls::ServerConfig::builder_with_provider(provider)

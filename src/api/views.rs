@@ -3,8 +3,9 @@
 
 use super::ApiSnapshot;
 use crate::config::DynamicConfig;
-use crate::dcs::{Initialize, MemberStatus};
-use axum::http::{StatusCode, Uri};
+use crate::dcs::{FailoverRequest, Initialize, MemberStatus};
+use axum::http::header::ETAG;
+use axum::http::{HeaderValue, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Serialize;
@@ -39,7 +40,7 @@ impl<'a> StatusBody<'a> {
             primary: snap.is_primary(now),
             holds_leader_key: snap.holds_leader_key,
             leader_lease_valid: leader_lease_valid(snap, now),
-            paused: snap.paused,
+            paused: snap.is_paused(),
             pg_running: snap.pg_running,
             in_recovery: snap.in_recovery,
             streaming: snap.streaming,
@@ -89,6 +90,8 @@ struct ClusterBody<'a> {
     leader: Option<&'a str>,
     config: Option<&'a DynamicConfig>,
     paused: bool,
+    /// A pending switchover or failover request (null: none).
+    failover: Option<&'a FailoverRequest>,
     /// The cluster's system identifier; "" while a bootstrap is claimed but
     /// unfinished; null before anyone claimed it (or before the first read).
     initialize: Option<&'a str>,
@@ -100,7 +103,8 @@ pub(crate) fn cluster(snap: &ApiSnapshot, _now: Instant) -> Response {
             members: Vec::new(),
             leader: None,
             config: None,
-            paused: snap.paused,
+            paused: snap.is_paused(),
+            failover: None,
             initialize: None,
         },
         Some(view) => {
@@ -120,7 +124,8 @@ pub(crate) fn cluster(snap: &ApiSnapshot, _now: Instant) -> Response {
                     .collect(),
                 leader: view.leader.as_deref(),
                 config: Some(&view.config),
-                paused: snap.paused,
+                paused: snap.is_paused(),
+                failover: view.failover.as_ref(),
                 initialize: match &view.initialize {
                     Initialize::Absent => None,
                     Initialize::Claimed => Some(""),
@@ -139,9 +144,17 @@ pub(crate) fn history(snap: &ApiSnapshot, _now: Instant) -> Response {
     }
 }
 
+/// The dynamic config, with its etcd revision as the ETag (send it back in
+/// `If-Match` to PATCH only that revision).
 pub(crate) fn config(snap: &ApiSnapshot, _now: Instant) -> Response {
     match &snap.cluster {
-        Some(view) => Json(&view.config).into_response(),
+        Some(view) => {
+            let mut resp = Json(&view.config).into_response();
+            if let Ok(tag) = HeaderValue::from_str(&format!("\"{}\"", view.config_revision)) {
+                resp.headers_mut().insert(ETAG, tag);
+            }
+            resp
+        }
         // Every DynamicConfig field has a default, so an empty object would
         // read as a valid all-defaults config; refuse rather than mislead.
         None => error_response(
@@ -162,12 +175,5 @@ pub(crate) async fn method_not_allowed() -> Response {
     error_response(
         StatusCode::METHOD_NOT_ALLOWED,
         "method not allowed on this endpoint",
-    )
-}
-
-pub(crate) async fn refuse_mutation() -> Response {
-    error_response(
-        StatusCode::FORBIDDEN,
-        "mutating requests are disabled: no API credentials configured (set [api] username and password)",
     )
 }

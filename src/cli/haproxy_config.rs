@@ -604,6 +604,7 @@ password = "rep-secret"
             tags: Default::default(),
             version: "test".to_string(),
             error: None,
+            pending_restart: false,
         };
         serde_json::to_string(&m).unwrap()
     }

@@ -22,6 +22,9 @@ pub struct MemberStatus {
     pub upstream: Option<String>,
     pub tags: Tags,
     pub version: String,
+    /// A changed PostgreSQL setting waits for a restart.
+    #[serde(default)]
+    pub pending_restart: bool,
     /// A problem the operator must look at (failed clone, foreign data...).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,

@@ -270,6 +270,7 @@ fn decide_primary(
             }
             manage_slots(cluster, local, pg, now, d);
             d.push(Action::WriteStatus, "publishing the primary's WAL position");
+            reload_if_outdated(local, d);
             operator::leader_handles_request(cluster, local, pg, d);
         }
         Some(l) => d.push(
@@ -306,7 +307,7 @@ fn decide_replica(
                 Action::Follow { upstream: up },
                 format!("re-pointing replication at the leader {l}"),
             ),
-            Some(_) => {}
+            Some(_) => reload_if_outdated(local, d),
             None => d.waiting = Some(format!("leader {l} has not published its address")),
         },
         None => {
@@ -430,6 +431,15 @@ fn rejoin(cluster: &ClusterView, local: &LocalView, leader: &str, d: &mut Decisi
             }
         }
         None => d.waiting = Some(format!("waiting for leader {leader} to publish its timeline")),
+    }
+}
+
+fn reload_if_outdated(local: &LocalView, d: &mut Decision) {
+    if local.conf_outdated {
+        d.push(
+            Action::Reload,
+            "configuration changed: rewriting PostgreSQL's config files and reloading",
+        );
     }
 }
 

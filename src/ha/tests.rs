@@ -102,6 +102,7 @@ impl Cluster {
             tags: Tags::default(),
             version: "0.1.0".into(),
             error: None,
+            pending_restart: false,
         });
         self
     }
@@ -183,6 +184,7 @@ fn local() -> Local {
         reclone_on_rewind_failure: false,
         wall_clock: 1_800_000_000,
         request: None,
+        conf_outdated: false,
     })
 }
 
@@ -215,6 +217,7 @@ impl Local {
             streaming: false,
             upstream: None,
             slots: slots(slot_members),
+            pending_restart: false,
         });
         self
     }
@@ -229,6 +232,7 @@ impl Local {
             streaming: upstream.is_some(),
             upstream,
             slots: vec![],
+            pending_restart: false,
         });
         self
     }
@@ -242,6 +246,7 @@ impl Local {
             streaming: false,
             upstream: None,
             slots: vec![],
+            pending_restart: false,
         });
         self
     }

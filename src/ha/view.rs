@@ -36,6 +36,9 @@ pub struct LocalView {
     /// Wall-clock time (Unix seconds), only for scheduled switchovers and
     /// the age of operator requests; never for lease arithmetic.
     pub wall_clock: u64,
+    /// The config files on disk differ from what the current cluster and
+    /// member config render (a dynamic config edit, say).
+    pub conf_outdated: bool,
     /// An operator request made to this member's API (restart, reinit,
     /// reload), not yet carried out.
     pub request: Option<OperatorRequest>,
@@ -100,6 +103,8 @@ pub struct PgRunning {
     pub upstream: Option<String>,
     /// Physical replication slots present on this instance.
     pub slots: Vec<String>,
+    /// Some changed setting takes effect only after a restart.
+    pub pending_restart: bool,
 }
 
 impl PgRun {

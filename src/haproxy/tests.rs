@@ -24,6 +24,7 @@ fn member(name: &str, host: &str, port: u16, api_url: &str) -> MemberStatus {
         tags: Tags::default(),
         version: "test".to_string(),
         error: None,
+        pending_restart: false,
     }
 }
 

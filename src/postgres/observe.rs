@@ -22,7 +22,8 @@ SELECT pg_is_in_recovery(),
        current_setting('primary_conninfo', true),
        current_setting('server_version_num')::int,
        coalesce((SELECT array_agg(slot_name::text ORDER BY slot_name)
-                 FROM pg_replication_slots WHERE slot_type = 'physical'), '{}')";
+                 FROM pg_replication_slots WHERE slot_type = 'physical'), '{}'),
+       EXISTS (SELECT FROM pg_settings WHERE pending_restart)";
 
 pub async fn probe(client: &Client) -> Result<Observed, tokio_postgres::Error> {
     let row = client.query_one(PROBE, &[]).await?;
@@ -34,6 +35,7 @@ pub async fn probe(client: &Client) -> Result<Observed, tokio_postgres::Error> {
     let conninfo: Option<String> = row.try_get(5)?;
     let version: i32 = row.try_get(6)?;
     let slots: Vec<String> = row.try_get(7)?;
+    let pending_restart: bool = row.try_get(8)?;
     Ok(Observed {
         state: PgRunning {
             in_recovery,
@@ -47,6 +49,7 @@ pub async fn probe(client: &Client) -> Result<Observed, tokio_postgres::Error> {
                 None
             },
             slots,
+            pending_restart,
         },
         major: (version / 10000) as u32,
     })

@@ -18,6 +18,8 @@ pub struct MemberOptions {
     /// Address its PostgreSQL and API bind to (default 127.0.0.1). Members
     /// given the same address model instances on one host.
     pub host: Option<String>,
+    /// Extra lines inside [api] (e.g. `username = "..."` and `password`).
+    pub api_extra: String,
 }
 
 #[derive(Clone)]
@@ -123,6 +125,7 @@ endpoints = [{endpoints}]
 
 [api]
 listen = "{host}:{api_port}"
+{api_extra}
 
 [postgresql]
 data_dir = "{data}"
@@ -142,6 +145,7 @@ loop_wait = {loop_wait}
 retry_timeout = {retry}
 "#,
                 extra = m.extra,
+                api_extra = m.api_extra,
                 pg_extra = m.pg_extra,
                 data = dir.join("data").display(),
                 ttl = opts.ttl,

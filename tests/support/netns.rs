@@ -559,6 +559,16 @@ impl Drop for NetCluster {
                     self.log_tail(i, 40)
                 );
             }
+            // The whole logs outlive the temporary directory.
+            let keep =
+                std::env::temp_dir().join(format!("pgwarden-netns-failed-{}", self.net.bridge));
+            if std::fs::create_dir_all(&keep).is_ok() {
+                for m in &self.members {
+                    let _ = std::fs::copy(m.log_path(), keep.join(format!("{}.log", m.name)));
+                }
+                let _ = std::fs::copy(self.root.path().join("etcd.log"), keep.join("etcd.log"));
+                eprintln!("full logs kept in {}", keep.display());
+            }
         }
         // Whole links let every agent shut down cleanly with etcd.
         for i in 0..self.net.links.len() {
