@@ -181,11 +181,6 @@ impl Agent {
             Action::Stop => {
                 // Stop answering as primary before the slow part begins.
                 self.last_renew = None;
-                if cluster.leader.as_deref() == Some(name.as_str()) {
-                    if let Ok(dcs) = self.dcs_mut() {
-                        let _ = dcs.release_leader(&name).await;
-                    }
-                }
                 let mut pg = self.pg.detached();
                 self.spawn_job(JobKind::Stop, async move { pg.stop().await });
             }

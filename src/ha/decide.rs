@@ -253,6 +253,10 @@ fn decide_primary(
                         cfg.retry_timeout
                     ),
                 );
+                d.push(
+                    Action::ReleaseLeader,
+                    "giving up the leader key we can no longer vouch for",
+                );
                 return;
             }
             d.push(Action::RenewLeader, "renewed leader lease");
