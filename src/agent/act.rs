@@ -79,8 +79,16 @@ impl Agent {
                 }
             }
             Action::RenewLeader => {
-                self.keep_alive(ttl).await?;
-                match self.dcs_mut()?.renew_leader(&name, ttl).await? {
+                let mut outcome = self.renew(&name, ttl).await;
+                if outcome.is_err() {
+                    // One dead etcd endpoint must not cost a renewal: retry
+                    // at once on another.
+                    let dcs = self.dcs_mut()?;
+                    if dcs.has_alternatives() && dcs.switch_endpoint().await.is_ok() {
+                        outcome = self.renew(&name, ttl).await;
+                    }
+                }
+                match outcome? {
                     LeaderOutcome::Won => {
                         if self.last_renew.is_none() {
                             out.dcs_changed = true;
@@ -321,6 +329,11 @@ impl Agent {
             return;
         }
         self.job = Some(RunningJob::spawn(kind, fut));
+    }
+
+    async fn renew(&mut self, name: &str, ttl: u64) -> anyhow::Result<LeaderOutcome> {
+        self.keep_alive(ttl).await?;
+        Ok(self.dcs_mut()?.renew_leader(name, ttl).await?)
     }
 
     pub(super) async fn keep_alive(&mut self, ttl: u64) -> anyhow::Result<()> {

@@ -16,7 +16,11 @@ impl Agent {
         }
         let defaults = self.cfg.bootstrap.dcs.clone();
         if let Some(dcs) = self.dcs.as_mut() {
-            match dcs.read_cluster(&defaults).await {
+            let mut result = dcs.read_cluster(&defaults).await;
+            if result.is_err() && dcs.has_alternatives() && dcs.switch_endpoint().await.is_ok() {
+                result = dcs.read_cluster(&defaults).await;
+            }
+            match result {
                 Ok(view) => {
                     dcs.set_timeout(Duration::from_secs(view.config.retry_timeout.max(1)));
                     if view.leader.as_ref().is_some_and(|l| *l != self.cfg.name) {

@@ -72,6 +72,11 @@ impl Agent {
         let ttl = cluster.config.ttl;
         if let Err(e) = self.keep_alive(ttl).await {
             tracing::warn!("cannot renew our etcd lease: {e:#}");
+            if let Some(dcs) = self.dcs.as_mut() {
+                if dcs.has_alternatives() {
+                    let _ = dcs.switch_endpoint().await;
+                }
+            }
             self.dcs_lease_lost();
             return;
         }

@@ -110,7 +110,8 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let (commands_tx, mut commands_rx) = tokio::sync::mpsc::channel::<crate::api::MemberCommand>(8);
     let api_task = tokio::spawn(async move {
         let stop = async move { api_shutdown.notified().await };
-        if let Err(e) = crate::api::serve(listener, api_state, api_options, commands_tx, stop).await {
+        if let Err(e) = crate::api::serve(listener, api_state, api_options, commands_tx, stop).await
+        {
             tracing::error!("the HTTP API stopped: {e}");
         }
     });

@@ -47,26 +47,61 @@ pub struct Dcs {
     pub(super) timeout: Duration,
     lease: Option<i64>,
     keeper: Option<(LeaseKeeper, LeaseKeepAliveStream)>,
+    endpoints: Vec<String>,
+    current: usize,
 }
 
 impl Dcs {
-    pub async fn connect(
-        endpoints: &[String],
-        keys: Keys,
-        timeout: Duration,
-    ) -> Result<Self, DcsError> {
-        let opts = ConnectOptions::new()
-            .with_connect_timeout(timeout)
-            .with_timeout(timeout)
-            .with_keep_alive(Duration::from_secs(2), timeout);
-        let client = with_timeout(timeout, Client::connect(endpoints, Some(opts))).await?;
-        Ok(Dcs {
-            client,
-            keys,
-            timeout,
-            lease: None,
-            keeper: None,
-        })
+    /// Connects to the first endpoint that answers. One client talks to one
+    /// endpoint at a time: the client library's own balancing keeps sending
+    /// requests to a dead member, which would make a healthy leader miss
+    /// its renewals while etcd still has quorum.
+    pub async fn connect(endpoints: &[String], keys: Keys, timeout: Duration) -> Result<Self, DcsError> {
+        let mut last = DcsError::Timeout(timeout);
+        for (i, endpoint) in endpoints.iter().enumerate() {
+            match probe_endpoint(endpoint, timeout).await {
+                Ok(client) => {
+                    return Ok(Dcs {
+                        client,
+                        keys,
+                        timeout,
+                        lease: None,
+                        keeper: None,
+                        endpoints: endpoints.to_vec(),
+                        current: i,
+                    })
+                }
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
+    }
+
+    /// Moves to the next endpoint that answers, after a request failed.
+    /// The lease lives in the etcd cluster, not in the endpoint: it stays.
+    pub async fn switch_endpoint(&mut self) -> Result<(), DcsError> {
+        let n = self.endpoints.len();
+        let mut last = DcsError::Timeout(self.timeout);
+        for step in 1..=n {
+            let i = (self.current + step) % n;
+            match probe_endpoint(&self.endpoints[i], self.timeout).await {
+                Ok(client) => {
+                    if i != self.current {
+                        tracing::info!("etcd: switching from {} to {}", self.endpoints[self.current], self.endpoints[i]);
+                    }
+                    self.client = client;
+                    self.current = i;
+                    self.keeper = None;
+                    return Ok(());
+                }
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
+    }
+
+    pub fn has_alternatives(&self) -> bool {
+        self.endpoints.len() > 1
     }
 
     pub fn keys(&self) -> &Keys {
@@ -439,6 +474,17 @@ impl Dcs {
             LeaderOutcome::Lost
         })
     }
+}
+
+/// A client bound to one endpoint, checked with a status request.
+async fn probe_endpoint(endpoint: &str, timeout: Duration) -> Result<Client, DcsError> {
+    let opts = ConnectOptions::new()
+        .with_connect_timeout(timeout)
+        .with_timeout(timeout)
+        .with_keep_alive(Duration::from_secs(2), timeout);
+    let mut client = with_timeout(timeout, Client::connect([endpoint], Some(opts))).await?;
+    with_timeout(timeout, client.status()).await?;
+    Ok(client)
 }
 
 pub(super) fn decode<T: serde::de::DeserializeOwned>(

@@ -113,9 +113,39 @@ fn is_ours(name: &str, suffix: &str) -> bool {
             .is_some_and(|n| !n.is_empty() && n.chars().all(|c| c.is_ascii_digit()))
 }
 
+/// etcd processes listening on the bridge address: only a `NetCluster`
+/// starts those.
+fn stale_etcds() -> Vec<i32> {
+    let client_url = format!("http://{BRIDGE_IP}:");
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse().ok()) else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+        let is_etcd = args
+            .first()
+            .is_some_and(|a| *a == b"etcd" || a.ends_with(b"/etcd"));
+        let ours = args
+            .windows(2)
+            .any(|w| w[0] == b"--listen-client-urls" && w[1].starts_with(client_url.as_bytes()));
+        if is_etcd && ours {
+            out.push(pid);
+        }
+    }
+    out
+}
+
 /// What a run killed outright (SIGKILL on the test process) left behind.
 /// Called with the lock held, so none of it belongs to a live test.
 fn sweep_stale() {
+    for pid in stale_etcds() {
+        eprintln!("netns harness: killing stale etcd (pid {pid}) on {BRIDGE_IP}");
+        let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+    }
     for ns in namespaces().into_iter().filter(|n| is_ours(n, "-n")) {
         eprintln!("netns harness: removing stale namespace {ns}");
         kill_ns_processes(&ns);
@@ -502,19 +532,48 @@ retry_timeout = {retry_timeout}
     }
 
     /// The last `n` lines of member i's log without DEBUG entries (nor
-    /// their continuation lines, e.g. multi-line SQL).
+    /// their continuation lines, e.g. multi-line SQL); a message repeated
+    /// on consecutive lines is shown once with its count.
     pub fn log_tail(&self, i: usize, n: usize) -> String {
         let log = self.agent_log(i);
         let mut debug = false;
-        let lines: Vec<&str> = log
-            .lines()
-            .filter(|l| {
-                if l.starts_with(|c: char| c.is_ascii_digit()) {
-                    debug = l.contains(" DEBUG ");
-                }
-                !debug
+        let mut lines: Vec<(String, usize)> = Vec::new();
+        for l in log.lines() {
+            if l.starts_with(|c: char| c.is_ascii_digit()) {
+                debug = l.contains(" DEBUG ");
+            }
+            if debug {
+                continue;
+            }
+            // "2026-01-01T00:00:00.000000Z  WARN text": compare the text.
+            let text = |l: &str| l.split_once(' ').map_or(l, |(_, t)| t).to_string();
+            match lines.last_mut() {
+                Some((last, count)) if text(last) == text(l) => *count += 1,
+                _ => lines.push((l.to_string(), 1)),
+            }
+        }
+        lines[lines.len().saturating_sub(n)..]
+            .iter()
+            .map(|(l, count)| match count {
+                1 => l.clone(),
+                _ => format!("{l}   [and {} more times]", count - 1),
             })
-            .collect();
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// The last `n` lines of member i's newest PostgreSQL log file.
+    pub fn pg_log_tail(&self, i: usize, n: usize) -> String {
+        let dir = self.members[i].data_dir().join("log");
+        let newest = std::fs::read_dir(&dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .max_by_key(|e| e.metadata().and_then(|m| m.modified()).ok());
+        let Some(text) = newest.and_then(|e| std::fs::read_to_string(e.path()).ok()) else {
+            return String::new();
+        };
+        let lines: Vec<&str> = text.lines().collect();
         lines[lines.len().saturating_sub(n)..].join("\n")
     }
 
@@ -553,10 +612,12 @@ impl Drop for NetCluster {
         if std::thread::panicking() {
             for i in 0..self.members.len() {
                 eprintln!(
-                    "--- {} ({}) agent log (last lines) ---\n{}",
+                    "--- {} ({}) agent log (last lines) ---\n{}\n--- {} PostgreSQL log (last lines) ---\n{}",
                     self.members[i].name,
                     self.members[i].ip,
-                    self.log_tail(i, 40)
+                    self.log_tail(i, 40),
+                    self.members[i].name,
+                    self.pg_log_tail(i, 8)
                 );
             }
             // The whole logs outlive the temporary directory.
