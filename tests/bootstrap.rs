@@ -176,8 +176,10 @@ async fn cluster_bootstraps_streams_and_routes_through_haproxy() {
     // Just after cloning, a replica may still be catching up (readiness
     // is 503 beyond maximum_lag_on_failover): wait until it is caught up.
     eventually("replica caught up (lag known and small)", BOOT, || async {
-        let lagless = http_status("GET", &c.members[replicas[0]].api("/replica?lag=16MB")).await == 200;
-        (lagless && http_status("GET", &c.members[replicas[0]].api("/readiness")).await == 200).then_some(())
+        let lagless =
+            http_status("GET", &c.members[replicas[0]].api("/replica?lag=16MB")).await == 200;
+        (lagless && http_status("GET", &c.members[replicas[0]].api("/readiness")).await == 200)
+            .then_some(())
     })
     .await;
     check_paths(&c, replicas[0], REPLICA_PATHS).await;

@@ -12,7 +12,12 @@ use support::{free_port, pgwarden_bin, temp_dir};
 fn processes_mentioning(needle: &str) -> Vec<String> {
     let mut out = Vec::new();
     for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        if entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()).is_none() {
+        if entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+            .is_none()
+        {
             continue;
         }
         if let Ok(cmd) = std::fs::read(entry.path().join("cmdline")) {
@@ -47,7 +52,14 @@ fn demo_serves_writes_through_haproxy_and_stops_everything_on_sigterm() {
     let mut child = Command::new(pgwarden_bin())
         .args(["demo", "--dir"])
         .arg(&dir)
-        .args(["--rw-port", &ports[0], "--ro-port", &ports[1], "--stats-port", &ports[2]])
+        .args([
+            "--rw-port",
+            &ports[0],
+            "--ro-port",
+            &ports[1],
+            "--stats-port",
+            &ports[2],
+        ])
         .args(["--pg-base-port", &base.to_string()])
         .args(["--api-base-port", &(base + 20).to_string()])
         .args(["--etcd-port", &(base + 40).to_string()])
@@ -78,19 +90,34 @@ fn demo_serves_writes_through_haproxy_and_stops_everything_on_sigterm() {
         }
     };
     let result = std::panic::catch_unwind(|| {
-        assert!(ready, "the demo never accepted a write:\n{}", printed.join("\n"));
+        assert!(
+            ready,
+            "the demo never accepted a write:\n{}",
+            printed.join("\n")
+        );
         let text = printed.join("\n");
-        assert!(text.contains(&format!("127.0.0.1:{}/postgres", ports[0])), "{text}");
+        assert!(
+            text.contains(&format!("127.0.0.1:{}/postgres", ports[0])),
+            "{text}"
+        );
         assert!(text.contains("list"), "prints the list command:\n{text}");
         // Each member's config is where the docs say, and `list` works on it.
         let cfg = dir.join("node1/pgwarden.toml");
-        let out = Command::new(pgwarden_bin()).arg("-c").arg(&cfg).args(["list", "--format", "json"]).output().expect("list");
+        let out = Command::new(pgwarden_bin())
+            .arg("-c")
+            .arg(&cfg)
+            .args(["list", "--format", "json"])
+            .output()
+            .expect("list");
         let rows: serde_json::Value = serde_json::from_slice(&out.stdout).expect("list JSON");
         assert_eq!(rows.as_array().map(|a| a.len()), Some(3), "{rows}");
         assert!(dir.join("node2/data/PG_VERSION").exists());
     });
 
-    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM);
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    );
     let stop_deadline = Instant::now() + Duration::from_secs(120);
     let status = loop {
         if let Ok(Some(s)) = child.try_wait() {
@@ -106,6 +133,9 @@ fn demo_serves_writes_through_haproxy_and_stops_everything_on_sigterm() {
     if let Err(e) = result {
         std::panic::resume_unwind(e);
     }
-    assert!(status.is_some_and(|s| s.success()), "demo did not exit cleanly on SIGTERM: {status:?}");
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "demo did not exit cleanly on SIGTERM: {status:?}"
+    );
     assert!(leftovers.is_empty(), "processes left behind: {leftovers:?}");
 }

@@ -153,6 +153,17 @@ fn stdout(out: &std::process::Output) -> String {
     String::from_utf8_lossy(&out.stdout).to_string()
 }
 
+/// `pid` is a live process (not gone, not a zombie).
+fn running_process(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            let (_, rest) = stat.rsplit_once(')')?;
+            rest.split_whitespace().next().map(|s| s != "Z" && s != "X")
+        })
+        .unwrap_or(false)
+}
+
 /// A time an hour from now, RFC 3339.
 fn in_an_hour() -> String {
     humantime::format_rfc3339_seconds(std::time::SystemTime::now() + Duration::from_secs(3600))
@@ -358,7 +369,7 @@ async fn cli_refusals_are_one_line_and_change_nothing() {
         let lines = err.lines().count();
         let asked = err.contains("[y/N]") || err.contains("Type the cluster name");
         assert!(
-            lines == 1 || (asked && lines <= 3),
+            lines == 1 || (asked && lines <= 4),
             "{args:?}: more than one line: {err:?}"
         );
         assert_eq!(operator_keys(&c).await, base, "{args:?} changed etcd");
@@ -611,12 +622,18 @@ async fn switchover_moves_the_primary_without_rewind() {
     )
     .await;
     let acked = writer.stop().await;
-    // Without pg_rewind: a clean shutdown leaves nothing to rewind.
+    // Without pg_rewind: a clean shutdown leaves nothing to rewind (no
+    // rewind job ran, none was decided).
     let log = c.agent_log(0);
     let since = &log[log_before.min(log.len())..];
+    let rewinds: Vec<&str> = since
+        .lines()
+        .filter(|l| l.contains("pg_rewind") || l.contains("rewind from"))
+        .collect();
     assert!(
-        !since.to_lowercase().contains("rewind"),
-        "node1 rewound after a clean switchover:\n{since}"
+        rewinds.is_empty(),
+        "node1 ran pg_rewind after a clean switchover:\n{}",
+        rewinds.join("\n")
     );
     // Every acknowledged row is on the new primary.
     let client = c.sql(primary).await.expect("sql to node2");
@@ -658,17 +675,28 @@ async fn pause_stops_automatic_failover() {
         Some(())
     })
     .await;
+    let killed = c.postmaster_pid(0).expect("node1's postmaster");
     c.kill9_postgres(0);
+    eventually(
+        "the killed postmaster gone",
+        Duration::from_secs(10),
+        || async { (!running_process(killed)).then_some(()) },
+    )
+    .await;
     // Three leases' worth of time: long enough for a restart in place
     // (primary_start_timeout) or a failover (ttl) had the cluster not been
     // paused.
     let watch_until = Instant::now() + Duration::from_secs(30);
     while Instant::now() < watch_until {
-        assert_eq!(
-            c.postmaster_pid(0),
-            None,
-            "PostgreSQL restarted while paused"
-        );
+        // The killed postmaster may linger as a zombie until its parent
+        // (init, in a container maybe never) reaps it.
+        match c.postmaster_pid(0) {
+            None => {}
+            Some(pid) if pid == killed && !running_process(pid) => {}
+            Some(pid) => {
+                panic!("PostgreSQL restarted while paused (postmaster {pid}, killed {killed})")
+            }
+        }
         for i in 1..c.members.len() {
             assert_ne!(
                 http_status("GET", &c.members[i].api("/primary")).await,
@@ -731,4 +759,147 @@ async fn rolling_restart_and_reload() {
         stdout(&out),
         "node1: reload requested\nnode2: reload requested\n"
     );
+}
+
+/// Paused, with the leader's whole server gone: nobody takes over by
+/// themselves; `pgwarden failover --candidate` promotes the named member.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn manual_failover_while_paused_without_a_leader() {
+    let mut c = start(&options()).await;
+    let out = c.cli(1, &["pause"]);
+    assert_eq!(stdout(&out), "cluster paused\n", "{}", stderr(&out));
+    eventually("every member reports the pause", LONG, || async {
+        for m in &c.members {
+            if http_json(&m.api("/status")).await?["paused"] != true {
+                return None;
+            }
+        }
+        Some(())
+    })
+    .await;
+    c.kill9_server(0);
+    // node1's lease runs out; paused, nobody takes the leader key.
+    eventually("the leader key gone with node1's lease", LONG, || async {
+        c.dcs_get(&key(&c, "leader")).await.is_none().then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(
+        c.dcs_get(&key(&c, "leader")).await,
+        None,
+        "nobody took over while paused"
+    );
+    for i in 1..3 {
+        assert_ne!(http_status("GET", &c.members[i].api("/primary")).await, 200);
+    }
+    let out = c.cli(1, &["failover", "--candidate", "node3", "--force"]);
+    assert_eq!(
+        stderr(&out).trim_end(),
+        "pgwarden: failover refused: candidate node3 is tagged nofailover"
+    );
+    let out = c.cli(1, &["failover", "--candidate", "node2", "--force"]);
+    assert!(
+        out.status.success(),
+        "failover failed: {}{}",
+        stdout(&out),
+        stderr(&out)
+    );
+    assert!(
+        stdout(&out).ends_with("failed over: node2 is the leader now\n"),
+        "{}",
+        stdout(&out)
+    );
+    let primary = c.wait_single_primary(LONG).await;
+    assert_eq!(c.members[primary].name, "node2");
+    assert_eq!(
+        c.dcs_get(&key(&c, "failover")).await,
+        None,
+        "request cleared"
+    );
+    // Still paused: the operator's request was the only action.
+    let cfg: Value = serde_json::from_str(&c.dcs_get(&key(&c, "config")).await.unwrap()).unwrap();
+    assert_eq!(cfg["pause"], true);
+}
+
+/// Live postmaster processes serving `data_dir`.
+fn postmasters_of(data_dir: &std::path::Path) -> Vec<i32> {
+    let needle = format!("-D {}", data_dir.display());
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let Ok(cmd) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+        if cmd.contains("postgres") && cmd.contains(&needle) && running_process(pid) {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+/// `pgwarden reinit`: the replica's PostgreSQL is stopped, its data wiped
+/// and cloned again from the leader; it streams again with one postmaster.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reinit_reclones_a_replica() {
+    let c = start(&options()).await;
+    let primary = c.sql(0).await.expect("sql to node1");
+    primary
+        .batch_execute("CREATE TABLE reinit_marker (id int); INSERT INTO reinit_marker VALUES (1)")
+        .await
+        .expect("marker");
+    let before = c.postmaster_pid(1).expect("node2's postmaster");
+    let log_before = c.agent_log(1).len();
+    let out = c.cli(0, &["reinit", "node2", "--force"]);
+    assert_eq!(
+        stdout(&out),
+        "node2: reinitialize requested\n",
+        "{}",
+        stderr(&out)
+    );
+    eventually(
+        "node2 streaming again on a new postmaster",
+        LONG,
+        || async {
+            let pid = c.postmaster_pid(1)?;
+            (pid != before && http_status("GET", &c.members[1].api("/replica")).await == 200)
+                .then_some(())
+        },
+    )
+    .await;
+    assert_eq!(
+        postmasters_of(&c.members[1].data_dir()).len(),
+        1,
+        "exactly one postmaster on node2's data directory"
+    );
+    assert!(!running_process(before), "the old postmaster was stopped");
+    // Stopped *before* its data directory was removed: no clone or start
+    // failed on a postmaster still holding the old shared memory.
+    let log = c.agent_log(1);
+    let errors: Vec<&str> = log[log_before.min(log.len())..]
+        .lines()
+        .filter(|l| l.contains("ERROR"))
+        .collect();
+    assert!(
+        errors.is_empty(),
+        "reinitialize went wrong on node2:\n{}",
+        errors.join("\n")
+    );
+    let rows = support::cluster::sql_at(
+        "127.0.0.1",
+        c.members[1].pg_port,
+        support::cluster::SUPERUSER_PASSWORD,
+    )
+    .await
+    .expect("sql to node2")
+    .query("SELECT id FROM reinit_marker", &[])
+    .await
+    .expect("marker on node2");
+    assert_eq!(rows.len(), 1);
 }

@@ -179,6 +179,12 @@ async fn partitioned_primary_fences_itself_and_rejoins_by_rewind() {
     // The partition.
     let t0 = Instant::now();
     c.net.cut(old);
+    eprintln!(
+        "cut {} ({}) off at {}",
+        c.members[old].name,
+        c.members[old].ip,
+        humantime::format_rfc3339_micros(std::time::SystemTime::now())
+    );
     // A write the isolated primary may still take (asynchronous replication,
     // not yet fenced): the rest of the cluster never sees it, so the old
     // primary's data diverges for certain and must be rewound.
@@ -295,6 +301,11 @@ async fn partitioned_primary_fences_itself_and_rejoins_by_rewind() {
     // Heal; the old primary rejoins as a replica. Keep checking safety.
     let healed = Instant::now();
     c.net.heal(old);
+    eprintln!(
+        "healed {} at {}",
+        c.members[old].name,
+        humantime::format_rfc3339_micros(std::time::SystemTime::now())
+    );
     let old_replica = c.members[old].api("/replica");
     let mut violations = Vec::new();
     loop {
@@ -307,11 +318,14 @@ async fn partitioned_primary_fences_itself_and_rejoins_by_rewind() {
         if http_status(&old_replica).await == 200 {
             break;
         }
-        assert!(
-            healed.elapsed() < LONG,
-            "{} did not rejoin as a replica within {LONG:?} of the heal",
-            c.members[old].name
-        );
+        if healed.elapsed() > LONG {
+            let status = support::http_json(&c.members[old].api("/status")).await;
+            panic!(
+                "{} did not rejoin as a replica within {LONG:?} of the heal; its /status: {}",
+                c.members[old].name,
+                status.map(|s| s.to_string()).unwrap_or_default()
+            );
+        }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let rejoined = healed.elapsed();

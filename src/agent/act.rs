@@ -208,8 +208,11 @@ impl Agent {
                 );
             }
             Action::RemoveData => {
-                let pg = self.pg.detached();
+                let mut pg = self.pg.detached();
                 self.spawn_job(JobKind::RemoveData, async move {
+                    // Never pull the data directory from under a running
+                    // postmaster.
+                    pg.stop().await?;
                     tokio::task::spawn_blocking(move || pg.remove_data()).await?
                 });
             }
@@ -357,7 +360,11 @@ impl Agent {
 
     /// Config file inputs for the role we are about to run in.
     /// `replica`: None for primary, Some(upstream) for a replica.
-    pub(super) fn conf_inputs(&self, cluster: &ClusterView, replica: Option<Option<Upstream>>) -> ConfInputs {
+    pub(super) fn conf_inputs(
+        &self,
+        cluster: &ClusterView,
+        replica: Option<Option<Upstream>>,
+    ) -> ConfInputs {
         let pgc = &self.cfg.postgresql;
         let use_slots = cluster.config.use_slots;
         ConfInputs {

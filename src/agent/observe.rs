@@ -187,7 +187,9 @@ impl Agent {
     /// The running instance's config files lag behind what the cluster's
     /// dynamic config and our own file render now.
     fn conf_outdated(&self, cluster: &ClusterView, pg: &PgRun) -> bool {
-        let Some(running) = pg.running() else { return false };
+        let Some(running) = pg.running() else {
+            return false;
+        };
         let role = running.in_recovery.then(|| {
             running.upstream.clone().map(|address| crate::ha::Upstream {
                 name: String::new(),

@@ -78,7 +78,7 @@ pub async fn restart(cfg: &Config, args: &RestartArgs) -> anyhow::Result<()> {
     targets.sort_by_key(|m| view.leader.as_deref() == Some(m.name.as_str()));
     let api = ApiClient::new(cfg)?;
     for m in targets {
-        restart_one(&api, m).await?;
+        restart_one(cfg, &api, m).await?;
     }
     Ok(())
 }
@@ -91,9 +91,44 @@ fn running(status: &Value) -> bool {
     matches!(state_of(status), "running" | "streaming")
 }
 
-async fn restart_one(api: &ApiClient, m: &MemberStatus) -> anyhow::Result<()> {
+/// When the member's postmaster started, as PostgreSQL itself says (the
+/// agent's API does not report it yet): a new value proves a restart. None
+/// when the member cannot be reached with the superuser credentials.
+async fn postmaster_start(cfg: &Config, m: &MemberStatus) -> Option<String> {
+    let su = &cfg.postgresql.authentication.superuser;
+    let mut pg = tokio_postgres::Config::new();
+    pg.host(&m.host)
+        .port(m.port)
+        .user(&su.username)
+        .password(&su.password)
+        .dbname("postgres")
+        .application_name("pgwarden restart")
+        .connect_timeout(Duration::from_secs(2));
+    let probe = async {
+        let (client, conn) = pg.connect(tokio_postgres::NoTls).await.ok()?;
+        let task = tokio::spawn(conn);
+        let row = client
+            .query_one("SELECT pg_postmaster_start_time()::text", &[])
+            .await
+            .ok();
+        drop(client);
+        let _ = task.await;
+        row.and_then(|r| r.try_get::<_, String>(0).ok())
+    };
+    tokio::time::timeout(Duration::from_secs(3), probe)
+        .await
+        .ok()
+        .flatten()
+}
+
+/// Restarts one member and waits until it runs again on a new postmaster.
+async fn restart_one(cfg: &Config, api: &ApiClient, m: &MemberStatus) -> anyhow::Result<()> {
     let before = api.status(m).await?;
-    let started = before.get("postmaster_start").cloned();
+    let reported = before
+        .get("postmaster_start")
+        .filter(|v| !v.is_null())
+        .cloned();
+    let started = postmaster_start(cfg, m).await;
     let url = api.url(m, "/restart");
     let answer = api.send(reqwest::Method::POST, &url, None).await?;
     if !answer.ok() {
@@ -101,29 +136,30 @@ async fn restart_one(api: &ApiClient, m: &MemberStatus) -> anyhow::Result<()> {
     }
     println!("{}: restart requested", m.name);
     let t0 = Instant::now();
-    // First see the restart begin (a state other than running, or a new
-    // postmaster), so that the "running" of before is not mistaken for
-    // the end of it.
+    // The restart has begun once the member reports a state other than
+    // running or a new postmaster: only then does "running" mean "again".
     let mut begun = false;
-    let start_timeout = Duration::from_secs(180);
+    let deadline = Duration::from_secs(180);
     loop {
         tokio::time::sleep(Duration::from_millis(200)).await;
-        let Ok(now) = api.status(m).await else {
-            // The agent may be busy; keep asking until the deadline.
-            if t0.elapsed() > start_timeout {
-                bail!(
-                    "{} did not answer on its API for {}s",
-                    m.name,
-                    start_timeout.as_secs()
-                );
+        let now = match api.status(m).await {
+            Ok(v) => v,
+            Err(e) if t0.elapsed() > deadline => {
+                bail!("{} did not answer on its API: {e:#}", m.name)
             }
-            continue;
+            // Busy restarting: keep asking until the deadline.
+            Err(_) => continue,
         };
-        let new_postmaster = started.is_some()
-            && !started.as_ref().is_some_and(Value::is_null)
-            && now.get("postmaster_start") != started.as_ref();
-        if !running(&now) || new_postmaster {
+        if !running(&now)
+            || reported
+                .as_ref()
+                .is_some_and(|r| now.get("postmaster_start") != Some(r))
+        {
             begun = true;
+        }
+        if !begun && running(&now) && started.is_some() {
+            let current = postmaster_start(cfg, m).await;
+            begun = current.is_some() && current != started;
         }
         if begun && running(&now) {
             println!(
@@ -136,17 +172,17 @@ async fn restart_one(api: &ApiClient, m: &MemberStatus) -> anyhow::Result<()> {
         }
         if !begun && t0.elapsed() > BEGIN_WAIT {
             bail!(
-                "{} did not begin restarting within {}s (state: {}); is its agent handling requests?",
+                "{} did not restart within {}s (state: {}); is its agent handling requests?",
                 m.name,
                 BEGIN_WAIT.as_secs(),
                 state_of(&now)
             );
         }
-        if t0.elapsed() > start_timeout {
+        if t0.elapsed() > deadline {
             bail!(
                 "{} is not running again after {}s (state: {}); stopping the rolling restart",
                 m.name,
-                start_timeout.as_secs(),
+                deadline.as_secs(),
                 state_of(&now)
             );
         }

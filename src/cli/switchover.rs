@@ -3,12 +3,12 @@
 //! then sent to a member's API, which checks again and stores it; then the
 //! command follows etcd until the new leader holds the lease.
 
-use super::operator::{confirm, connect, member, read_view, ApiClient};
+use super::operator::{confirm, connect, member, read_view, Answer, ApiClient};
 use crate::api::requests::{
     check_failover, check_switchover, format_time, now_unix, FailoverBody, SwitchoverBody,
 };
 use crate::config::Config;
-use crate::dcs::{CancelOutcome, ClusterView, Dcs, FailoverKind, FailoverRequest};
+use crate::dcs::{CancelOutcome, ClusterView, Dcs, FailoverKind, FailoverRequest, MemberStatus};
 use anyhow::{anyhow, bail};
 use std::time::{Duration, Instant};
 
@@ -101,16 +101,15 @@ pub async fn switchover(cfg: &Config, args: &SwitchoverArgs) -> anyhow::Result<(
             .unwrap_or_default();
         confirm(&format!("Switch over from {leader} to {to}{when}?")).await?;
     }
-    let target = member(cfg, &view, &leader)?;
     let api = ApiClient::new(cfg)?;
-    let url = api.url(target, "/switchover");
-    let answer = api
-        .send(
-            reqwest::Method::POST,
-            &url,
-            Some(&serde_json::to_value(&body)?),
-        )
-        .await?;
+    let answer = post_first(
+        &api,
+        &view,
+        &leader,
+        "/switchover",
+        &serde_json::to_value(&body)?,
+    )
+    .await?;
     if !answer.ok() {
         bail!("switchover refused: {}", answer.reason());
     }
@@ -143,16 +142,16 @@ pub async fn failover(cfg: &Config, args: &FailoverArgs) -> anyhow::Result<()> {
         };
         confirm(&question).await?;
     }
-    let target = member(cfg, &view, &args.candidate)?;
+    member(cfg, &view, &args.candidate)?;
     let api = ApiClient::new(cfg)?;
-    let url = api.url(target, "/failover");
-    let answer = api
-        .send(
-            reqwest::Method::POST,
-            &url,
-            Some(&serde_json::to_value(&body)?),
-        )
-        .await?;
+    let answer = post_first(
+        &api,
+        &view,
+        &args.candidate,
+        "/failover",
+        &serde_json::to_value(&body)?,
+    )
+    .await?;
     if !answer.ok() {
         bail!("failover refused: {}", answer.reason());
     }
@@ -161,6 +160,31 @@ pub async fn failover(cfg: &Config, args: &FailoverArgs) -> anyhow::Result<()> {
     let new = follow(cfg, &mut dcs, &old, Some(&args.candidate)).await?;
     println!("failed over: {new} is the leader now");
     Ok(())
+}
+
+/// POSTs to `first`'s API, or, when it cannot be reached, to the other
+/// members' in turn: any member's API checks and stores the request.
+async fn post_first(
+    api: &ApiClient,
+    view: &ClusterView,
+    first: &str,
+    path: &str,
+    body: &serde_json::Value,
+) -> anyhow::Result<Answer> {
+    let mut order: Vec<&MemberStatus> = view.members.iter().collect();
+    order.sort_by_key(|m| m.name != first);
+    let mut last_error = None;
+    for m in order {
+        let url = api.url(m, path);
+        match api.send(reqwest::Method::POST, &url, Some(body)).await {
+            Ok(answer) => return Ok(answer),
+            Err(e) => {
+                tracing::debug!("{e:#}");
+                last_error = Some(e);
+            }
+        }
+    }
+    Err(last_error.unwrap_or_else(|| anyhow!("no member's API to send the request to")))
 }
 
 /// Waits until someone other than `old` (the `candidate`, when named) holds

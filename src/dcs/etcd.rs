@@ -56,7 +56,11 @@ impl Dcs {
     /// endpoint at a time: the client library's own balancing keeps sending
     /// requests to a dead member, which would make a healthy leader miss
     /// its renewals while etcd still has quorum.
-    pub async fn connect(endpoints: &[String], keys: Keys, timeout: Duration) -> Result<Self, DcsError> {
+    pub async fn connect(
+        endpoints: &[String],
+        keys: Keys,
+        timeout: Duration,
+    ) -> Result<Self, DcsError> {
         let mut last = DcsError::Timeout(timeout);
         for (i, endpoint) in endpoints.iter().enumerate() {
             match probe_endpoint(endpoint, timeout).await {
@@ -87,7 +91,11 @@ impl Dcs {
             match probe_endpoint(&self.endpoints[i], self.timeout).await {
                 Ok(client) => {
                     if i != self.current {
-                        tracing::info!("etcd: switching from {} to {}", self.endpoints[self.current], self.endpoints[i]);
+                        tracing::info!(
+                            "etcd: switching from {} to {}",
+                            self.endpoints[self.current],
+                            self.endpoints[i]
+                        );
                     }
                     self.client = client;
                     self.current = i;
@@ -188,8 +196,16 @@ impl Dcs {
     pub async fn keep_alive(&mut self, ttl: u64) -> Result<(), DcsError> {
         let id = self.lease_id(ttl).await?;
         if self.keeper.is_none() {
-            let pair = with_timeout(self.timeout, self.client.lease_keep_alive(id)).await?;
-            self.keeper = Some(pair);
+            // etcd-client reads the first response itself and reports an
+            // expired lease as "lease not found": start a new lease then.
+            match with_timeout(self.timeout, self.client.lease_keep_alive(id)).await {
+                Ok(pair) => self.keeper = Some(pair),
+                Err(DcsError::Etcd(e)) if e.to_string().contains("lease not found") => {
+                    self.lease = None;
+                    return Err(DcsError::LeaseLost);
+                }
+                Err(e) => return Err(e),
+            }
         }
         let timeout = self.timeout;
         let Some((keeper, stream)) = self.keeper.as_mut() else {

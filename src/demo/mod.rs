@@ -285,3 +285,39 @@ fn random_secret() -> String {
         .map(char::from)
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Wrap {
+        #[command(flatten)]
+        demo: DemoArgs,
+    }
+
+    /// Every generated member config is valid and carries the API
+    /// credentials the operator verbs need.
+    #[test]
+    fn member_configs_carry_api_credentials() {
+        let args = Wrap::parse_from(["demo"]).demo;
+        let dir = Path::new("/tmp/pgwarden-demo-test/node1");
+        let text = member_config(
+            &args,
+            "node1",
+            dir,
+            "http://127.0.0.1:12379",
+            15433,
+            18009,
+            "su-pw",
+            "repl-pw",
+            "api-pw",
+        );
+        let cfg = crate::config::parse(Path::new("pgwarden.toml"), &text).unwrap();
+        assert_eq!(cfg.api.credentials(), Some(("pgwarden", "api-pw")));
+        assert!(!cfg.api.tls());
+        assert_eq!(random_secret().len(), 24);
+        assert_ne!(random_secret(), random_secret());
+    }
+}

@@ -380,13 +380,7 @@ fn rejoin(cluster: &ClusterView, local: &LocalView, leader: &str, d: &mut Decisi
     }
     // A clean shutdown whose checkpoint lies before the point where the
     // leader's timeline forked (a switchover): nothing to rewind.
-    let forked_after_us = cluster
-        .history
-        .iter()
-        .rev()
-        .find(|h| Some(h.timeline) == m.timeline)
-        .is_some_and(|h| ours.clean_shutdown && h.lsn > ours.checkpoint_lsn);
-    if forked_after_us {
+    if forked_after(cluster, ours, m.timeline) {
         d.push(
             Action::StartReplica { upstream: Some(upstream) },
             format!("we shut down cleanly before {leader}'s timeline forked: starting as its replica without rewind"),
@@ -534,10 +528,19 @@ fn diverged_from(cluster: &ClusterView, local: &LocalView, leader: &str) -> bool
     let Some(ours) = local.control.as_ref().filter(|c| c.was_primary) else {
         return false;
     };
+    let leader_tl = cluster.member(leader).and_then(|m| m.timeline);
+    leader_tl.is_some_and(|tl| tl != ours.timeline) && !forked_after(cluster, ours, leader_tl)
+}
+
+/// We shut down cleanly before the point where the leader's timeline forked
+/// (a switchover): our WAL is a prefix of the leader's, nothing to rewind.
+fn forked_after(cluster: &ClusterView, ours: &ControlInfo, leader_timeline: Option<u32>) -> bool {
     cluster
-        .member(leader)
-        .and_then(|m| m.timeline)
-        .is_some_and(|tl| tl != ours.timeline)
+        .history
+        .iter()
+        .rev()
+        .find(|h| Some(h.timeline) == leader_timeline)
+        .is_some_and(|h| ours.clean_shutdown && h.lsn > ours.checkpoint_lsn)
 }
 
 /// Rule 3: another reachable candidate further ahead (ties: higher

@@ -227,8 +227,14 @@ impl Instance {
     /// Whether the managed config file differs from what `inputs` render.
     pub fn conf_differs(&self, inputs: &ConfInputs) -> bool {
         let files = render_conf(inputs);
-        std::fs::read_to_string(self.data_dir.join(MANAGED_CONF)).ok().as_deref() != Some(files.managed_conf.as_str())
-            || std::fs::read_to_string(self.data_dir.join("pg_hba.conf")).ok().as_deref() != Some(files.pg_hba.as_str())
+        std::fs::read_to_string(self.data_dir.join(MANAGED_CONF))
+            .ok()
+            .as_deref()
+            != Some(files.managed_conf.as_str())
+            || std::fs::read_to_string(self.data_dir.join("pg_hba.conf"))
+                .ok()
+                .as_deref()
+                != Some(files.pg_hba.as_str())
     }
 
     pub fn write_conf(&self, inputs: &ConfInputs) -> anyhow::Result<bool> {
