@@ -22,7 +22,7 @@ impl Agent {
             }
             match result {
                 Ok(view) => {
-                    dcs.set_timeout(Duration::from_secs(view.config.retry_timeout.max(1)));
+                    dcs.set_timeout(request_timeout(view.config.retry_timeout));
                     if view.leader.as_ref().is_some_and(|l| *l != self.cfg.name) {
                         self.last_leader_seen = view.leader.clone();
                     }
@@ -52,7 +52,7 @@ impl Agent {
             .as_ref()
             .map(|c| c.config.retry_timeout)
             .unwrap_or(self.cfg.bootstrap.dcs.retry_timeout);
-        Duration::from_secs(retry.max(1))
+        request_timeout(retry)
     }
 
     /// Collects finished background jobs, recording failures.
@@ -287,4 +287,11 @@ pub(super) fn describe(kind: &crate::ha::JobKind) -> String {
         Restart => "restart".into(),
         RemoveData => "removal of the data directory".into(),
     }
+}
+
+/// One etcd request may take half of retry_timeout: a pass can then make
+/// a failed request and its retry on another endpoint and still act (stop
+/// a primary) before the lease may have run out.
+fn request_timeout(retry_timeout: u64) -> Duration {
+    Duration::from_millis((retry_timeout.max(1) * 1000 / 2).max(500))
 }

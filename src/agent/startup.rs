@@ -235,6 +235,13 @@ impl Agent {
         if let Some(job) = self.job.take() {
             job.abort();
         }
+        // Out of HAProxy's read-write pool before PostgreSQL starts refusing
+        // connections, not after.
+        self.last_renew = None;
+        let mut snap = (*self.api.get()).clone();
+        snap.holds_leader_key = false;
+        snap.lease_valid_until = None;
+        self.api.set(snap);
         if let Err(e) = self.pg.stop().await {
             tracing::error!("stopping PostgreSQL failed: {e:#}");
         }

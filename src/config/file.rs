@@ -390,6 +390,12 @@ impl DynamicConfig {
         if self.loop_wait == 0 {
             return Err(("loop_wait", "must be at least 1 second".into()));
         }
+        if self.synchronous_mode {
+            return Err((
+                "synchronous_mode",
+                "synchronous replication is not implemented yet; leave it off (asynchronous replication may lose the last transactions on failover)".into(),
+            ));
+        }
         if self.retry_timeout == 0 {
             return Err(("retry_timeout", "must be at least 1 second".into()));
         }

@@ -175,7 +175,7 @@ fn documented_example_parses() {
     let cfg = parse_text(example).unwrap_or_else(|e| panic!("documented example is invalid: {e}"));
     assert_eq!(cfg.name, "pg1");
     assert!(cfg.tags.custom.contains_key("zone"));
-    assert!(cfg.bootstrap.dcs.synchronous_mode);
+    assert!(!cfg.bootstrap.dcs.synchronous_mode);
     assert!(!cfg.bootstrap.dcs.postgresql.parameters.is_empty());
     assert!(cfg.postgresql.bin_dir.is_some());
 }
@@ -235,7 +235,7 @@ maximum_lag_on_failover = 0
 use_slots = false
 use_pg_rewind = false
 member_slots_ttl = 60
-synchronous_mode = true
+synchronous_mode = false
 
 [bootstrap.dcs.postgresql.parameters]
 max_wal_senders = 20
@@ -263,7 +263,7 @@ max_wal_senders = 20
     let dcs = &cfg.bootstrap.dcs;
     assert_eq!((dcs.ttl, dcs.loop_wait, dcs.retry_timeout), (30, 10, 10));
     assert_eq!(dcs.maximum_lag_on_failover, 0);
-    assert!(!dcs.use_slots && !dcs.use_pg_rewind && dcs.synchronous_mode);
+    assert!(!dcs.use_slots && !dcs.use_pg_rewind && !dcs.synchronous_mode);
     assert_eq!(dcs.member_slots_ttl, 60);
     assert_eq!(
         dcs.postgresql.parameters["max_wal_senders"],
