@@ -27,6 +27,20 @@
         from then on every write succeeded), LAST_ACK_BEFORE_SECS,
         ACKED_BEFORE, ACKED_AFTER, FAILED_AFTER, LOST, LOST_BEFORE,
         LOST_AFTER, LOST_IDS.
+
+    failover_probe.py window --log FILE --start EPOCH [--until EPOCH]
+        (bench/switchover.sh) Figures for the attempts that started in
+        [START, UNTIL), printed shell-assignable: FAILED (failed attempts),
+        WINDOW_SECS (from the start of the first failed attempt to the
+        acknowledgement of the first successful attempt that started after
+        it; 0.00 if none failed, "none" if no write succeeded after it),
+        FIRST_FAIL_SECS and LAST_FAIL_SECS (START -> start of the first /
+        last failed attempt), SPAN_SECS (start of the first failed attempt
+        -> acknowledgement of the first successful attempt that started
+        after the last failed one: equals WINDOW_SECS unless writes failed
+        again after recovering), EPISODES (separate runs of failures, in
+        start order), OK (acknowledged attempts), MAX_OK_SECS (slowest
+        acknowledged attempt), ERRORS (the commonest error texts).
 """
 
 import argparse
@@ -34,6 +48,7 @@ import base64
 import hashlib
 import hmac
 import os
+import shlex
 import signal
 import socket
 import struct
@@ -314,6 +329,56 @@ def analyze(args):
         print(f"{k}={v}")
 
 
+def window(args):
+    start = float(args.start)
+    until = float(args.until) if args.until else float("inf")
+    rows = []  # (start, end, ok, err) of every attempt, in start order
+    with open(args.log) as f:
+        for line in f:
+            if line.startswith("#") or not line.strip():
+                continue
+            parts = line.rstrip("\n").split("\t")
+            err = parts[4] if len(parts) > 4 else ""
+            rows.append((float(parts[1]), float(parts[2]), parts[3] == "1", err))
+    rows.sort()
+    inside = [r for r in rows if start <= r[0] < until]
+    failed = [r for r in inside if not r[2]]
+    ok = [r for r in inside if r[2]]
+    out = {"FAILED": len(failed), "OK": len(ok),
+           "MAX_OK_SECS": f"{max((r[1] - r[0] for r in ok), default=0.0):.2f}"}
+
+    def first_ack_after(t):
+        ends = [r[1] for r in rows if r[2] and r[0] >= t]
+        return min(ends) if ends else None
+
+    if not failed:
+        out.update(WINDOW_SECS="0.00", SPAN_SECS="0.00", FIRST_FAIL_SECS="none",
+                   LAST_FAIL_SECS="none", EPISODES=0, ERRORS="")
+    else:
+        f0, f1 = failed[0][0], failed[-1][0]
+        a0, a1 = first_ack_after(f0), first_ack_after(f1)
+        episodes, prev_ok = 0, True
+        for r in inside:
+            if not r[2] and prev_ok:
+                episodes += 1
+            prev_ok = r[2]
+        counts = {}
+        for r in failed:
+            key = r[3].split(" (", 1)[0][:90]
+            counts[key] = counts.get(key, 0) + 1
+        errors = "; ".join(f"{n}x {e}" for e, n in sorted(counts.items(), key=lambda kv: -kv[1])[:3])
+        out.update(
+            WINDOW_SECS="none" if a0 is None else f"{a0 - f0:.2f}",
+            SPAN_SECS="none" if a1 is None else f"{a1 - f0:.2f}",
+            FIRST_FAIL_SECS=f"{f0 - start:.2f}",
+            LAST_FAIL_SECS=f"{f1 - start:.2f}",
+            EPISODES=episodes,
+            ERRORS=errors,
+        )
+    for k, v in out.items():
+        print(f"{k}={shlex.quote(str(v))}")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -330,9 +395,15 @@ def main():
     an.add_argument("--log", required=True)
     an.add_argument("--fault", required=True)
     an.add_argument("--present", required=True)
+    wi = sub.add_parser("window")
+    wi.add_argument("--log", required=True)
+    wi.add_argument("--start", required=True)
+    wi.add_argument("--until")
     args = p.parse_args()
     if args.cmd == "probe":
         probe(args)
+    elif args.cmd == "window":
+        window(args)
     else:
         analyze(args)
 
