@@ -54,7 +54,7 @@ impl Agent {
             state,
             host,
             port,
-            api_url: format!("http://{}", self.cfg.api_connect_address()),
+            api_url: self.cfg.api_url(),
             conn_url: format!("postgres://{}/postgres", self.cfg.pg_connect_address()),
             timeline: running.and_then(|pg| pg.timeline),
             wal_lsn: running.and_then(|pg| pg.wal_lsn),

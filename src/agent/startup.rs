@@ -143,7 +143,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         last_control: None,
         pending_promotion: None,
         pending_request: None,
-        http: reqwest::Client::builder()
+        http: crate::api::client_builder(&cfg)?
             .timeout(Duration::from_millis(1500))
             .build()
             .context("cannot build the HTTP client")?,
@@ -290,7 +290,7 @@ fn initial_snapshot(cfg: &Config) -> ApiSnapshot {
             state: PgState::Stopped,
             host: String::new(),
             port: 0,
-            api_url: format!("http://{}", cfg.api_connect_address()),
+            api_url: cfg.api_url(),
             conn_url: String::new(),
             timeline: None,
             wal_lsn: None,

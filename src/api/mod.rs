@@ -22,6 +22,7 @@ mod tests;
 pub use auth::Credentials;
 pub use operator::{ApiOptions, MemberCommand, BODY_LIMIT};
 pub use state::{ApiSnapshot, SharedState};
+pub use tls::client_builder;
 
 use axum::extract::State;
 use axum::http::Uri;

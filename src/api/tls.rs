@@ -60,3 +60,29 @@ fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, String> {
         )
     })
 }
+
+/// An HTTP client builder for talking to members' APIs: trusts the cluster's
+/// CA (`api.cafile`, else `api.certfile`) when TLS is configured. The CLI and
+/// the agent (asking peers for their positions) share it.
+pub fn client_builder(cfg: &crate::config::Config) -> anyhow::Result<reqwest::ClientBuilder> {
+    use anyhow::{bail, Context};
+    let mut builder = reqwest::Client::builder();
+    let roots = cfg.api.cafile.as_ref().map(|f| ("api.cafile", f)).or(cfg
+        .api
+        .certfile
+        .as_ref()
+        .map(|f| ("api.certfile", f)));
+    if let Some((key, file)) = roots {
+        let text = std::fs::read(file)
+            .with_context(|| format!("{key}: cannot read {}", file.display()))?;
+        let certs = reqwest::Certificate::from_pem_bundle(&text)
+            .with_context(|| format!("{key}: {} is not a PEM bundle", file.display()))?;
+        if certs.is_empty() {
+            bail!("{key}: {} holds no PEM certificate", file.display());
+        }
+        for c in certs {
+            builder = builder.add_root_certificate(c);
+        }
+    }
+    Ok(builder)
+}

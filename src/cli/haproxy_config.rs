@@ -83,6 +83,7 @@ impl HaproxyConfigArgs {
             maxconn: self.maxconn,
             pidfile: self.pidfile.clone(),
             stats_socket: self.stats_socket.clone(),
+            check_ssl: false,
         }
     }
 }
@@ -108,7 +109,8 @@ pub async fn run_until(
     args: &HaproxyConfigArgs,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
-    let opts = args.render_options();
+    let mut opts = args.render_options();
+    opts.check_ssl = cfg.api.tls();
     opts.validate()
         .map_err(|e| anyhow!("haproxy-config: {e}"))?;
     if args.interval == 0 {

@@ -64,26 +64,9 @@ impl Answer {
 
 impl ApiClient {
     pub(crate) fn new(cfg: &Config) -> anyhow::Result<ApiClient> {
-        let mut builder = reqwest::Client::builder()
+        let builder = crate::api::client_builder(cfg)?
             .timeout(Duration::from_secs(10))
             .connect_timeout(Duration::from_secs(3));
-        let roots = cfg.api.cafile.as_ref().map(|f| ("api.cafile", f)).or(cfg
-            .api
-            .certfile
-            .as_ref()
-            .map(|f| ("api.certfile", f)));
-        if let Some((key, file)) = roots {
-            let text = std::fs::read(file)
-                .with_context(|| format!("{key}: cannot read {}", file.display()))?;
-            let certs = reqwest::Certificate::from_pem_bundle(&text)
-                .with_context(|| format!("{key}: {} is not a PEM bundle", file.display()))?;
-            if certs.is_empty() {
-                bail!("{key}: {} holds no PEM certificate", file.display());
-            }
-            for c in certs {
-                builder = builder.add_root_certificate(c);
-            }
-        }
         Ok(ApiClient {
             http: builder.build().context("cannot build the HTTP client")?,
             credentials: cfg

@@ -86,6 +86,8 @@ pub struct RenderOptions {
     pub pidfile: Option<PathBuf>,
     /// Admin-level runtime API socket, for tooling that inspects live state.
     pub stats_socket: Option<PathBuf>,
+    /// The agents' API serves HTTPS: health checks must speak TLS.
+    pub check_ssl: bool,
 }
 
 impl Default for RenderOptions {
@@ -101,6 +103,7 @@ impl Default for RenderOptions {
             maxconn: 1000,
             pidfile: None,
             stats_socket: None,
+            check_ssl: false,
         }
     }
 }
@@ -280,8 +283,13 @@ fn backend_section(
     // init-addr libc,none: one member host name that does not resolve must not
     // make HAProxy reject the whole file; that server just stays down.
     out.ind(format!(
-        "default-server inter {} fall {} rise {} on-marked-down shutdown-sessions init-addr libc,none",
-        opts.inter, opts.fall, opts.rise
+        "default-server inter {} fall {} rise {} on-marked-down shutdown-sessions init-addr libc,none{}",
+        opts.inter,
+        opts.fall,
+        opts.rise,
+        // The API's certificate is the cluster's own: HAProxy checks that
+        // it answers over TLS, not who signed it.
+        if opts.check_ssl { " check-ssl verify none" } else { "" }
     ));
     for (b, server) in backends.iter().zip(servers) {
         let mut line = format!(

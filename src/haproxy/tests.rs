@@ -465,3 +465,16 @@ fn haproxy_routes_reads_and_writes() {
     wait_routes(opts.ro_port, &["c"]);
     wait_routes(opts.rw_port, &["b"]);
 }
+
+#[test]
+fn tls_api_checks_speak_tls_and_pass_haproxy_c() {
+    let opts = RenderOptions {
+        check_ssl: true,
+        ..test_opts()
+    };
+    let text = render("s", &[backend("pg1", 5432, 8008)], &opts);
+    assert!(text.contains("check-ssl verify none"), "{text}");
+    assert_haproxy_accepts(&text, "TLS checks");
+    let plain = render("s", &[backend("pg1", 5432, 8008)], &test_opts());
+    assert!(!plain.contains("check-ssl"), "{plain}");
+}
