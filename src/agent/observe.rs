@@ -155,8 +155,10 @@ impl Agent {
         let i_lead = cluster.leader.as_deref() == Some(self.cfg.name.as_str());
         let electing = cluster.leader.is_none() && pg.running().is_some_and(|p| p.in_recovery);
         let handing_over = i_lead && cluster.failover.is_some() && pg.running().is_none();
-        let peers = if dcs_ok && (electing || handing_over) {
+        let peers = if dcs_ok && electing {
             self.ask_peers(cluster).await
+        } else if dcs_ok && handing_over {
+            self.ask_candidate(cluster).await
         } else {
             Vec::new()
         };
@@ -209,6 +211,30 @@ impl Agent {
         } else if self.primary_down_since.is_none() {
             self.primary_down_since = Some(self.now());
         }
+    }
+
+    /// A leader handing over waits for its candidate to have the shutdown
+    /// checkpoint: ask the candidate's PostgreSQL directly, for a fresh
+    /// answer rather than one a loop old.
+    async fn ask_candidate(&self, cluster: &ClusterView) -> Vec<PeerPosition> {
+        let Some(m) = cluster
+            .failover
+            .as_ref()
+            .and_then(|f| f.candidate.as_deref())
+            .and_then(|c| cluster.member(c))
+        else {
+            return Vec::new();
+        };
+        let lsn = self
+            .pg
+            .remote_receive_lsn(&format!("{}:{}", m.host, m.port))
+            .await;
+        vec![PeerPosition {
+            name: m.name.clone(),
+            wal_lsn: lsn,
+            nofailover: m.tags.nofailover,
+            failover_priority: m.tags.failover_priority,
+        }]
     }
 
     /// Rule 3 needs the other candidates' positions: ask their APIs, all at

@@ -23,6 +23,8 @@ pub struct ListRow {
     pub api_url: String,
     pub upstream: Option<String>,
     pub tags: crate::config::Tags,
+    /// A changed setting waits for a restart (`pgwarden restart --pending`).
+    pub pending_restart: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
 }
@@ -51,6 +53,7 @@ pub fn rows(view: &ClusterView) -> Vec<ListRow> {
                 api_url: m.api_url.clone(),
                 upstream: m.upstream.clone(),
                 tags: m.tags.clone(),
+                pending_restart: m.pending_restart,
                 error: m.error.clone(),
             }
         })
@@ -59,8 +62,16 @@ pub fn rows(view: &ClusterView) -> Vec<ListRow> {
 
 pub fn render_table(scope: &str, view: &ClusterView) -> String {
     let rows = rows(view);
-    let header = ["Member", "Host", "Role", "State", "TL", "Lag in MB"];
-    let cells: Vec<[String; 6]> = rows
+    let header = [
+        "Member",
+        "Host",
+        "Role",
+        "State",
+        "TL",
+        "Lag in MB",
+        "Pending restart",
+    ];
+    let cells: Vec<[String; 7]> = rows
         .iter()
         .map(|r| {
             [
@@ -72,6 +83,11 @@ pub fn render_table(scope: &str, view: &ClusterView) -> String {
                 r.lag_bytes
                     .map(|b| format!("{}", (b as f64 / 1_048_576.0).round() as u64))
                     .unwrap_or_else(|| "unknown".into()),
+                if r.pending_restart {
+                    "*".into()
+                } else {
+                    String::new()
+                },
             ]
         })
         .collect();
@@ -106,6 +122,21 @@ pub fn render_table(scope: &str, view: &ClusterView) -> String {
         out.push_str(&line(row));
     }
     out.push_str(&sep);
+    if view.config.pause {
+        out.push_str(" Maintenance mode: on (pgwarden resume ends it)\n");
+    }
+    if let Some(f) = &view.failover {
+        out.push_str(&format!(
+            " Pending {:?}: {} -> {}{}\n",
+            f.kind,
+            f.leader.as_deref().unwrap_or("leader"),
+            f.candidate.as_deref().unwrap_or("healthiest replica"),
+            f.scheduled_at
+                .as_deref()
+                .map(|t| format!(" at {t}"))
+                .unwrap_or_default()
+        ));
+    }
     out
 }
 

@@ -494,9 +494,11 @@ impl Dcs {
 
 /// A client bound to one endpoint, checked with a status request.
 async fn probe_endpoint(endpoint: &str, timeout: Duration) -> Result<Client, DcsError> {
+    // No per-call deadline in the channel: it would also cut the long-lived
+    // watch and keep-alive streams. Every unary call is bounded by
+    // `with_timeout` instead.
     let opts = ConnectOptions::new()
         .with_connect_timeout(timeout)
-        .with_timeout(timeout)
         .with_keep_alive(Duration::from_secs(2), timeout);
     let mut client = with_timeout(timeout, Client::connect([endpoint], Some(opts))).await?;
     with_timeout(timeout, client.status()).await?;

@@ -389,6 +389,32 @@ impl Instance {
         Ok(())
     }
 
+    /// How far another instance (a switchover candidate) has received WAL,
+    /// asked over SQL so the answer is fresh rather than a loop old.
+    pub async fn remote_receive_lsn(&self, address: &str) -> Option<u64> {
+        let (host, port) = address.rsplit_once(':')?;
+        let conninfo = format!(
+            "host='{}' port={} user='{}' password='{}' dbname=postgres connect_timeout=2 application_name=pgwarden",
+            host,
+            port,
+            conninfo_escape(&self.superuser.username),
+            conninfo_escape(&self.superuser.password),
+        );
+        let ask = async {
+            let client = observe::connect(&conninfo).await.ok()?;
+            let row = client
+                .query_one("SELECT pg_last_wal_receive_lsn()::text", &[])
+                .await
+                .ok()?;
+            let lsn: Option<String> = row.try_get(0).ok()?;
+            lsn.as_deref().and_then(crate::dcs::parse_lsn)
+        };
+        tokio::time::timeout(Duration::from_secs(2), ask)
+            .await
+            .ok()
+            .flatten()
+    }
+
     pub async fn promote(&mut self) -> anyhow::Result<()> {
         let dir = self.data_dir.to_string_lossy().to_string();
         run(
