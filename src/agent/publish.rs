@@ -124,7 +124,7 @@ impl Agent {
             is_sync: false,
             last_loop: Instant::now(),
             ttl,
-            paused: false,
+            paused: cluster.config.pause,
             postmaster_start: None,
             cluster: Some(cluster.clone()),
             member: status,

@@ -118,6 +118,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
 
     let wake = Arc::new(Notify::new());
     let watcher = tokio::spawn(watch_leader(cfg.etcd.endpoints.clone(), keys, wake.clone()));
+    let guard = tokio::spawn(fence_guard(api.clone(), pg.detached()));
 
     let mut agent = Agent {
         dcs: dcs.take(),
@@ -180,6 +181,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         }
     }
     watcher.abort();
+    guard.abort();
     agent.shutdown().await;
     shutdown.notify_waiters();
     let _ = api_task.await;
@@ -252,6 +254,32 @@ impl Agent {
             }
         }
         tracing::info!("stopped");
+    }
+}
+
+/// The last line of rule 2. The policy stops a primary whose lease went
+/// unrenewed for retry_timeout, but only when a loop pass gets that far; a
+/// pass stuck in etcd timeouts could reach it too late. This guard watches
+/// the published lease deadline on its own and stops PostgreSQL at once
+/// (immediate mode) when the deadline is about to pass with no renewal.
+async fn fence_guard(api: SharedState, mut pg: Instance) {
+    const MARGIN: Duration = Duration::from_millis(1500);
+    loop {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let snap = api.get();
+        let writable =
+            snap.holds_leader_key && snap.pg_running && !snap.in_recovery && !snap.paused;
+        let at_risk = snap
+            .lease_valid_until
+            .is_some_and(|until| Instant::now() + MARGIN >= until);
+        if writable && at_risk && pg.postmaster_pid().is_some() {
+            tracing::error!(
+                "the leader lease may expire within {MARGIN:?} and the loop has not renewed it: stopping PostgreSQL immediately"
+            );
+            if let Err(e) = pg.stop_immediate().await {
+                tracing::error!("emergency stop failed: {e:#}");
+            }
+        }
     }
 }
 

@@ -415,6 +415,31 @@ impl Instance {
             .flatten()
     }
 
+    /// Immediate shutdown: no checkpoint, clients cut at once (fencing).
+    pub async fn stop_immediate(&mut self) -> anyhow::Result<()> {
+        self.client = None;
+        let dir = self.data_dir.to_string_lossy().to_string();
+        run(
+            &self.bin_dir,
+            "pg_ctl",
+            [
+                "stop",
+                "-D",
+                dir.as_str(),
+                "-m",
+                "immediate",
+                "-w",
+                "-t",
+                "10",
+            ],
+            self.user,
+            &[],
+            Duration::from_secs(15),
+        )
+        .await?;
+        Ok(())
+    }
+
     pub async fn promote(&mut self) -> anyhow::Result<()> {
         let dir = self.data_dir.to_string_lossy().to_string();
         run(
