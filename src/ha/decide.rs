@@ -299,6 +299,10 @@ fn decide_replica(
         Some(l) if l == local.name => {
             d.push(Action::RenewLeader, "holding the leader lease");
             if lease_fresh(local, cluster.config.retry_timeout, now) {
+                // Slots first (a standby can hold physical slots): replicas
+                // re-point at us as soon as they see the new leader key, and
+                // a missing slot would make each wait out a 5 s retry.
+                manage_slots(cluster, local, pg, now, d);
                 d.push(Action::Promote, "we hold the leader lease: promoting");
             }
         }
