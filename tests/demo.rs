@@ -111,7 +111,17 @@ fn demo_serves_writes_through_haproxy_and_stops_everything_on_sigterm() {
             .expect("list");
         let rows: serde_json::Value = serde_json::from_slice(&out.stdout).expect("list JSON");
         assert_eq!(rows.as_array().map(|a| a.len()), Some(3), "{rows}");
-        assert!(dir.join("node2/data/PG_VERSION").exists());
+        // Data directories where the docs say; replicas may still be cloning
+        // when the first write is accepted.
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while !(1..=3).all(|i| dir.join(format!("node{i}/data/PG_VERSION")).exists()) {
+            assert!(
+                Instant::now() < deadline,
+                "members' data directories never appeared under {}",
+                dir.display()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
     });
 
     let _ = nix::sys::signal::kill(
