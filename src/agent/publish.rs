@@ -125,7 +125,7 @@ impl Agent {
             last_loop: Instant::now(),
             ttl,
             paused: cluster.config.pause,
-            postmaster_start: None,
+            postmaster_start: running.map(|pg| pg.postmaster_start.clone()),
             cluster: Some(cluster.clone()),
             member: status,
         }

@@ -29,7 +29,7 @@ pub struct ApiSnapshot {
     pub last_loop: Instant,
     pub ttl: Duration,
     pub paused: bool,
-    /// Seconds since the postmaster started, when known.
+    /// `pg_postmaster_start_time()` as last observed, when running.
     pub postmaster_start: Option<String>,
 }
 

@@ -78,7 +78,7 @@ pub async fn restart(cfg: &Config, args: &RestartArgs) -> anyhow::Result<()> {
     targets.sort_by_key(|m| view.leader.as_deref() == Some(m.name.as_str()));
     let api = ApiClient::new(cfg)?;
     for m in targets {
-        restart_one(cfg, &api, m).await?;
+        restart_one(&api, m).await?;
     }
     Ok(())
 }
@@ -91,44 +91,13 @@ fn running(status: &Value) -> bool {
     matches!(state_of(status), "running" | "streaming")
 }
 
-/// When the member's postmaster started, as PostgreSQL itself says (the
-/// agent's API does not report it yet): a new value proves a restart. None
-/// when the member cannot be reached with the superuser credentials.
-async fn postmaster_start(cfg: &Config, m: &MemberStatus) -> Option<String> {
-    let su = &cfg.postgresql.authentication.superuser;
-    let mut pg = tokio_postgres::Config::new();
-    pg.host(&m.host)
-        .port(m.port)
-        .user(&su.username)
-        .password(&su.password)
-        .dbname("postgres")
-        .application_name("pgwarden restart")
-        .connect_timeout(Duration::from_secs(2));
-    let probe = async {
-        let (client, conn) = pg.connect(tokio_postgres::NoTls).await.ok()?;
-        let task = tokio::spawn(conn);
-        let row = client
-            .query_one("SELECT pg_postmaster_start_time()::text", &[])
-            .await
-            .ok();
-        drop(client);
-        let _ = task.await;
-        row.and_then(|r| r.try_get::<_, String>(0).ok())
-    };
-    tokio::time::timeout(Duration::from_secs(3), probe)
-        .await
-        .ok()
-        .flatten()
-}
-
 /// Restarts one member and waits until it runs again on a new postmaster.
-async fn restart_one(cfg: &Config, api: &ApiClient, m: &MemberStatus) -> anyhow::Result<()> {
+async fn restart_one(api: &ApiClient, m: &MemberStatus) -> anyhow::Result<()> {
     let before = api.status(m).await?;
     let reported = before
         .get("postmaster_start")
         .filter(|v| !v.is_null())
         .cloned();
-    let started = postmaster_start(cfg, m).await;
     let url = api.url(m, "/restart");
     let answer = api.send(reqwest::Method::POST, &url, None).await?;
     if !answer.ok() {
@@ -156,10 +125,6 @@ async fn restart_one(cfg: &Config, api: &ApiClient, m: &MemberStatus) -> anyhow:
                 .is_some_and(|r| now.get("postmaster_start") != Some(r))
         {
             begun = true;
-        }
-        if !begun && running(&now) && started.is_some() {
-            let current = postmaster_start(cfg, m).await;
-            begun = current.is_some() && current != started;
         }
         if begun && running(&now) {
             println!(

@@ -218,6 +218,7 @@ impl Local {
             upstream: None,
             slots: slots(slot_members),
             pending_restart: false,
+            postmaster_start: String::new(),
         });
         self
     }
@@ -233,6 +234,7 @@ impl Local {
             upstream,
             slots: vec![],
             pending_restart: false,
+            postmaster_start: String::new(),
         });
         self
     }
@@ -247,6 +249,7 @@ impl Local {
             upstream: None,
             slots: vec![],
             pending_restart: false,
+            postmaster_start: String::new(),
         });
         self
     }

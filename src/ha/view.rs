@@ -105,6 +105,8 @@ pub struct PgRunning {
     pub slots: Vec<String>,
     /// Some changed setting takes effect only after a restart.
     pub pending_restart: bool,
+    /// `pg_postmaster_start_time()`: a new value proves a restart.
+    pub postmaster_start: String,
 }
 
 impl PgRun {

@@ -23,7 +23,8 @@ SELECT pg_is_in_recovery(),
        current_setting('server_version_num')::int,
        coalesce((SELECT array_agg(slot_name::text ORDER BY slot_name)
                  FROM pg_replication_slots WHERE slot_type = 'physical'), '{}'),
-       EXISTS (SELECT FROM pg_settings WHERE pending_restart)";
+       EXISTS (SELECT FROM pg_settings WHERE pending_restart),
+       pg_postmaster_start_time()::text";
 
 pub async fn probe(client: &Client) -> Result<Observed, tokio_postgres::Error> {
     let row = client.query_one(PROBE, &[]).await?;
@@ -36,6 +37,7 @@ pub async fn probe(client: &Client) -> Result<Observed, tokio_postgres::Error> {
     let version: i32 = row.try_get(6)?;
     let slots: Vec<String> = row.try_get(7)?;
     let pending_restart: bool = row.try_get(8)?;
+    let postmaster_start: String = row.try_get(9)?;
     Ok(Observed {
         state: PgRunning {
             in_recovery,
@@ -50,6 +52,7 @@ pub async fn probe(client: &Client) -> Result<Observed, tokio_postgres::Error> {
             },
             slots,
             pending_restart,
+            postmaster_start,
         },
         major: (version / 10000) as u32,
     })
