@@ -279,118 +279,6 @@ impl Drop for HostWriter {
     }
 }
 
-/// The invariant monitor of support::faults, on each member's own address:
-/// records any moment when two members answer 200 on /primary or two
-/// PostgreSQL instances accept writes.
-struct HostMonitor {
-    stop: Arc<AtomicBool>,
-    violations: Arc<Mutex<Vec<String>>>,
-    polls: Arc<Mutex<u64>>,
-    task: Option<tokio::task::JoinHandle<()>>,
-}
-
-impl HostMonitor {
-    fn start(c: &Cluster) -> HostMonitor {
-        let members: Vec<(String, String, String, u16)> = c
-            .members
-            .iter()
-            .map(|m| (m.name.clone(), m.api("/primary"), m.host.clone(), m.pg_port))
-            .collect();
-        let stop = Arc::new(AtomicBool::new(false));
-        let violations = Arc::new(Mutex::new(Vec::new()));
-        let polls = Arc::new(Mutex::new(0));
-        let (s, v, p) = (stop.clone(), violations.clone(), polls.clone());
-        let task = tokio::spawn(async move {
-            while !s.load(Ordering::Relaxed) {
-                let mut api_primaries = Vec::new();
-                let mut writable = Vec::new();
-                for (name, url, host, port) in &members {
-                    if http_status("GET", url).await == 200 {
-                        api_primaries.push(name.clone());
-                    }
-                    if accepts_writes(host, *port).await {
-                        writable.push(name.clone());
-                    }
-                }
-                if api_primaries.len() > 1 {
-                    v.lock().unwrap_or_else(|p| p.into_inner()).push(format!(
-                        "two members answer 200 on /primary: {api_primaries:?}"
-                    ));
-                }
-                if writable.len() > 1 {
-                    v.lock().unwrap_or_else(|p| p.into_inner()).push(format!(
-                        "two PostgreSQL instances accept writes: {writable:?}"
-                    ));
-                }
-                *p.lock().unwrap_or_else(|p| p.into_inner()) += 1;
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        });
-        HostMonitor {
-            stop,
-            violations,
-            polls,
-            task: Some(task),
-        }
-    }
-
-    fn polls(&self) -> u64 {
-        *self.polls.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Lets it look at the final state a few times, stops it and asserts
-    /// that no violation was seen.
-    async fn finish(mut self) {
-        let start = self.polls();
-        eventually(
-            "the invariant monitor polling the final state",
-            Duration::from_secs(60),
-            || async { (self.polls() >= start + 3).then_some(()) },
-        )
-        .await;
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.task.take() {
-            let _ = t.await;
-        }
-        let polls = self.polls();
-        assert!(
-            polls >= 5,
-            "the invariant monitor polled only {polls} times"
-        );
-        let v = self.violations.lock().unwrap_or_else(|p| p.into_inner());
-        assert!(v.is_empty(), "safety violated: {v:?}");
-    }
-}
-
-impl Drop for HostMonitor {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.task.take() {
-            t.abort();
-        }
-    }
-}
-
-/// A PostgreSQL instance on `host:port` is up and not in recovery.
-async fn accepts_writes(host: &str, port: u16) -> bool {
-    let Ok(Ok(c)) = tokio::time::timeout(
-        Duration::from_millis(800),
-        sql_at(host, port, SUPERUSER_PASSWORD),
-    )
-    .await
-    else {
-        return false;
-    };
-    matches!(
-        tokio::time::timeout(
-            Duration::from_millis(800),
-            c.query_one("SELECT NOT pg_is_in_recovery()", &[])
-        )
-        .await,
-        Ok(Ok(row)) if row.get::<_, bool>(0)
-    )
-}
-
 /// Name of the etcd member leading the raft group (diagnostics only).
 async fn etcd_raft_leader(c: &Cluster) -> Option<String> {
     let mut client = etcd_client::Client::connect(c.etcd_endpoints(), None)
@@ -462,7 +350,7 @@ async fn losing_server_1_promotes_db03_and_haproxy_routes_writes_there() {
         Some(c.members[DB01].pg_port),
         "writes through HAProxy land on db01 before the fault"
     );
-    let monitor = HostMonitor::start(&c);
+    let monitor = c.monitor();
     let etcd_leader = etcd_raft_leader(&c).await;
 
     let fault = Instant::now();
@@ -583,7 +471,7 @@ async fn losing_server_2_moves_nothing() {
         (writer.acked() > 10).then_some(())
     })
     .await;
-    let monitor = HostMonitor::start(&c);
+    let monitor = c.monitor();
     let etcd_leader = etcd_raft_leader(&c).await;
 
     let fault = Instant::now();

@@ -300,7 +300,7 @@ retry_timeout = {retry}
         super::faults::Monitor::start(
             self.members
                 .iter()
-                .map(|m| (m.name.clone(), m.api("/primary"), m.pg_port))
+                .map(|m| (m.name.clone(), m.api("/primary"), m.host.clone(), m.pg_port))
                 .collect(),
         )
     }

@@ -116,8 +116,8 @@ pub struct Monitor {
 }
 
 impl Monitor {
-    /// `members`: (name, api /primary URL, PostgreSQL port).
-    pub fn start(members: Vec<(String, String, u16)>) -> Monitor {
+    /// `members`: (name, api /primary URL, PostgreSQL host, PostgreSQL port).
+    pub fn start(members: Vec<(String, String, String, u16)>) -> Monitor {
         let stop = Arc::new(AtomicBool::new(false));
         let violations = Arc::new(Mutex::new(Vec::new()));
         let polls = Arc::new(Mutex::new(0));
@@ -126,11 +126,11 @@ impl Monitor {
             while !s.load(Ordering::Relaxed) {
                 let mut api_primaries = Vec::new();
                 let mut writable = Vec::new();
-                for (name, url, port) in &members {
+                for (name, url, host, port) in &members {
                     if http_status("GET", url).await == 200 {
                         api_primaries.push(name.clone());
                     }
-                    if accepts_writes(*port).await {
+                    if accepts_writes(host, *port).await {
                         writable.push(name.clone());
                     }
                 }
@@ -187,10 +187,13 @@ impl Monitor {
     }
 }
 
-/// A PostgreSQL instance on `port` is up and not in recovery.
-async fn accepts_writes(port: u16) -> bool {
-    let Ok(Ok(c)) =
-        tokio::time::timeout(Duration::from_millis(800), sql(port, SUPERUSER_PASSWORD)).await
+/// A PostgreSQL instance on `host:port` is up and not in recovery.
+async fn accepts_writes(host: &str, port: u16) -> bool {
+    let Ok(Ok(c)) = tokio::time::timeout(
+        Duration::from_millis(800),
+        super::cluster::sql_at(host, port, SUPERUSER_PASSWORD),
+    )
+    .await
     else {
         return false;
     };
