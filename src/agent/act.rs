@@ -1,41 +1,58 @@
 use super::jobs::RunningJob;
 use super::Agent;
 use crate::dcs::{slot_name, ClusterStatus, ClusterView, HistoryEntry, LeaderOutcome};
-use crate::ha::{Action, JobKind, LocalView, Step, Upstream};
+use crate::ha::{self, Action, Event, JobKind, LeaseOutcome, LocalView, Step, Upstream};
 use crate::postgres::{ConfInputs, ReplicaSettings};
 use std::time::Instant;
 
-/// What carrying out one decision changed, for the loop to know whether to
-/// decide again at once (a won election should promote without waiting).
-#[derive(Default)]
-pub(super) struct ActOutcome {
-    pub dcs_changed: bool,
-}
-
 impl Agent {
-    pub(super) async fn act(
-        &mut self,
-        cluster: &ClusterView,
-        local: &LocalView,
-        steps: &[Step],
-    ) -> ActOutcome {
-        let mut out = ActOutcome::default();
-        for step in steps {
-            self.log_step(step);
-            let result = self.act_one(cluster, local, &step.action, &mut out).await;
-            if let Err(e) = &result {
-                tracing::error!("{}: {e:#}", step.reason);
+    /// Carries out one step the core handed out and reports its result.
+    pub(super) async fn perform(&mut self, step: Step) {
+        match &step.action {
+            Action::Observe => {
+                let obs = self.observe().await;
+                self.handle(Event::Observed(Box::new(obs)));
+                return;
             }
-            // Whatever follows a renewal (promote, start as primary) was
-            // decided on the premise that we hold the lease: if the renewal
-            // did not confirm it, do none of it.
-            if step.action == Action::RenewLeader && (result.is_err() || self.last_renew.is_none())
-            {
-                break;
+            Action::AskPeers(query) => {
+                let answers = self.ask_peers(query).await;
+                self.handle(Event::Peers(answers));
+                return;
             }
+            Action::Publish => {
+                self.publish_pass().await;
+                return;
+            }
+            _ => {}
         }
-        self.last_steps = steps.to_vec();
-        out
+        self.log_step(&step);
+        self.this_pass.push(step.clone());
+        let cluster = self.core.cluster().clone();
+        if step.action.is_lease_op() {
+            let attempt = self.now();
+            let outcome = match self.lease_op(&step.action, cluster.config.ttl).await {
+                Ok(o) => o,
+                Err(e) => {
+                    tracing::error!("{}: {e:#}", step.reason);
+                    LeaseOutcome::Failed(format!("{e:#}"))
+                }
+            };
+            // The lease cannot expire before the keep-alive that preceded
+            // the transaction started (+ ttl).
+            let started = match (&outcome, self.lease_kept_at) {
+                (LeaseOutcome::Held, Some(t)) => self.since_epoch(t).min(attempt),
+                _ => attempt,
+            };
+            self.handle(Event::Lease { started, outcome });
+            return;
+        }
+        let local = self.core.local_view();
+        if let Err(e) = self.act_one(&cluster, &local, &step.action).await {
+            tracing::error!("{}: {e:#}", step.reason);
+            self.handle(Event::ActionFailed {
+                error: format!("{e:#}"),
+            });
+        }
     }
 
     fn log_step(&self, step: &Step) {
@@ -47,36 +64,59 @@ impl Agent {
         }
     }
 
-    async fn act_one(
-        &mut self,
-        cluster: &ClusterView,
-        local: &LocalView,
-        action: &Action,
-        out: &mut ActOutcome,
-    ) -> anyhow::Result<()> {
-        let ttl = cluster.config.ttl;
+    /// A finished background job: runtime bookkeeping, then the event.
+    pub(super) async fn job_finished(&mut self, result: Result<(), String>) {
+        let Some(job) = self.job.take() else { return };
+        let kind = job.kind;
+        // A job may have replaced the data directory.
+        self.system_id = None;
+        self.pg.disconnect();
+        match &result {
+            Ok(()) => {
+                tracing::info!("{} finished", super::observe::describe(&kind));
+                if kind == JobKind::Promote {
+                    tracing::info!("promoted: now the primary");
+                    if let Some(p) = self.pending_promotion.take() {
+                        self.record_promotion(p).await;
+                    }
+                }
+            }
+            Err(message) => {
+                tracing::error!("{} failed: {message}", super::observe::describe(&kind))
+            }
+        }
+        self.handle(Event::JobFinished { kind, result });
+    }
+
+    /// Operations on the leader key: whether we hold it afterwards.
+    async fn lease_op(&mut self, action: &Action, ttl: u64) -> anyhow::Result<LeaseOutcome> {
         let name = self.cfg.name.clone();
-        match action {
+        let held = |o: LeaderOutcome| match o {
+            LeaderOutcome::Won => LeaseOutcome::Held,
+            LeaderOutcome::Lost => LeaseOutcome::NotHeld,
+        };
+        Ok(match action {
             Action::ClaimBootstrap => {
                 self.keep_alive(ttl).await?;
-                let dcs = self.dcs_mut()?;
-                if dcs.claim_initialize(&name, ttl).await? == LeaderOutcome::Won {
-                    tracing::info!("won the bootstrap race");
-                    self.last_renew = self.lease_kept_at;
-                    out.dcs_changed = true;
-                } else {
-                    tracing::info!("another member claimed the bootstrap first");
+                let o = self.dcs_mut()?.claim_initialize(&name, ttl).await?;
+                match o {
+                    LeaderOutcome::Won => tracing::info!("won the bootstrap race"),
+                    LeaderOutcome::Lost => {
+                        tracing::info!("another member claimed the bootstrap first")
+                    }
                 }
+                held(o)
             }
             Action::AcquireLeader => {
                 self.keep_alive(ttl).await?;
-                if self.dcs_mut()?.acquire_leader(&name, ttl).await? == LeaderOutcome::Won {
-                    tracing::info!("acquired the leader lease");
-                    self.last_renew = self.lease_kept_at;
-                    out.dcs_changed = true;
-                } else {
-                    tracing::info!("another member took the leader lease first");
+                let o = self.dcs_mut()?.acquire_leader(&name, ttl).await?;
+                match o {
+                    LeaderOutcome::Won => tracing::info!("acquired the leader lease"),
+                    LeaderOutcome::Lost => {
+                        tracing::info!("another member took the leader lease first")
+                    }
                 }
+                held(o)
             }
             Action::RenewLeader => {
                 let mut outcome = self.renew(&name, ttl).await;
@@ -88,33 +128,47 @@ impl Agent {
                         outcome = self.renew(&name, ttl).await;
                     }
                 }
-                match outcome? {
-                    LeaderOutcome::Won => {
-                        if self.last_renew.is_none() {
-                            out.dcs_changed = true;
-                        }
-                        self.last_renew = self.lease_kept_at;
-                    }
-                    LeaderOutcome::Lost => {
-                        tracing::warn!("the leader key no longer names us");
-                        self.last_renew = None;
-                        out.dcs_changed = true;
-                    }
+                let o = outcome?;
+                if o == LeaderOutcome::Lost {
+                    tracing::warn!("the leader key no longer names us");
                 }
+                held(o)
             }
             Action::ReleaseLeader => {
-                self.last_renew = None;
                 self.dcs_mut()?.release_leader(&name).await?;
-                out.dcs_changed = true;
+                LeaseOutcome::NotHeld
             }
             Action::AbandonBootstrap => {
-                self.last_renew = None;
                 self.dcs_mut()?.abandon_bootstrap(&name).await?;
-                out.dcs_changed = true;
+                LeaseOutcome::NotHeld
+            }
+            _ => anyhow::bail!("not a lease operation: {action:?}"),
+        })
+    }
+
+    async fn act_one(
+        &mut self,
+        cluster: &ClusterView,
+        local: &LocalView,
+        action: &Action,
+    ) -> anyhow::Result<()> {
+        let name = self.cfg.name.clone();
+        match action {
+            Action::Observe
+            | Action::AskPeers(_)
+            | Action::Publish
+            | Action::ClaimBootstrap
+            | Action::AcquireLeader
+            | Action::RenewLeader
+            | Action::ReleaseLeader
+            | Action::AbandonBootstrap => {}
+            Action::Fence => {
+                if self.pg.postmaster_pid().is_some() {
+                    self.pg.stop_immediate().await?;
+                }
             }
             Action::PublishSystemId(id) => {
                 self.dcs_mut()?.set_initialize(id).await?;
-                out.dcs_changed = true;
             }
             Action::InitConfig => {
                 let defaults = self.cfg.bootstrap.dcs.clone();
@@ -187,8 +241,6 @@ impl Agent {
                 });
             }
             Action::Stop => {
-                // Stop answering as primary before the slow part begins.
-                self.last_renew = None;
                 let mut pg = self.pg.detached();
                 self.spawn_job(JobKind::Stop, async move { pg.stop().await });
             }
@@ -261,7 +313,6 @@ impl Agent {
             }
             Action::ClearFailover => {
                 self.dcs_mut()?.clear_failover().await?;
-                out.dcs_changed = true;
             }
             Action::Restart => {
                 let mut pg = self.pg.detached();
@@ -271,21 +322,14 @@ impl Agent {
                 });
             }
             Action::Reload => {
-                let replica = local.pg.running().is_some_and(|p| p.in_recovery);
-                let upstream = cluster
-                    .leader
-                    .as_deref()
-                    .filter(|l| *l != name)
-                    .and_then(|l| cluster.member(l))
-                    .map(|m| Upstream {
-                        name: m.name.clone(),
-                        address: format!("{}:{}", m.host, m.port),
-                    });
-                let inputs = self.conf_inputs(cluster, replica.then_some(upstream));
-                self.pg.write_conf(&inputs)?;
+                if let Some(running) = local.pg.running() {
+                    let role = ha::conf_role(cluster, &name, running);
+                    let inputs = self.conf_inputs(cluster, role);
+                    self.pg.write_conf(&inputs)?;
+                }
                 self.pg.reload().await?;
             }
-            Action::AckRequest => self.pending_request = None,
+            Action::AckRequest => {}
             Action::CreateSlots(slots) => self.pg.create_slots(slots).await?,
             Action::DropSlots(slots) => self.pg.drop_slots(slots).await?,
         }
@@ -332,6 +376,21 @@ impl Agent {
             return;
         }
         self.job = Some(RunningJob::spawn(kind, fut));
+    }
+
+    /// The end of a pass: log what it decided, publish our member key and
+    /// hand the API a fresh snapshot.
+    async fn publish_pass(&mut self) {
+        self.report();
+        self.last_steps = std::mem::take(&mut self.this_pass);
+        let cluster = self.core.cluster().clone();
+        let local = self.core.local_view();
+        let status = self.member_status(&cluster, &local);
+        if self.core.dcs_ok() {
+            self.publish(&cluster, &status).await;
+        }
+        let snap = self.snapshot(&cluster, &local, status);
+        self.api.set(snap);
     }
 
     async fn renew(&mut self, name: &str, ttl: u64) -> anyhow::Result<LeaderOutcome> {

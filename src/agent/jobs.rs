@@ -20,17 +20,14 @@ impl RunningJob {
         }
     }
 
-    pub fn is_finished(&self) -> bool {
-        self.handle.is_finished()
-    }
-
-    /// The job's outcome; only call once `is_finished`.
-    pub async fn outcome(self) -> (JobKind, anyhow::Result<()>) {
-        let result = match self.handle.await {
-            Ok(r) => r,
-            Err(e) => Err(anyhow::anyhow!("job task ended abnormally: {e}")),
-        };
-        (self.kind, result)
+    /// Waits for the job to end. Cancel-safe: the loop selects on it with
+    /// other wake-ups and calls it again.
+    pub async fn wait(&mut self) -> Result<(), String> {
+        match (&mut self.handle).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(format!("{e:#}")),
+            Err(e) => Err(format!("job task ended abnormally: {e}")),
+        }
     }
 
     pub fn abort(&self) {

@@ -1,8 +1,10 @@
-//! The agent's runtime: observe → decide → act → publish, every loop_wait
-//! and at once when the leader key changes. All HA policy is in `crate::ha`;
-//! this module only gathers facts and carries out decisions.
+//! The agent's runtime around `ha::Core`: it performs the I/O the core asks
+//! for (observe etcd and PostgreSQL, lease transactions, PostgreSQL
+//! commands, background jobs, publishing) and reports the results as
+//! events. It decides nothing: every "whether" and "when" is the core's.
 
 mod act;
+mod fence;
 mod jobs;
 mod observe;
 mod publish;
@@ -12,51 +14,40 @@ pub use startup::run;
 
 use crate::api::SharedState;
 use crate::config::Config;
-use crate::dcs::{ClusterView, Dcs, MemberStatus};
-use crate::ha::{JobFailure, Step};
+use crate::dcs::{Dcs, MemberStatus};
+use crate::ha::{Core, Event, Step};
 use crate::postgres::Instance;
-use std::collections::BTreeMap;
 
 use std::time::{Duration, Instant};
 
-/// The agent's memory between loops: facts the pure decision function
-/// cannot derive from etcd or PostgreSQL alone.
+/// The runtime's own memory: connections, caches and what was last logged
+/// or published. Policy state lives in `core`.
 struct Agent {
     cfg: Config,
+    core: Core,
     dcs: Option<Dcs>,
     pg: Instance,
     api: SharedState,
-    /// Zero point of the monotonic clock handed to `ha::decide`.
+    /// Zero point of the monotonic clock handed to the core.
     epoch: Instant,
-    last_cluster: Option<ClusterView>,
     job: Option<jobs::RunningJob>,
-    last_failure: Option<JobFailure>,
+    fence: fence::FenceTimer,
     /// Start of the last successful lease keep-alive.
     lease_kept_at: Option<Instant>,
-    /// Start of the keep-alive that preceded our last confirmed hold of the
-    /// leader key: the lease cannot expire before this + ttl.
-    last_renew: Option<Instant>,
+    /// Cached system identifier of the data directory (pg_controldata).
     system_id: Option<String>,
-    slot_last_seen: BTreeMap<String, Duration>,
     last_published: Option<MemberStatus>,
     last_status_written: Option<(u64, u32)>,
-    /// Steps of the previous loop, to log each action once, not every loop.
+    /// Steps of the previous pass, to log each action once, not every pass.
     last_steps: Vec<Step>,
+    this_pass: Vec<Step>,
     last_waiting: Option<String>,
     last_problem: Option<String>,
-    problem: Option<String>,
     major: u32,
-    /// pg_control as last read while PostgreSQL was stopped; kept while it
-    /// runs so the policy knows what the running instance started from.
-    last_control: Option<crate::ha::ControlInfo>,
-    /// An operator request from the API not yet acknowledged by the policy.
-    pending_request: Option<crate::ha::OperatorRequest>,
     /// A promotion running as a job, to record in `history` once done.
     pending_promotion: Option<Promotion>,
-    /// The last leader seen in etcd, for the history of a failover.
+    /// The last other leader seen in etcd, for the history of a failover.
     last_leader_seen: Option<String>,
-    /// See `ha::LocalView::primary_down_since`.
-    primary_down_since: Option<Duration>,
     /// For asking other members' APIs (rule 3), with a short timeout.
     http: reqwest::Client,
 }
@@ -68,6 +59,15 @@ impl Agent {
 
     fn since_epoch(&self, t: Instant) -> Duration {
         t.saturating_duration_since(self.epoch)
+    }
+
+    /// Reports an event to the core and re-arms the fence timer with the
+    /// deadline the core now holds.
+    fn handle(&mut self, event: Event) {
+        let now = self.now();
+        self.core.handle(event, now);
+        self.fence
+            .arm(self.core.fence_deadline().map(|d| self.epoch + d));
     }
 }
 

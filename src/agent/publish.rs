@@ -37,6 +37,8 @@ impl Agent {
             },
         };
         let error = self
+            .core
+            .decision()
             .problem
             .clone()
             .or_else(|| local.last_failure.as_ref().map(|f| f.message.clone()));
@@ -104,7 +106,6 @@ impl Agent {
     ) -> ApiSnapshot {
         let ttl = Duration::from_secs(cluster.config.ttl);
         let running = local.pg.running();
-        let demoting = matches!(local.job, Some(JobKind::Stop));
         let lag_bytes = match (cluster.status.as_ref(), running) {
             (_, Some(pg)) if !pg.in_recovery => Some(0),
             (Some(st), Some(pg)) => pg
@@ -115,8 +116,8 @@ impl Agent {
         };
         ApiSnapshot {
             holds_leader_key: cluster.leader.as_deref() == Some(self.cfg.name.as_str())
-                && !demoting,
-            lease_valid_until: self.last_renew.map(|t| t + ttl),
+                && self.core.serving(),
+            lease_valid_until: self.core.lease_valid_until().map(|d| self.epoch + d),
             pg_running: running.is_some(),
             in_recovery: running.is_some_and(|pg| pg.in_recovery),
             streaming: running.is_some_and(|pg| pg.streaming),

@@ -118,32 +118,36 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
 
     let wake = Arc::new(Notify::new());
     let watcher = tokio::spawn(watch_leader(cfg.etcd.endpoints.clone(), keys, wake.clone()));
-    let guard = tokio::spawn(fence_guard(api.clone(), pg.detached()));
+    let epoch = Instant::now();
+    let core = ha::Core::new(
+        ha::Identity {
+            name: cfg.name.clone(),
+            tags: cfg.tags.clone(),
+            reclone_on_rewind_failure: cfg.postgresql.remove_data_directory_on_rewind_failure,
+            bootstrap: cfg.bootstrap.dcs.clone(),
+        },
+        Duration::ZERO,
+    );
 
     let mut agent = Agent {
+        core,
         dcs: dcs.take(),
+        fence: super::fence::FenceTimer::spawn(pg.detached()),
         pg,
         api,
-        epoch: Instant::now(),
-        last_cluster: None,
+        epoch,
         job: None,
-        last_failure: None,
         lease_kept_at: None,
-        last_renew: None,
         system_id: None,
-        slot_last_seen: Default::default(),
         last_published: None,
         last_status_written: None,
         last_steps: Vec::new(),
+        this_pass: Vec::new(),
         last_waiting: None,
         last_problem: None,
-        problem: None,
         major,
-        primary_down_since: None,
         last_leader_seen: None,
-        last_control: None,
         pending_promotion: None,
-        pending_request: None,
         http: crate::api::client_builder(&cfg)?
             .timeout(Duration::from_millis(1500))
             .build()
@@ -155,66 +159,68 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         .context("cannot install the SIGTERM handler")?;
     let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
         .context("cannot install the SIGINT handler")?;
+    agent.handle(ha::Event::Tick);
     loop {
-        let loop_wait = agent.run_once().await;
-        let job_done = async {
-            loop {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                if agent.job.as_ref().is_none_or(|j| j.is_finished()) {
-                    break;
+        while let Some(step) = agent.core.poll_action() {
+            agent.perform(step).await;
+        }
+        let deadline = agent
+            .core
+            .poll_timeout()
+            .map(|d| agent.epoch + d)
+            .unwrap_or_else(|| Instant::now() + Duration::from_secs(1));
+        let woke = {
+            let job_done = async {
+                match agent.job.as_mut() {
+                    Some(job) => Some(job.wait().await),
+                    None => std::future::pending().await,
                 }
+            };
+            tokio::select! {
+                _ = tokio::time::sleep_until(deadline.into()) => Woke::Timer,
+                _ = wake.notified() => Woke::LeaderChanged,
+                result = job_done => match result {
+                    Some(r) => Woke::JobDone(r),
+                    None => Woke::Timer,
+                },
+                Some(cmd) = commands_rx.recv() => Woke::Request(cmd),
+                _ = sigterm.recv() => break,
+                _ = sigint.recv() => break,
             }
         };
-        tokio::select! {
-            _ = tokio::time::sleep(loop_wait) => {}
-            _ = wake.notified() => tracing::debug!("leader key changed"),
-            _ = job_done, if agent.job.is_some() => {}
-            Some(cmd) = commands_rx.recv() => {
-                agent.pending_request = Some(match cmd {
-                    crate::api::MemberCommand::Restart => crate::ha::OperatorRequest::Restart,
-                    crate::api::MemberCommand::Reinit => crate::ha::OperatorRequest::Reinit,
-                    crate::api::MemberCommand::Reload => crate::ha::OperatorRequest::Reload,
-                });
+        match woke {
+            Woke::Timer => agent.handle(ha::Event::Tick),
+            Woke::LeaderChanged => {
+                tracing::debug!("leader key changed");
+                agent.handle(ha::Event::Wake)
             }
-            _ = sigterm.recv() => break,
-            _ = sigint.recv() => break,
+            Woke::JobDone(result) => agent.job_finished(result).await,
+            Woke::Request(cmd) => agent.handle(ha::Event::Request(match cmd {
+                crate::api::MemberCommand::Restart => ha::OperatorRequest::Restart,
+                crate::api::MemberCommand::Reinit => ha::OperatorRequest::Reinit,
+                crate::api::MemberCommand::Reload => ha::OperatorRequest::Reload,
+            })),
         }
     }
     watcher.abort();
-    guard.abort();
+    agent.fence.abort();
     agent.shutdown().await;
     shutdown.notify_waiters();
     let _ = api_task.await;
     Ok(())
 }
 
-impl Agent {
-    /// One observe → decide → act → publish pass (repeated at once, a
-    /// bounded number of times, when acting changed etcd). Returns how long
-    /// to wait before the next.
-    async fn run_once(&mut self) -> Duration {
-        let mut rounds = 0;
-        loop {
-            rounds += 1;
-            self.reap_job().await;
-            let (cluster, dcs_ok) = self.observe_cluster().await;
-            let local = self.observe_local(&cluster, dcs_ok).await;
-            let decision = ha::decide(&cluster, &local, self.now());
-            self.report(&decision);
-            let outcome = self.act(&cluster, &local, &decision.steps).await;
-            let status = self.member_status(&cluster, &local);
-            if dcs_ok {
-                self.publish(&cluster, &status).await;
-            }
-            let snap = self.snapshot(&cluster, &local, status);
-            self.api.set(snap);
-            if !outcome.dcs_changed || rounds >= 3 {
-                return Duration::from_secs(cluster.config.loop_wait.max(1));
-            }
-        }
-    }
+enum Woke {
+    Timer,
+    LeaderChanged,
+    JobDone(Result<(), String>),
+    Request(crate::api::MemberCommand),
+}
 
-    fn report(&mut self, decision: &ha::Decision) {
+impl Agent {
+    /// Logs what the pass decided (waiting, problem) once per change.
+    pub(super) fn report(&mut self) {
+        let decision = self.core.decision();
         if decision.waiting != self.last_waiting {
             if let Some(w) = &decision.waiting {
                 tracing::info!("{w}");
@@ -227,7 +233,6 @@ impl Agent {
             }
             self.last_problem = decision.problem.clone();
         }
-        self.problem = decision.problem.clone();
     }
 
     /// SIGTERM: stop PostgreSQL cleanly, then give up the leader key at once
@@ -239,7 +244,6 @@ impl Agent {
         }
         // Out of HAProxy's read-write pool before PostgreSQL starts refusing
         // connections, not after.
-        self.last_renew = None;
         let mut snap = (*self.api.get()).clone();
         snap.holds_leader_key = false;
         snap.lease_valid_until = None;
@@ -254,32 +258,6 @@ impl Agent {
             }
         }
         tracing::info!("stopped");
-    }
-}
-
-/// The last line of rule 2. The policy stops a primary whose lease went
-/// unrenewed for retry_timeout, but only when a loop pass gets that far; a
-/// pass stuck in etcd timeouts could reach it too late. This guard watches
-/// the published lease deadline on its own and stops PostgreSQL at once
-/// (immediate mode) when the deadline is about to pass with no renewal.
-async fn fence_guard(api: SharedState, mut pg: Instance) {
-    const MARGIN: Duration = Duration::from_millis(1500);
-    loop {
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        let snap = api.get();
-        let writable =
-            snap.holds_leader_key && snap.pg_running && !snap.in_recovery && !snap.paused;
-        let at_risk = snap
-            .lease_valid_until
-            .is_some_and(|until| Instant::now() + MARGIN >= until);
-        if writable && at_risk && pg.postmaster_pid().is_some() {
-            tracing::error!(
-                "the leader lease may expire within {MARGIN:?} and the loop has not renewed it: stopping PostgreSQL immediately"
-            );
-            if let Err(e) = pg.stop_immediate().await {
-                tracing::error!("emergency stop failed: {e:#}");
-            }
-        }
     }
 }
 

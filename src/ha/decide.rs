@@ -21,23 +21,7 @@ pub fn decide(cluster: &ClusterView, local: &LocalView, now: Duration) -> Decisi
     }
 
     if !local.dcs_ok {
-        // Without etcd we cannot know whether our lease still stands: a
-        // primary must stop taking writes before it may have expired.
-        if local.pg.is_primary()
-            && local.job.is_none()
-            && !lease_fresh(local, cfg.retry_timeout, now)
-        {
-            d.push(
-                Action::Stop,
-                "cannot reach etcd to renew the leader lease: stopping PostgreSQL so that no write lands on a possibly deposed primary",
-            );
-        } else {
-            d.waiting = Some("etcd is unreachable".into());
-        }
-        return d;
-    }
-
-    if operator::member_request(cluster, local, &mut d) {
+        decide_without_dcs(cluster, local, &mut d);
         return d;
     }
 
@@ -63,7 +47,19 @@ pub fn decide(cluster: &ClusterView, local: &LocalView, now: Duration) -> Decisi
                 "holding the leader lease while a job runs",
             );
         }
-        d.waiting = Some(format!("{} in progress", job_name(job)));
+        d.waiting = Some(match local.request {
+            Some(_) => format!(
+                "an operator request waits for the running {}",
+                job_name(job)
+            ),
+            None => format!("{} in progress", job_name(job)),
+        });
+        return d;
+    }
+
+    // After the job check and with the renewal first: a request never
+    // costs a leader its renewal.
+    if operator::member_request(cluster, local, &mut d) {
         return d;
     }
 
@@ -100,6 +96,28 @@ pub fn decide(cluster: &ClusterView, local: &LocalView, now: Duration) -> Decisi
         }
     }
     d
+}
+
+/// etcd could not be read: the view is the last one seen. A leader keeps
+/// trying to renew (the core demotes it once renewals have failed for
+/// retry_timeout); a primary with no confirmed lease stops at once, since
+/// it cannot know whether another member leads now.
+fn decide_without_dcs(cluster: &ClusterView, local: &LocalView, d: &mut Decision) {
+    let i_lead = cluster.leader.as_deref() == Some(local.name.as_str());
+    if i_lead || local.last_renew.is_some() {
+        d.push(
+            Action::RenewLeader,
+            "cannot read the cluster from etcd: trying to renew the leader lease anyway",
+        );
+        d.waiting = Some("etcd is unreachable".into());
+    } else if local.pg.is_primary() && local.job.is_none() {
+        d.push(
+            Action::Stop,
+            "running as primary without a confirmed leader lease while etcd is unreachable: stopping PostgreSQL so that no write lands on a possibly deposed primary",
+        );
+    } else {
+        d.waiting = Some("etcd is unreachable".into());
+    }
 }
 
 fn decide_empty(cluster: &ClusterView, local: &LocalView, now: Duration, d: &mut Decision) {
@@ -195,10 +213,10 @@ fn decide_stopped(cluster: &ClusterView, local: &LocalView, now: Duration, d: &m
             if operator::leader_hands_over(cluster, local, d) {
                 return;
             }
+            // Everything after the renewal runs only once it confirmed the
+            // lease (the core drops the rest of a pass whose renewal failed).
             d.push(Action::RenewLeader, "holding the leader lease");
-            if !lease_fresh(local, cluster.config.retry_timeout, now) {
-                // Confirm the lease first; start on a later pass.
-            } else if local.control.as_ref().is_none_or(|c| c.was_primary) {
+            if local.control.as_ref().is_none_or(|c| c.was_primary) {
                 d.push(
                     Action::StartPrimary,
                     "PostgreSQL is stopped and we hold the leader lease: starting it as primary",
@@ -233,6 +251,7 @@ fn decide_primary(
     now: Duration,
     d: &mut Decision,
 ) {
+    #[cfg(test)]
     let cfg = &cluster.config;
     match cluster.leader.as_deref() {
         Some(l) if l == local.name => {
@@ -245,18 +264,14 @@ fn decide_primary(
                 );
                 return;
             }
-            if !lease_fresh(local, cfg.retry_timeout, now) {
-                d.push(
-                    Action::Stop,
-                    format!(
-                        "leader lease not renewed for {}s (retry_timeout): stopping PostgreSQL before the lease may expire",
-                        cfg.retry_timeout
-                    ),
-                );
-                d.push(
-                    Action::ReleaseLeader,
-                    "giving up the leader key we can no longer vouch for",
-                );
+            #[cfg(test)]
+            if local.mutation == Some(super::Mutation::OldFreshnessRule)
+                && local
+                    .last_renew
+                    .is_some_and(|t| now.saturating_sub(t) >= Duration::from_secs(cfg.retry_timeout))
+            {
+                d.push(Action::Stop, "mutant: lease not renewed within retry_timeout");
+                d.push(Action::ReleaseLeader, "mutant: giving up the leader key");
                 return;
             }
             d.push(Action::RenewLeader, "renewed leader lease");
@@ -298,13 +313,11 @@ fn decide_replica(
     match cluster.leader.as_deref() {
         Some(l) if l == local.name => {
             d.push(Action::RenewLeader, "holding the leader lease");
-            if lease_fresh(local, cluster.config.retry_timeout, now) {
-                // Slots first (a standby can hold physical slots): replicas
-                // re-point at us as soon as they see the new leader key, and
-                // a missing slot would make each wait out a 5 s retry.
-                manage_slots(cluster, local, pg, now, d);
-                d.push(Action::Promote, "we hold the leader lease: promoting");
-            }
+            // Slots first (a standby can hold physical slots): replicas
+            // re-point at us as soon as they see the new leader key, and
+            // a missing slot would make each wait out a 5 s retry.
+            manage_slots(cluster, local, pg, now, d);
+            d.push(Action::Promote, "we hold the leader lease: promoting");
         }
         Some(l) if diverged_from(cluster, local, l) => d.push(
             Action::Stop,
@@ -334,14 +347,24 @@ fn decide_replica(
                 d.waiting = Some("no leader; tagged nofailover, so not a candidate".into());
                 return;
             }
-            if let Some(reason) = lag_too_big(cluster, pg) {
+            if let Some(reason) = lag_too_big(cluster, local, pg) {
                 d.waiting = Some(reason);
                 return;
             }
-            if let Some(better) = better_candidate(local, pg) {
+            let Some(peers) = local.peers.as_ref() else {
+                d.need = Some(PeerQuery::Positions(peer_addresses(cluster, &local.name)));
+                d.waiting = Some("no leader: asking the other members how far they are".into());
+                return;
+            };
+            if let Some(better) = better_candidate(local, peers, pg) {
                 d.waiting = Some(format!(
                     "no leader, but {better} is a better failover candidate: leaving the lease to it"
                 ));
+                return;
+            }
+            #[cfg(test)]
+            if local.mutation == Some(super::Mutation::PromoteWithoutLease) {
+                d.push(Action::Promote, "mutant: promoting without the lease");
                 return;
             }
             d.push(
@@ -350,6 +373,22 @@ fn decide_replica(
             );
         }
     }
+}
+
+/// Every other member, to ask for its position.
+fn peer_addresses(cluster: &ClusterView, me: &str) -> Vec<PeerAddress> {
+    cluster
+        .members
+        .iter()
+        .filter(|m| m.name != me)
+        .map(|m| PeerAddress {
+            name: m.name.clone(),
+            api_url: m.api_url.clone(),
+            address: format!("{}:{}", m.host, m.port),
+            nofailover: m.tags.nofailover,
+            failover_priority: m.tags.failover_priority,
+        })
+        .collect()
 }
 
 /// A stopped member rejoins a cluster led by `leader`: as a plain replica
@@ -450,6 +489,9 @@ fn reload_if_outdated(local: &LocalView, d: &mut Decision) {
 fn decide_paused(cluster: &ClusterView, local: &LocalView, now: Duration, d: &mut Decision) {
     let i_lead = cluster.leader.as_deref() == Some(local.name.as_str());
     if !local.dcs_ok {
+        // Fencing is not an automatic action to hold back: a paused leader
+        // that cannot renew still stops before its lease may expire.
+        decide_without_dcs(cluster, local, d);
         d.waiting = Some("paused; etcd is unreachable".into());
         return;
     }
@@ -470,11 +512,9 @@ fn decide_paused(cluster: &ClusterView, local: &LocalView, now: Duration, d: &mu
         PgRun::Running(pg) if !pg.in_recovery => match cluster.leader.as_deref() {
             Some(l) if l == local.name => {
                 d.push(Action::RenewLeader, "renewed leader lease");
-                if lease_fresh(local, cluster.config.retry_timeout, now) {
-                    manage_slots(cluster, local, pg, now, d);
-                    d.push(Action::WriteStatus, "publishing the primary's WAL position");
-                    operator::leader_handles_request(cluster, local, pg, d);
-                }
+                manage_slots(cluster, local, pg, now, d);
+                d.push(Action::WriteStatus, "publishing the primary's WAL position");
+                operator::leader_handles_request(cluster, local, pg, d);
             }
             Some(l) => {
                 d.problem = Some(format!(
@@ -489,12 +529,10 @@ fn decide_paused(cluster: &ClusterView, local: &LocalView, now: Duration, d: &mu
         PgRun::Running(pg) => match cluster.leader.as_deref() {
             Some(l) if l == local.name => {
                 d.push(Action::RenewLeader, "holding the leader lease");
-                if lease_fresh(local, cluster.config.retry_timeout, now) {
-                    d.push(
-                        Action::Promote,
-                        "operator's failover gave us the leader lease: promoting",
-                    );
-                }
+                d.push(
+                    Action::Promote,
+                    "operator's failover gave us the leader lease: promoting",
+                );
             }
             Some(l) => {
                 if let Some(up) = upstream_of(cluster, l) {
@@ -549,11 +587,10 @@ fn forked_after(cluster: &ClusterView, ours: &ControlInfo, leader_timeline: Opti
 
 /// Rule 3: another reachable candidate further ahead (ties: higher
 /// failover_priority, then the smaller name) gets the lease instead.
-fn better_candidate(local: &LocalView, pg: &PgRunning) -> Option<String> {
+fn better_candidate(local: &LocalView, peers: &[PeerPosition], pg: &PgRunning) -> Option<String> {
     let ours = pg.receive_lsn.max(pg.wal_lsn).unwrap_or(0);
     let our_prio = local.tags.failover_priority;
-    local
-        .peers
+    peers
         .iter()
         .filter(|p| p.name != local.name && !p.nofailover)
         .find(|p| match p.wal_lsn {
@@ -567,7 +604,13 @@ fn better_candidate(local: &LocalView, pg: &PgRunning) -> Option<String> {
         .map(|p| p.name.clone())
 }
 
-fn lag_too_big(cluster: &ClusterView, pg: &PgRunning) -> Option<String> {
+fn lag_too_big(cluster: &ClusterView, local: &LocalView, pg: &PgRunning) -> Option<String> {
+    #[cfg(test)]
+    if local.mutation == Some(super::Mutation::IgnoreMaximumLag) {
+        return None;
+    }
+    #[cfg(not(test))]
+    let _ = local;
     let status = cluster.status.as_ref()?;
     let ours = pg.receive_lsn.max(pg.wal_lsn).unwrap_or(0);
     let lag = status.wal_lsn.saturating_sub(ours);
@@ -634,19 +677,29 @@ fn manage_slots(
     }
 }
 
+/// The role PostgreSQL's config files should describe for a running
+/// instance: None for a primary; for a replica, Some(the upstream): the
+/// leader, or the one it streams from when no other member leads. One
+/// function for both the "outdated?" check and the rewrite on reload, so
+/// the two cannot disagree.
+pub fn conf_role(cluster: &ClusterView, me: &str, pg: &PgRunning) -> Option<Option<Upstream>> {
+    if !pg.in_recovery {
+        return None;
+    }
+    let leader = cluster.leader.as_deref().filter(|l| *l != me);
+    Some(leader.and_then(|l| upstream_of(cluster, l)).or_else(|| {
+        pg.upstream.clone().map(|address| Upstream {
+            name: String::new(),
+            address,
+        })
+    }))
+}
+
 fn upstream_of(cluster: &ClusterView, name: &str) -> Option<Upstream> {
     cluster.member(name).map(|m| Upstream {
         name: name.to_string(),
         address: format!("{}:{}", m.host, m.port),
     })
-}
-
-/// The lease counts from the start of the last successful renewal; a leader
-/// must act while less than retry_timeout has passed since then.
-pub fn lease_fresh(local: &LocalView, retry_timeout: u64, now: Duration) -> bool {
-    local
-        .last_renew
-        .is_some_and(|t| now.saturating_sub(t) < Duration::from_secs(retry_timeout))
 }
 
 fn backing_off(local: &LocalView, kind: &JobKind, loop_wait: u64, now: Duration) -> bool {
@@ -671,6 +724,10 @@ fn job_name(job: &JobKind) -> String {
 
 impl Decision {
     pub(super) fn push(&mut self, action: Action, reason: impl Into<String>) {
+        // One renewal per pass, however many branches ask for it.
+        if action == Action::RenewLeader && self.steps.iter().any(|s| s.action == action) {
+            return;
+        }
         self.steps.push(Step {
             action,
             reason: reason.into(),

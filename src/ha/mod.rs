@@ -1,13 +1,33 @@
-//! The HA policy: one pure function from what the agent observed to what it
-//! should do. No I/O, no clock, no randomness: `now` is passed in, so tests
-//! can tabulate situations and a simulator can replay fault schedules.
+//! The HA policy. `decide` is one pure function from what the agent
+//! observed to what it should do; `Core` is the sans-IO state machine around
+//! it that owns every piece of state a decision depends on (renewals,
+//! fencing deadlines, jobs, failures, requests). No I/O, no clock, no
+//! randomness: time is passed in, so tests can tabulate situations and the
+//! simulator (`crate::sim`, tests only) can replay fault schedules.
 
+mod core;
 mod decide;
 mod operator;
 mod view;
 
-pub use decide::decide;
+pub use self::core::{Core, Event, Identity, LeaseOutcome, Observation};
+pub use decide::{conf_role, decide};
 pub use view::*;
+
+/// Deliberately broken policies, each caught by the simulator.
+#[cfg(test)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mutation {
+    /// Promote a replica when there is no leader, without taking the lease.
+    PromoteWithoutLease,
+    /// Never demote or fence a leader whose renewals fail.
+    NoDemotion,
+    /// Let a replica beyond maximum_lag_on_failover take over.
+    IgnoreMaximumLag,
+    /// The old rule: demote when the last renewal is retry_timeout old,
+    /// which a healthy leader with loop_wait >= retry_timeout reaches.
+    OldFreshnessRule,
+}
 
 #[cfg(test)]
 mod tests;

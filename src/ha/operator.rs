@@ -103,8 +103,23 @@ pub(super) fn leader_hands_over(
     let Some(control) = local.control.as_ref().filter(|c| c.clean_shutdown) else {
         return false;
     };
-    let received = local
-        .peers
+    let Some(peers) = local.peers.as_ref() else {
+        let Some(m) = cluster.member(candidate) else {
+            d.push(Action::RenewLeader, "holding the lease while the candidate publishes itself");
+            d.waiting = Some(format!("waiting for {candidate} to publish its address"));
+            return true;
+        };
+        d.need = Some(PeerQuery::Received(PeerAddress {
+            name: m.name.clone(),
+            api_url: m.api_url.clone(),
+            address: format!("{}:{}", m.host, m.port),
+            nofailover: m.tags.nofailover,
+            failover_priority: m.tags.failover_priority,
+        }));
+        d.waiting = Some(format!("asking {candidate} how far it has received"));
+        return true;
+    };
+    let received = peers
         .iter()
         .find(|p| p.name == candidate)
         .and_then(|p| p.wal_lsn);
@@ -209,14 +224,19 @@ pub(super) fn member_request(cluster: &ClusterView, local: &LocalView, d: &mut D
     let Some(req) = local.request else {
         return false;
     };
-    if local.job.is_some() {
-        d.waiting = Some("an operator request waits for the running job".into());
-        return true;
-    }
     let i_lead = cluster.leader.as_deref() == Some(local.name.as_str());
+    if i_lead {
+        d.push(Action::RenewLeader, "renewed leader lease");
+    }
     d.push(Action::AckRequest, "operator request received");
     match req {
         OperatorRequest::Reload => d.push(Action::Reload, "operator asked for a reload"),
+        // Restarting "in its current role" would bring a deposed primary
+        // back writable: without the lease it stops and rejoins instead.
+        OperatorRequest::Restart if local.pg.is_primary() && !i_lead => d.push(
+            Action::Stop,
+            "operator asked for a restart, but we run as primary without the leader lease: stopping to rejoin as a replica",
+        ),
         OperatorRequest::Restart => d.push(Action::Restart, "operator asked for a restart"),
         OperatorRequest::Reinit if i_lead => {
             d.problem = Some("refusing to reinitialize the leader: switch over first".into());

@@ -26,9 +26,9 @@ pub struct LocalView {
     /// Where the data directory stood when PostgreSQL last stopped (read
     /// from pg_control while it is not running).
     pub control: Option<ControlInfo>,
-    /// Failover candidates' positions, asked over their APIs when there is
-    /// no leader (empty otherwise).
-    pub peers: Vec<PeerPosition>,
+    /// Other members' positions, as asked this pass because the policy
+    /// needed them (`Decision::need`); None: not asked.
+    pub peers: Option<Vec<PeerPosition>>,
     /// Since when we hold the leader key without a running primary.
     pub primary_down_since: Option<Duration>,
     /// Wipe and re-clone when pg_rewind fails.
@@ -42,6 +42,9 @@ pub struct LocalView {
     /// An operator request made to this member's API (restart, reinit,
     /// reload), not yet carried out.
     pub request: Option<OperatorRequest>,
+    /// A deliberately broken policy, for the simulator's mutation checks.
+    #[cfg(test)]
+    pub mutation: Option<super::Mutation>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -149,6 +152,18 @@ pub struct Step {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
+    /// Read the cluster from etcd and the local instance, and report them
+    /// as `Event::Observed`.
+    Observe,
+    /// Ask other members how far their WAL is, and report the answers as
+    /// `Event::Peers`.
+    AskPeers(PeerQuery),
+    /// Publish this member's status (member key, API snapshot): the end of
+    /// a pass.
+    Publish,
+    /// Stop PostgreSQL in immediate mode now, whatever else runs: the
+    /// leader lease may expire before a clean stop would finish.
+    Fence,
     /// Create `initialize` (claimed) and `leader` atomically, both on our lease.
     ClaimBootstrap,
     /// Delete our bootstrap claim (`initialize` and `leader`) after a
@@ -207,6 +222,74 @@ pub enum Action {
     WriteStatus,
 }
 
+/// What the policy needs to know about other members before it can decide.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PeerQuery {
+    /// Rule 3: every other member's WAL position, over its API.
+    Positions(Vec<PeerAddress>),
+    /// A hand-over: how far the candidate's PostgreSQL has received.
+    Received(PeerAddress),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerAddress {
+    pub name: String,
+    pub api_url: String,
+    /// host:port of its PostgreSQL.
+    pub address: String,
+    pub nofailover: bool,
+    pub failover_priority: u32,
+}
+
+impl PeerAddress {
+    /// The answer recorded when the member did not answer.
+    pub fn unanswered(&self) -> PeerPosition {
+        self.answered(None)
+    }
+    pub fn answered(&self, wal_lsn: Option<u64>) -> PeerPosition {
+        PeerPosition {
+            name: self.name.clone(),
+            wal_lsn,
+            nofailover: self.nofailover,
+            failover_priority: self.failover_priority,
+        }
+    }
+}
+
+impl Action {
+    /// The background job this action starts, if it runs as one. `major`
+    /// matters for Follow: before PostgreSQL 13 re-pointing needs a restart.
+    pub fn job(&self, major: u32) -> Option<JobKind> {
+        match self {
+            Action::Bootstrap => Some(JobKind::Bootstrap),
+            Action::Clone { from, .. } => Some(JobKind::Clone { from: from.clone() }),
+            Action::StartPrimary | Action::StartReplica { .. } => Some(JobKind::Start),
+            Action::Stop | Action::BeginSwitchover { .. } => Some(JobKind::Stop),
+            Action::Rewind { upstream } => Some(JobKind::Rewind {
+                from: upstream.name.clone(),
+            }),
+            Action::RemoveData => Some(JobKind::RemoveData),
+            Action::Promote => Some(JobKind::Promote),
+            Action::Restart => Some(JobKind::Restart),
+            Action::Follow { .. } if major < 13 => Some(JobKind::Start),
+            _ => None,
+        }
+    }
+
+    /// Operations on the leader key whose outcome the core must hear
+    /// (`Event::Lease`) before anything after them may run.
+    pub fn is_lease_op(&self) -> bool {
+        matches!(
+            self,
+            Action::ClaimBootstrap
+                | Action::AcquireLeader
+                | Action::RenewLeader
+                | Action::ReleaseLeader
+                | Action::AbandonBootstrap
+        )
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Upstream {
     pub name: String,
@@ -222,4 +305,7 @@ pub struct Decision {
     pub problem: Option<String>,
     /// What the agent is waiting for, when it does nothing.
     pub waiting: Option<String>,
+    /// Facts the policy must have before it can decide (asked, then the
+    /// decision is taken again with the answers).
+    pub need: Option<PeerQuery>,
 }

@@ -1,0 +1,679 @@
+//! The HA core: a sans-IO state machine around the policy (`decide`).
+//!
+//! The runtime feeds it events with the time (`handle`), takes out what to
+//! do (`poll_action`) and sleeps until `poll_timeout`. The core owns every
+//! piece of state a decision depends on — when the lease was last renewed,
+//! since when renewals fail, the fencing deadline, the running job, the last
+//! failure, slots last seen, the pending operator request — so the runtime
+//! never decides anything and a simulator can drive the same core through
+//! time without a clock.
+//!
+//! One pass: `Observe` → `Event::Observed` → (maybe `AskPeers` →
+//! `Event::Peers`) → the decided steps, each reported back when it is a
+//! lease operation (`Event::Lease`) → `Publish`. A failed or lost lease
+//! operation drops the rest of the pass: whatever followed it was decided on
+//! the premise that we hold the lease.
+
+use super::decide::decide;
+use super::view::*;
+use crate::config::{DynamicConfig, Tags};
+use crate::dcs::{slot_name, ClusterView, Initialize};
+use std::collections::{BTreeMap, VecDeque};
+use std::time::Duration;
+
+/// Time between renewal retries after a failed one (capped by loop_wait),
+/// so a transient etcd error costs one retry, not a whole loop_wait.
+const RETRY_INTERVAL: Duration = Duration::from_secs(1);
+/// The fence fires this long before the lease may expire, so that an
+/// immediate stop finishes in time.
+const FENCE_MARGIN: Duration = Duration::from_secs(1);
+/// Passes repeated at once after a lease change (a won election promotes
+/// without waiting for loop_wait), at most this many in a row.
+const MAX_QUICK_ROUNDS: u32 = 3;
+
+/// Everything the runtime reports.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// The deadline of `poll_timeout` passed (or the runtime woke anyway).
+    Tick,
+    /// Something worth a fresh look happened (the leader key changed in
+    /// etcd): observe at once.
+    Wake,
+    Observed(Box<Observation>),
+    /// Answers to `Action::AskPeers` (an unreachable member has no position).
+    Peers(Vec<PeerPosition>),
+    /// Outcome of a lease operation (`Action::is_lease_op`). `started` is
+    /// when the keep-alive that preceded it started: the lease cannot
+    /// expire before `started + ttl`.
+    Lease {
+        started: Duration,
+        outcome: LeaseOutcome,
+    },
+    /// A background job (`Action::job`) ended.
+    JobFinished {
+        kind: JobKind,
+        result: Result<(), String>,
+    },
+    /// A quick action failed (nothing to retry at once: the next pass
+    /// decides again from what it observes).
+    ActionFailed { error: String },
+    /// An operator request to this member's API.
+    Request(OperatorRequest),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LeaseOutcome {
+    /// The leader key is ours, on our lease.
+    Held,
+    /// The leader key is not (or no longer) ours.
+    NotHeld,
+    /// etcd did not answer: we do not know.
+    Failed(String),
+}
+
+/// One observation of the world, as `Action::Observe` asks for.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Observation {
+    /// None: the etcd read failed (the core keeps the last view).
+    pub cluster: Option<ClusterView>,
+    pub data: DataDir,
+    pub pg: PgRun,
+    /// pg_control, read while PostgreSQL is stopped.
+    pub control: Option<ControlInfo>,
+    /// The config files on disk differ from what `conf_role` renders.
+    pub conf_outdated: bool,
+    /// PostgreSQL major version of the binaries.
+    pub major: u32,
+    /// Wall clock (Unix seconds), for scheduled requests only.
+    pub wall_clock: u64,
+}
+
+/// The member's fixed identity and settings, from its config file.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Identity {
+    pub name: String,
+    pub tags: Tags,
+    pub reclone_on_rewind_failure: bool,
+    /// The dynamic config until etcd's has been read.
+    pub bootstrap: DynamicConfig,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Between passes; the next starts at `next_pass`.
+    Idle,
+    /// `Observe` handed out (or about to be), waiting for `Observed`.
+    Observing,
+    /// `AskPeers` handed out, waiting for `Peers`.
+    AskingPeers,
+    /// Handing out the pass's steps.
+    Acting,
+}
+
+pub struct Core {
+    id: Identity,
+    phase: Phase,
+    queue: VecDeque<Step>,
+    /// Fencing steps: handed out before anything else, even while a lease
+    /// operation is outstanding (`poll_urgent`).
+    urgent: VecDeque<Step>,
+    /// A lease operation handed out whose outcome has not been reported.
+    lease_op_pending: bool,
+    pass_started: Duration,
+    next_pass: Duration,
+    /// Repeat the pass at once (a lease changed hands).
+    again: bool,
+    /// Retry soon (a renewal or etcd read failed).
+    retry_soon: bool,
+    quick_rounds: u32,
+
+    cluster: ClusterView,
+    dcs_ok: bool,
+    data: DataDir,
+    pg: PgRun,
+    control: Option<ControlInfo>,
+    conf_outdated: bool,
+    major: u32,
+    wall_clock: u64,
+    observed: bool,
+
+    job: Option<JobKind>,
+    last_failure: Option<JobFailure>,
+    request: Option<OperatorRequest>,
+    slot_last_seen: BTreeMap<String, Duration>,
+    primary_down_since: Option<Duration>,
+    peers: Option<Vec<PeerPosition>>,
+
+    /// Start of the last successful renewal (or acquisition) of the lease.
+    last_renew: Option<Duration>,
+    /// We present ourselves as the writable leader (API, member key).
+    serving: bool,
+    /// Since when renewal attempts fail (the first failed or unanswered
+    /// attempt since the last success).
+    renew_failing_since: Option<Duration>,
+    /// When the lease taken with `last_renew` may expire, minus a margin:
+    /// PostgreSQL is stopped immediately by then unless renewed. Cleared
+    /// only once PostgreSQL is seen not to run as primary.
+    fence_at: Option<Duration>,
+    /// A demotion for failed renewals was started and not yet resolved.
+    demoting: bool,
+
+    decision: Decision,
+    #[cfg(test)]
+    pub(crate) mutation: Option<super::Mutation>,
+}
+
+impl Core {
+    /// A core that starts its first pass at `now`.
+    pub fn new(id: Identity, now: Duration) -> Self {
+        let cluster = ClusterView {
+            initialize: Initialize::Absent,
+            leader: None,
+            members: Vec::new(),
+            config: id.bootstrap.clone(),
+            config_stored: false,
+            status: None,
+            history: Vec::new(),
+            failover: None,
+            config_revision: 0,
+        };
+        Core {
+            id,
+            phase: Phase::Idle,
+            queue: VecDeque::new(),
+            urgent: VecDeque::new(),
+            lease_op_pending: false,
+            pass_started: now,
+            next_pass: now,
+            again: false,
+            retry_soon: false,
+            quick_rounds: 0,
+            cluster,
+            dcs_ok: false,
+            data: DataDir::Empty,
+            pg: PgRun::Stopped,
+            control: None,
+            conf_outdated: false,
+            major: 0,
+            wall_clock: 0,
+            observed: false,
+            job: None,
+            last_failure: None,
+            request: None,
+            slot_last_seen: BTreeMap::new(),
+            primary_down_since: None,
+            peers: None,
+            last_renew: None,
+            serving: false,
+            renew_failing_since: None,
+            fence_at: None,
+            demoting: false,
+            decision: Decision::default(),
+            #[cfg(test)]
+            mutation: None,
+        }
+    }
+
+    // ------------------------------------------------------------ events
+
+    pub fn handle(&mut self, event: Event, now: Duration) {
+        match event {
+            Event::Tick => {}
+            Event::Wake => self.wake(now),
+            Event::Observed(obs) => self.on_observed(*obs, now),
+            Event::Peers(peers) => {
+                if self.phase == Phase::AskingPeers {
+                    self.peers = Some(peers);
+                    self.run_policy(now);
+                }
+            }
+            Event::Lease { started, outcome } => self.on_lease(started, outcome, now),
+            Event::JobFinished { kind, result } => {
+                self.job = None;
+                if !matches!(kind, JobKind::Start | JobKind::Stop) {
+                    // The data directory may have been replaced.
+                    self.control = None;
+                }
+                match result {
+                    Ok(()) => {
+                        if self.last_failure.as_ref().is_some_and(|f| f.kind == kind) {
+                            self.last_failure = None;
+                        }
+                    }
+                    Err(message) => {
+                        self.last_failure = Some(JobFailure {
+                            kind,
+                            message,
+                            at: now,
+                        })
+                    }
+                }
+                self.wake(now);
+            }
+            Event::ActionFailed { .. } => {}
+            Event::Request(r) => {
+                self.request = Some(r);
+                self.wake(now);
+            }
+        }
+        self.check_fence(now);
+        if self.phase == Phase::Idle && now >= self.next_pass {
+            self.start_pass(now);
+        }
+    }
+
+    /// The next thing to do. Lease operations must be reported
+    /// (`Event::Lease`) before the next action is handed out.
+    pub fn poll_action(&mut self) -> Option<Step> {
+        if let Some(step) = self.poll_urgent() {
+            return Some(step);
+        }
+        if self.lease_op_pending {
+            return None;
+        }
+        let step = self.queue.pop_front()?;
+        match &step.action {
+            a if a.is_lease_op() => {
+                self.lease_op_pending = true;
+                if matches!(a, Action::ReleaseLeader | Action::AbandonBootstrap) {
+                    self.serving = false;
+                }
+            }
+            Action::Stop | Action::BeginSwitchover { .. } => {
+                // Out of the write pool before the slow part begins.
+                self.serving = false;
+            }
+            Action::AckRequest => self.request = None,
+            Action::Publish => self.end_pass(),
+            _ => {}
+        }
+        if let Some(kind) = step.action.job(self.major) {
+            self.job = Some(kind);
+        }
+        Some(step)
+    }
+
+    /// Fencing steps only: what the runtime must do at once even in the
+    /// middle of another action (a renewal stuck in an etcd timeout, say).
+    pub fn poll_urgent(&mut self) -> Option<Step> {
+        let step = self.urgent.pop_front()?;
+        if let Some(kind) = step.action.job(self.major) {
+            self.job = Some(kind);
+        }
+        Some(step)
+    }
+
+    /// When to call `handle(Event::Tick, …)` at the latest.
+    pub fn poll_timeout(&self) -> Option<Duration> {
+        let mut t = (self.phase == Phase::Idle).then_some(self.next_pass);
+        let mut earliest = |x: Option<Duration>| {
+            if let Some(x) = x {
+                t = Some(t.map_or(x, |t| t.min(x)));
+            }
+        };
+        earliest(self.fence_at);
+        if !self.demoting && self.fence_at.is_some() {
+            earliest(
+                self.renew_failing_since
+                    .map(|s| s + self.retry_timeout()),
+            );
+        }
+        t
+    }
+
+    // ------------------------------------------------------ what it shows
+
+    /// The cluster as last read (or the bootstrap defaults before that).
+    pub fn cluster(&self) -> &ClusterView {
+        &self.cluster
+    }
+
+    /// The view the policy decided on last.
+    pub fn local_view(&self) -> LocalView {
+        LocalView {
+            name: self.id.name.clone(),
+            tags: self.id.tags.clone(),
+            data: self.data.clone(),
+            pg: self.pg.clone(),
+            job: self.job.clone(),
+            last_failure: self.last_failure.clone(),
+            dcs_ok: self.dcs_ok,
+            last_renew: self.last_renew,
+            slot_last_seen: self.slot_last_seen.clone(),
+            control: self.control.clone(),
+            peers: self.peers.clone(),
+            primary_down_since: self.primary_down_since,
+            reclone_on_rewind_failure: self.id.reclone_on_rewind_failure,
+            wall_clock: self.wall_clock,
+            conf_outdated: self.conf_outdated,
+            request: self.request,
+            #[cfg(test)]
+            mutation: self.mutation,
+        }
+    }
+
+    /// Until when `/primary` may answer 200: the lease cannot have expired
+    /// before. None while we do not serve as the leader.
+    pub fn lease_valid_until(&self) -> Option<Duration> {
+        self.serving
+            .then_some(self.last_renew)
+            .flatten()
+            .map(|t| t + self.ttl())
+    }
+
+    /// When PostgreSQL must be stopped in immediate mode unless a renewal
+    /// moves it: the runtime arms a timer with it that fires even while the
+    /// loop is stuck in I/O.
+    pub fn fence_deadline(&self) -> Option<Duration> {
+        #[cfg(test)]
+        if self.mutation == Some(super::Mutation::NoDemotion) {
+            return None;
+        }
+        self.fence_at
+    }
+
+    /// Holds the leader key as far as we know and means to serve writes.
+    pub fn serving(&self) -> bool {
+        self.serving
+    }
+
+    /// The last decision (its `waiting` and `problem` for the status).
+    pub fn decision(&self) -> &Decision {
+        &self.decision
+    }
+
+    pub fn job(&self) -> Option<&JobKind> {
+        self.job.as_ref()
+    }
+
+    pub fn last_failure(&self) -> Option<&JobFailure> {
+        self.last_failure.as_ref()
+    }
+
+    pub fn dcs_ok(&self) -> bool {
+        self.dcs_ok
+    }
+
+    // ------------------------------------------------------------ passes
+
+    fn wake(&mut self, now: Duration) {
+        if self.phase == Phase::Idle {
+            self.next_pass = self.next_pass.min(now);
+        }
+    }
+
+    fn start_pass(&mut self, now: Duration) {
+        self.phase = Phase::Observing;
+        self.pass_started = now;
+        self.again = false;
+        self.retry_soon = false;
+        self.peers = None;
+        self.queue.push_back(Step {
+            action: Action::Observe,
+            reason: "observing etcd and PostgreSQL".into(),
+        });
+    }
+
+    fn end_pass(&mut self) {
+        self.phase = Phase::Idle;
+        let loop_wait = Duration::from_secs(self.cluster.config.loop_wait.max(1));
+        self.next_pass = if self.again && self.quick_rounds < MAX_QUICK_ROUNDS {
+            self.quick_rounds += 1;
+            self.pass_started
+        } else if self.retry_soon {
+            self.quick_rounds = 0;
+            self.pass_started + loop_wait.min(RETRY_INTERVAL)
+        } else {
+            self.quick_rounds = 0;
+            self.pass_started + loop_wait
+        };
+    }
+
+    fn on_observed(&mut self, obs: Observation, now: Duration) {
+        if self.phase != Phase::Observing {
+            return;
+        }
+        self.dcs_ok = obs.cluster.is_some();
+        if let Some(c) = obs.cluster {
+            self.cluster = c;
+        } else if self.i_lead() || self.last_renew.is_some() {
+            // A failed read is a failed renewal as far as fencing goes.
+            self.renew_failing_since.get_or_insert(self.pass_started);
+            self.retry_soon = true;
+        }
+        self.data = obs.data;
+        self.pg = obs.pg;
+        // pg_control is read while PostgreSQL is stopped; while it runs, the
+        // last one read tells what it started from.
+        if obs.control.is_some() {
+            self.control = obs.control;
+        }
+        self.conf_outdated = obs.conf_outdated;
+        self.major = obs.major;
+        self.wall_clock = obs.wall_clock;
+        self.observed = true;
+        if self.job.is_none() && !self.pg.is_primary() && !matches!(self.pg, PgRun::Unresponsive) {
+            // PostgreSQL is seen not to be writable: nothing to fence.
+            self.fence_at = None;
+            self.demoting = false;
+        }
+        self.track_slots(now);
+        self.track_primary_down(now);
+        self.run_policy(now);
+    }
+
+    fn run_policy(&mut self, now: Duration) {
+        let local = self.local_view();
+        let mut d = decide(&self.cluster, &local, now);
+        if let Some(q) = d.need.take() {
+            self.phase = Phase::AskingPeers;
+            self.queue.push_back(Step {
+                action: Action::AskPeers(q),
+                reason: d.waiting.clone().unwrap_or_default(),
+            });
+            return;
+        }
+        self.phase = Phase::Acting;
+        self.queue.extend(d.steps.iter().cloned());
+        self.queue.push_back(Step {
+            action: Action::Publish,
+            reason: "publishing our status".into(),
+        });
+        self.decision = d;
+    }
+
+    fn on_lease(&mut self, started: Duration, outcome: LeaseOutcome, now: Duration) {
+        if !self.lease_op_pending {
+            return;
+        }
+        self.lease_op_pending = false;
+        match outcome {
+            LeaseOutcome::Held => {
+                if self.last_renew.is_none() || !self.serving {
+                    self.again = true;
+                }
+                self.last_renew = Some(started);
+                self.renew_failing_since = None;
+                self.fence_at = Some((started + self.ttl()).saturating_sub(FENCE_MARGIN));
+                self.demoting = false;
+                self.serving = true;
+            }
+            LeaseOutcome::NotHeld => {
+                if self.last_renew.is_some() || self.serving {
+                    self.again = true;
+                }
+                // fence_at stays: PostgreSQL may still run as primary under
+                // the lease we just lost, until a pass stops it.
+                self.last_renew = None;
+                self.renew_failing_since = None;
+                self.serving = false;
+                self.drop_rest_of_pass();
+            }
+            LeaseOutcome::Failed(_) => {
+                self.renew_failing_since.get_or_insert(started.min(now));
+                self.retry_soon = true;
+                self.drop_rest_of_pass();
+            }
+        }
+    }
+
+    /// The rest of the pass was decided on the premise of a lease we do not
+    /// hold: drop it, but still publish.
+    fn drop_rest_of_pass(&mut self) {
+        self.queue.retain(|s| s.action == Action::Publish);
+        if self.phase == Phase::Acting && self.queue.is_empty() {
+            self.queue.push_back(Step {
+                action: Action::Publish,
+                reason: "publishing our status".into(),
+            });
+        }
+    }
+
+    // ----------------------------------------------------------- fencing
+
+    /// Rule 2. Once renewals have failed for retry_timeout, demote (a clean
+    /// stop, or an immediate one if a job runs); once the lease may expire
+    /// within the margin, stop immediately whatever runs.
+    fn check_fence(&mut self, now: Duration) {
+        #[cfg(test)]
+        if self.mutation == Some(super::Mutation::NoDemotion) {
+            return;
+        }
+        let Some(fence_at) = self.fence_at else {
+            return;
+        };
+        if now >= fence_at {
+            self.fence_at = None;
+            self.demoting = false;
+            self.serving = false;
+            self.push_urgent(
+                Action::Fence,
+                "the leader lease may expire within a second and has not been renewed: stopping PostgreSQL immediately",
+            );
+            return;
+        }
+        let failing_for = self.renew_failing_since.map(|s| now.saturating_sub(s));
+        if self.demoting || failing_for.is_none_or(|f| f < self.retry_timeout()) {
+            return;
+        }
+        self.demoting = true;
+        self.serving = false;
+        let reason = format!(
+            "renewing the leader lease has failed for {}s (retry_timeout): stopping PostgreSQL before the lease may expire",
+            self.cluster.config.retry_timeout
+        );
+        if self.job.is_some() {
+            self.push_urgent(Action::Fence, reason);
+        } else {
+            // The stop is a job: the rest of the current pass must not start
+            // another one.
+            self.queue.retain(|s| {
+                matches!(
+                    s.action,
+                    Action::Publish | Action::Observe | Action::AskPeers(_)
+                )
+            });
+            self.push_urgent(Action::Stop, reason);
+        }
+    }
+
+    fn push_urgent(&mut self, action: Action, reason: impl Into<String>) {
+        self.urgent.push_back(Step {
+            action,
+            reason: reason.into(),
+        });
+    }
+
+    // ------------------------------------------------------------ trackers
+
+    /// Remembers when each slot's member was last present, so the policy
+    /// drops slots only for members gone longer than member_slots_ttl.
+    fn track_slots(&mut self, now: Duration) {
+        let Some(running) = self.pg.running() else {
+            return;
+        };
+        let present: Vec<String> = self
+            .cluster
+            .members
+            .iter()
+            .map(|m| slot_name(&m.name))
+            .collect();
+        self.slot_last_seen
+            .retain(|s, _| running.slots.contains(s));
+        for slot in &running.slots {
+            let seen = self.slot_last_seen.entry(slot.clone()).or_insert(now);
+            if present.contains(slot) {
+                *seen = now;
+            }
+        }
+    }
+
+    /// The primary_start_timeout clock: we hold the leader key without a
+    /// running primary (a bootstrap in progress does not count).
+    fn track_primary_down(&mut self, now: Duration) {
+        let bootstrapping = self.job == Some(JobKind::Bootstrap);
+        if !self.i_lead() || self.pg.is_primary() || bootstrapping {
+            self.primary_down_since = None;
+        } else if self.primary_down_since.is_none() {
+            self.primary_down_since = Some(now);
+        }
+    }
+
+    fn i_lead(&self) -> bool {
+        self.cluster.leader.as_deref() == Some(self.id.name.as_str())
+    }
+
+    fn ttl(&self) -> Duration {
+        Duration::from_secs(self.cluster.config.ttl)
+    }
+
+    fn retry_timeout(&self) -> Duration {
+        Duration::from_secs(self.cluster.config.retry_timeout)
+    }
+}
+
+#[cfg(test)]
+impl Core {
+    /// A core in the state a decision-table row describes, about to take
+    /// the observation of a pass that started at `now`.
+    pub(crate) fn restore(local: &LocalView, cluster: &ClusterView, now: Duration) -> Core {
+        let mut core = Core::new(
+            Identity {
+                name: local.name.clone(),
+                tags: local.tags.clone(),
+                reclone_on_rewind_failure: local.reclone_on_rewind_failure,
+                bootstrap: cluster.config.clone(),
+            },
+            now,
+        );
+        core.cluster = cluster.clone();
+        core.job = local.job.clone();
+        core.last_failure = local.last_failure.clone();
+        core.last_renew = local.last_renew;
+        core.serving = local.last_renew.is_some();
+        core.fence_at = local
+            .last_renew
+            .map(|t| (t + core.ttl()).saturating_sub(FENCE_MARGIN));
+        core.slot_last_seen = local.slot_last_seen.clone();
+        core.control = local.control.clone();
+        core.primary_down_since = local.primary_down_since;
+        core.request = local.request;
+        core.mutation = local.mutation;
+        core.phase = Phase::Observing;
+        core.pass_started = now;
+        core
+    }
+
+    /// The observation that gives the core `local`'s facts.
+    pub(crate) fn observation(local: &LocalView, cluster: &ClusterView) -> Observation {
+        Observation {
+            cluster: local.dcs_ok.then(|| cluster.clone()),
+            data: local.data.clone(),
+            pg: local.pg.clone(),
+            control: local.control.clone(),
+            conf_outdated: local.conf_outdated,
+            major: 15,
+            wall_clock: local.wall_clock,
+        }
+    }
+}
