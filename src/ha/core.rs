@@ -56,7 +56,9 @@ pub enum Event {
     },
     /// A quick action failed (nothing to retry at once: the next pass
     /// decides again from what it observes).
-    ActionFailed { error: String },
+    ActionFailed {
+        error: String,
+    },
     /// An operator request to this member's API.
     Request(OperatorRequest),
 }
@@ -313,10 +315,7 @@ impl Core {
         };
         earliest(self.fence_at);
         if !self.demoting && self.fence_at.is_some() {
-            earliest(
-                self.renew_failing_since
-                    .map(|s| s + self.retry_timeout()),
-            );
+            earliest(self.renew_failing_since.map(|s| s + self.retry_timeout()));
         }
         t
     }
@@ -598,8 +597,7 @@ impl Core {
             .iter()
             .map(|m| slot_name(&m.name))
             .collect();
-        self.slot_last_seen
-            .retain(|s, _| running.slots.contains(s));
+        self.slot_last_seen.retain(|s, _| running.slots.contains(s));
         for slot in &running.slots {
             let seen = self.slot_last_seen.entry(slot.clone()).or_insert(now);
             if present.contains(slot) {
@@ -634,8 +632,8 @@ impl Core {
 
 #[cfg(test)]
 impl Core {
-    /// A core in the state a decision-table row describes, about to take
-    /// the observation of a pass that started at `now`.
+    /// A core in the state a decision-table row describes, due to start a
+    /// pass at `now`.
     pub(crate) fn restore(local: &LocalView, cluster: &ClusterView, now: Duration) -> Core {
         let mut core = Core::new(
             Identity {
@@ -651,16 +649,18 @@ impl Core {
         core.last_failure = local.last_failure.clone();
         core.last_renew = local.last_renew;
         core.serving = local.last_renew.is_some();
+        let may_write = local.job.is_some()
+            || !matches!(local.pg, PgRun::Stopped)
+                && local.pg.running().is_none_or(|p| !p.in_recovery);
         core.fence_at = local
             .last_renew
+            .filter(|_| may_write)
             .map(|t| (t + core.ttl()).saturating_sub(FENCE_MARGIN));
         core.slot_last_seen = local.slot_last_seen.clone();
         core.control = local.control.clone();
         core.primary_down_since = local.primary_down_since;
         core.request = local.request;
         core.mutation = local.mutation;
-        core.phase = Phase::Observing;
-        core.pass_started = now;
         core
     }
 

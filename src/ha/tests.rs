@@ -313,12 +313,15 @@ impl Local {
         self.peer_with(name, lsn, 1, false)
     }
     fn peer_with(mut self, name: &str, lsn: Option<u64>, prio: u32, nofailover: bool) -> Self {
-        self.0.peers.get_or_insert_with(Vec::new).push(PeerPosition {
-            name: name.to_string(),
-            wal_lsn: lsn,
-            nofailover,
-            failover_priority: prio,
-        });
+        self.0
+            .peers
+            .get_or_insert_with(Vec::new)
+            .push(PeerPosition {
+                name: name.to_string(),
+                wal_lsn: lsn,
+                nofailover,
+                failover_priority: prio,
+            });
         self
     }
     /// We hold the leader key without a running primary since `t`.
@@ -394,18 +397,20 @@ impl Row {
 /// steps it hands out until `Publish` are the row's actions.
 fn through_core(cluster: &ClusterView, local: &LocalView, now: Duration) -> Decision {
     let mut core = Core::restore(local, cluster, now);
-    core.handle(
-        Event::Observed(Box::new(Core::observation(local, cluster))),
-        now,
-    );
+    core.handle(Event::Tick, now);
     let mut steps = Vec::new();
     for _ in 0..100 {
-        let Some(step) = core.poll_action() else { break };
+        let Some(step) = core.poll_action() else {
+            break;
+        };
         match &step.action {
-            Action::AskPeers(_) => core.handle(
-                Event::Peers(local.peers.clone().unwrap_or_default()),
+            Action::Observe => core.handle(
+                Event::Observed(Box::new(Core::observation(local, cluster))),
                 now,
             ),
+            Action::AskPeers(_) => {
+                core.handle(Event::Peers(local.peers.clone().unwrap_or_default()), now)
+            }
             Action::Publish => break,
             a if a.is_lease_op() => {
                 steps.push(step.clone());
@@ -1319,14 +1324,19 @@ fn safety_invariants_over_grid() {
             if !l.dcs_ok && has(&|a| is_dcs_write(a) && *a != Action::RenewLeader) {
                 bad("a DCS write other than a renewal attempt while etcd is unreachable");
             }
-            if !l.dcs_ok && acts.iter().any(|a| !matches!(a, Action::Stop | Action::RenewLeader)) {
+            if !l.dcs_ok
+                && acts
+                    .iter()
+                    .any(|a| !matches!(a, Action::Stop | Action::RenewLeader))
+            {
                 bad("anything but Stop or a renewal attempt while etcd is unreachable");
             }
             // Rule 2 (the part that is the policy's; the timing is the
             // core's, checked by the simulator): without etcd, a primary
             // either keeps trying to renew a lease it holds or stops.
             if !l.dcs_ok && l.pg.is_primary() && l.job.is_none() {
-                let renews = has(&|a| *a == Action::RenewLeader) && (i_lead || l.last_renew.is_some());
+                let renews =
+                    has(&|a| *a == Action::RenewLeader) && (i_lead || l.last_renew.is_some());
                 if !renews && !has(&|a| *a == Action::Stop) {
                     bad("rule 2: primary without etcd neither renews nor stops");
                 }
@@ -1795,4 +1805,316 @@ fn member_requests() {
             vec![],
         ),
     ]);
+}
+
+// ------------------------------------------- the core through time
+//
+// Single-step tables cannot see timing bugs (a renewal rule that a healthy
+// leader with loop_wait >= retry_timeout trips over, a request that costs a
+// renewal). These drive one core through time against a scripted world.
+
+/// One leader's world: etcd answers (or not), PostgreSQL runs as primary
+/// until stopped.
+struct World {
+    core: Core,
+    now: Duration,
+    etcd_up: bool,
+    pg: PgRun,
+    job: Option<(JobKind, Duration)>,
+    job_duration: Duration,
+    cluster: ClusterView,
+    handed_out: Vec<(Duration, Action)>,
+}
+
+impl World {
+    fn leader(ttl: u64, loop_wait: u64, retry_timeout: u64) -> World {
+        let mut cluster = cluster().initialized(SYSID).led_by(ME).replica(N2).0;
+        cluster.config.ttl = ttl;
+        cluster.config.loop_wait = loop_wait;
+        cluster.config.retry_timeout = retry_timeout;
+        let mut l = local().data(SYSID).pg_primary(&[N2]).0;
+        l.last_renew = Some(Duration::ZERO);
+        let mut core = Core::restore(&l, &cluster, Duration::ZERO);
+        core.handle(Event::Tick, Duration::ZERO);
+        World {
+            core,
+            now: Duration::ZERO,
+            etcd_up: true,
+            pg: l.pg,
+            job: None,
+            job_duration: secs(1),
+            cluster,
+            handed_out: Vec::new(),
+        }
+    }
+
+    /// Carries out everything the core hands out, each I/O taking 5 ms
+    /// (or half of retry_timeout when etcd does not answer).
+    fn drain(&mut self) {
+        let io = Duration::from_millis(5);
+        let timeout = secs(self.cluster.config.retry_timeout) / 2;
+        while let Some(step) = self.core.poll_action() {
+            self.handed_out.push((self.now, step.action.clone()));
+            match &step.action {
+                Action::Observe => {
+                    self.now += if self.etcd_up { io } else { timeout };
+                    let mut l = local().data(SYSID).0;
+                    l.pg = self.pg.clone();
+                    l.dcs_ok = self.etcd_up;
+                    l.job = self.job.as_ref().map(|j| j.0.clone());
+                    let obs = Core::observation(&l, &self.cluster);
+                    self.core.handle(Event::Observed(Box::new(obs)), self.now);
+                }
+                Action::AskPeers(_) => self.core.handle(Event::Peers(vec![]), self.now),
+                a if a.is_lease_op() => {
+                    let started = self.now;
+                    self.now += if self.etcd_up { io } else { timeout };
+                    let outcome = if !self.etcd_up {
+                        LeaseOutcome::Failed("etcd did not answer".into())
+                    } else if matches!(a, Action::ReleaseLeader | Action::AbandonBootstrap) {
+                        LeaseOutcome::NotHeld
+                    } else if self.etcd_up {
+                        LeaseOutcome::Held
+                    } else {
+                        LeaseOutcome::Failed("etcd did not answer".into())
+                    };
+                    self.core
+                        .handle(Event::Lease { started, outcome }, self.now);
+                }
+                Action::Fence => self.pg = PgRun::Stopped,
+                a => {
+                    if let Some(kind) = a.job(15) {
+                        self.job = Some((kind, self.now + self.job_duration));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Runs until `until`, waking at the core's deadlines; a stop job takes
+    /// a second and leaves PostgreSQL stopped.
+    fn run_until(&mut self, until: Duration) {
+        loop {
+            self.drain();
+            let job_end = self.job.as_ref().map(|j| j.1);
+            let next = [self.core.poll_timeout(), job_end]
+                .into_iter()
+                .flatten()
+                .min()
+                .unwrap_or(until);
+            if next >= until {
+                self.now = until;
+                return;
+            }
+            self.now = next.max(self.now);
+            if job_end.is_some_and(|t| t <= self.now) {
+                if let Some((kind, _)) = self.job.take() {
+                    if kind == JobKind::Stop {
+                        self.pg = PgRun::Stopped;
+                    }
+                    self.core.handle(
+                        Event::JobFinished {
+                            kind,
+                            result: Ok(()),
+                        },
+                        self.now,
+                    );
+                }
+            } else {
+                self.core.handle(Event::Tick, self.now);
+            }
+        }
+    }
+
+    fn demotions(&self) -> Vec<(Duration, Action)> {
+        self.handed_out
+            .iter()
+            .filter(|(_, a)| matches!(a, Action::Stop | Action::Fence | Action::ReleaseLeader))
+            .cloned()
+            .collect()
+    }
+}
+
+/// Every timing validation accepts that users pick: Patroni's defaults,
+/// the short profiles, ours, and loop_wait equal to retry_timeout.
+const TIMINGS: [(u64, u64, u64); 7] = [
+    (30, 10, 10),
+    (4, 1, 1),
+    (5, 1, 2),
+    (10, 1, 4),
+    (20, 2, 4),
+    (12, 4, 4),
+    (60, 20, 20),
+];
+
+#[test]
+fn a_healthy_leader_never_demotes_under_any_valid_timing() {
+    for (ttl, lw, rt) in TIMINGS {
+        let mut w = World::leader(ttl, lw, rt);
+        w.run_until(secs(3600));
+        assert!(
+            w.demotions().is_empty(),
+            "ttl {ttl} loop_wait {lw} retry_timeout {rt}: {:?}",
+            &w.demotions()[..1]
+        );
+        let renewals = w
+            .handed_out
+            .iter()
+            .filter(|(_, a)| *a == Action::RenewLeader)
+            .count() as u64;
+        assert!(
+            renewals >= 3600 / lw - 1,
+            "ttl {ttl}: only {renewals} renewals in an hour"
+        );
+        assert!(w.core.lease_valid_until().is_some_and(|t| t > w.now));
+    }
+}
+
+#[test]
+fn a_leader_cut_from_etcd_stops_before_its_lease_may_expire() {
+    for (ttl, lw, rt) in TIMINGS {
+        let mut w = World::leader(ttl, lw, rt);
+        w.run_until(secs(100));
+        let last_renew = w
+            .handed_out
+            .iter()
+            .rev()
+            .find(|(_, a)| *a == Action::RenewLeader)
+            .map(|(t, _)| *t)
+            .unwrap_or_default();
+        w.etcd_up = false;
+        let cut = w.now;
+        w.run_until(cut + secs(ttl * 2));
+        let stop = w
+            .handed_out
+            .iter()
+            .find(|(t, a)| *t >= cut && matches!(a, Action::Stop | Action::Fence))
+            .map(|(t, _)| *t);
+        let stop = stop.unwrap_or_else(|| panic!("ttl {ttl}/{lw}/{rt}: never stopped"));
+        assert!(
+            stop <= last_renew + secs(lw + rt) + secs(rt),
+            "ttl {ttl}/{lw}/{rt}: demotion at {stop:?}, last renewal {last_renew:?}"
+        );
+        assert!(matches!(w.pg, PgRun::Stopped), "ttl {ttl}: still running");
+        assert!(w.core.lease_valid_until().is_none());
+    }
+}
+
+#[test]
+fn a_stalled_leader_renews_its_still_valid_lease_instead_of_demoting() {
+    let mut w = World::leader(10, 1, 4);
+    w.run_until(secs(20));
+    // The agent stalls for 6 s (under the 10 s lease), etcd healthy.
+    w.now += secs(6);
+    w.core.handle(Event::Tick, w.now);
+    w.run_until(secs(60));
+    assert!(w.demotions().is_empty(), "{:?}", w.demotions());
+}
+
+#[test]
+fn a_stall_past_the_fence_deadline_fences_first() {
+    let mut w = World::leader(10, 1, 4);
+    w.run_until(secs(20));
+    w.now += secs(12);
+    w.core.handle(Event::Tick, w.now);
+    assert_eq!(w.core.poll_urgent().map(|s| s.action), Some(Action::Fence));
+}
+
+#[test]
+fn operator_requests_never_cost_the_leader_a_renewal() {
+    let mut w = World::leader(30, 5, 10);
+    for i in 0..12u64 {
+        w.run_until(secs(5 * i + 2));
+        let req = if i % 2 == 0 {
+            OperatorRequest::Reload
+        } else {
+            OperatorRequest::Restart
+        };
+        w.core.handle(Event::Request(req), w.now);
+    }
+    w.run_until(secs(70));
+    assert!(
+        w.handed_out
+            .iter()
+            .all(|(_, a)| !matches!(a, Action::Fence | Action::ReleaseLeader)),
+        "{:?}",
+        w.demotions()
+    );
+    // Every pass that served a request renewed first.
+    let acts: Vec<&Action> = w.handed_out.iter().map(|(_, a)| a).collect();
+    for (i, a) in acts.iter().enumerate() {
+        if **a == Action::AckRequest {
+            let pass_start = acts[..i]
+                .iter()
+                .rposition(|a| **a == Action::Observe)
+                .unwrap_or(0);
+            assert!(
+                acts[pass_start..i].contains(&&Action::RenewLeader),
+                "a request served without a renewal: {:?}",
+                &acts[pass_start..=i]
+            );
+        }
+    }
+}
+
+#[test]
+fn a_job_never_blinds_fencing() {
+    let mut w = World::leader(10, 1, 4);
+    w.run_until(secs(10));
+    // A restart job that hangs, and etcd gone.
+    w.job_duration = secs(10_000);
+    w.core
+        .handle(Event::Request(OperatorRequest::Restart), w.now);
+    w.drain();
+    assert!(matches!(w.job, Some((JobKind::Restart, _))));
+    w.etcd_up = false;
+    w.run_until(secs(30));
+    assert!(
+        w.handed_out
+            .iter()
+            .any(|(t, a)| *a == Action::Fence && *t <= secs(10 + 10)),
+        "{:?}",
+        w.demotions()
+    );
+    assert!(w.core.fence_deadline().is_none());
+}
+
+#[test]
+fn a_failed_renewal_drops_the_rest_of_the_pass() {
+    let c = cluster().initialized(SYSID).led_by(ME).replica(N2).0;
+    let l = local().data(SYSID).pg_replica(None, LSN).0;
+    let mut core = Core::restore(&l, &c, secs(NOW));
+    core.handle(Event::Tick, secs(NOW));
+    assert_eq!(core.poll_action().map(|s| s.action), Some(Action::Observe));
+    core.handle(
+        Event::Observed(Box::new(Core::observation(&l, &c))),
+        secs(NOW),
+    );
+    assert_eq!(
+        core.poll_action().map(|s| s.action),
+        Some(Action::RenewLeader)
+    );
+    // Nothing else is handed out while the renewal is outstanding.
+    assert_eq!(core.poll_action(), None);
+    core.handle(
+        Event::Lease {
+            started: secs(NOW),
+            outcome: LeaseOutcome::Failed("timeout".into()),
+        },
+        secs(NOW + 2),
+    );
+    let rest: Vec<Action> = std::iter::from_fn(|| core.poll_action().map(|s| s.action)).collect();
+    assert_eq!(rest, vec![Action::Publish]);
+}
+
+#[test]
+fn a_restart_request_to_a_deposed_primary_does_not_restart_it_writable() {
+    let c = cluster().initialized(SYSID).led_by(N2).0;
+    let l = local()
+        .data(SYSID)
+        .pg_primary(&[])
+        .asked(OperatorRequest::Restart)
+        .0;
+    let d = through_core(&c, &l, secs(NOW));
+    assert_eq!(d.actions(), vec![&Action::AckRequest, &Action::Stop]);
 }
