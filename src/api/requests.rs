@@ -261,49 +261,20 @@ pub fn lost_race() -> Refusal {
     )
 }
 
-/// Why `name` cannot take over by switchover now, if it cannot.
+/// Why `name` cannot take over by switchover now, if it cannot: the
+/// policy's own rule (`ha::switchover_candidate_problem`), against the
+/// leader's last published position.
 fn switchover_candidate_problem(
     view: &ClusterView,
     leader: &str,
     name: &str,
     scope: &str,
 ) -> Option<String> {
-    let Some(m) = view.member(name) else {
-        return Some(format!(
-            "candidate {name} is not a member of cluster {scope}"
-        ));
-    };
-    if name == leader {
-        return Some(format!("candidate {name} is already the leader"));
-    }
-    if m.tags.nofailover {
-        return Some(format!("candidate {name} is tagged nofailover"));
-    }
-    if m.state != PgState::Streaming {
-        return Some(format!(
-            "candidate {name} is not streaming from the leader (state: {})",
-            m.state.as_str()
-        ));
-    }
     let leader_lsn = view
         .leader_member()
         .and_then(|l| l.wal_lsn)
         .or(view.status.as_ref().map(|s| s.wal_lsn));
-    match (leader_lsn, m.wal_lsn) {
-        (Some(l), Some(c)) => {
-            let lag = l.saturating_sub(c);
-            let max = view.config.maximum_lag_on_failover;
-            (lag > max).then(|| {
-                format!(
-                    "candidate {name} lags {lag} bytes behind the leader (maximum_lag_on_failover is {max})"
-                )
-            })
-        }
-        (Some(_), None) => Some(format!("candidate {name} has not published a WAL position")),
-        // The leader's position is unknown: the leader itself re-checks
-        // before it hands over.
-        (None, _) => None,
-    }
+    crate::ha::switchover_candidate_problem(view, leader, leader_lsn, name, Some(scope)).err()
 }
 
 /// A switchover request checked against the cluster: the request to store,

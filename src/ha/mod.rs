@@ -12,6 +12,7 @@ mod view;
 
 pub use self::core::{Core, Event, Identity, LeaseOutcome, Observation};
 pub use decide::{conf_role, decide};
+pub use operator::switchover_candidate_problem;
 pub use view::*;
 
 /// Deliberately broken policies, each caught by the simulator.

@@ -170,6 +170,52 @@ pub(super) fn replica_verdict(cluster: &ClusterView, local: &LocalView) -> Optio
     }
 }
 
+/// Why `name` cannot take over from `leader` by switchover now, or its WAL
+/// position if it can. The one rule for the API and CLI (refusing a request
+/// up front) and the leader (checking it before it hands over), so the two
+/// cannot disagree. `leader_lsn`: the leader's position as the caller knows
+/// it (None: unknown, lag not checked); `scope` names the cluster in the
+/// message when the caller knows it.
+pub fn switchover_candidate_problem(
+    cluster: &ClusterView,
+    leader: &str,
+    leader_lsn: Option<u64>,
+    name: &str,
+    scope: Option<&str>,
+) -> Result<u64, String> {
+    let Some(m) = cluster.member(name) else {
+        let of = scope
+            .map(|s| format!(" of cluster {s}"))
+            .unwrap_or_default();
+        return Err(format!("candidate {name} is not a member{of}"));
+    };
+    if name == leader {
+        return Err(format!("candidate {name} is already the leader"));
+    }
+    if m.tags.nofailover {
+        return Err(format!("candidate {name} is tagged nofailover"));
+    }
+    if !matches!(m.role, Role::Replica | Role::SyncStandby) || m.state != PgState::Streaming {
+        return Err(format!(
+            "candidate {name} is not streaming from the leader (state: {})",
+            m.state.as_str()
+        ));
+    }
+    let Some(lsn) = m.receive_lsn.max(m.wal_lsn) else {
+        return Err(format!("candidate {name} has not published a WAL position"));
+    };
+    if let Some(l) = leader_lsn {
+        let lag = l.saturating_sub(lsn);
+        let max = cluster.config.maximum_lag_on_failover;
+        if lag > max {
+            return Err(format!(
+                "candidate {name} lags {lag} bytes behind the leader (maximum_lag_on_failover is {max})"
+            ));
+        }
+    }
+    Ok(lsn)
+}
+
 /// Who takes over in a switchover: the named member if it qualifies, or the
 /// most advanced qualifying replica (ties: failover_priority, then name).
 fn pick_candidate(
@@ -178,34 +224,9 @@ fn pick_candidate(
     pg: &PgRunning,
     named: Option<&str>,
 ) -> Result<String, String> {
-    let ours = pg.wal_lsn.unwrap_or(0);
-    let max_lag = cluster.config.maximum_lag_on_failover;
-    let check = |name: &str| -> Result<u64, String> {
-        let m = cluster
-            .member(name)
-            .ok_or_else(|| format!("{name} is not a member"))?;
-        if m.tags.nofailover {
-            return Err(format!("{name} is tagged nofailover"));
-        }
-        if !matches!(m.role, Role::Replica | Role::SyncStandby) || m.state != PgState::Streaming {
-            return Err(format!(
-                "{name} is not a streaming replica ({})",
-                m.state.as_str()
-            ));
-        }
-        let lsn = m.receive_lsn.max(m.wal_lsn).unwrap_or(0);
-        let lag = ours.saturating_sub(lsn);
-        if lag > max_lag {
-            return Err(format!(
-                "{name} is {lag} bytes behind (maximum_lag_on_failover {max_lag})"
-            ));
-        }
-        Ok(lsn)
-    };
+    let ours = pg.wal_lsn;
+    let check = |name: &str| switchover_candidate_problem(cluster, &local.name, ours, name, None);
     if let Some(name) = named {
-        if name == local.name {
-            return Err(format!("{name} is already the leader"));
-        }
         return check(name).map(|_| name.to_string());
     }
     cluster

@@ -1597,7 +1597,7 @@ fn switchover_and_failover_requests() {
             NOW,
             vec![RenewLeader, WriteStatus, ClearFailover],
         )
-        .problem("not a streaming replica"),
+        .problem("is not streaming from the leader"),
         row(
             "scheduled switchover in the future: wait",
             streaming(mine(), N2)
