@@ -3,7 +3,7 @@
 //! share them, so both refuse the same things with the same words.
 
 use crate::config::{self, DynamicConfig};
-use crate::dcs::{ClusterView, FailoverKind, FailoverRequest, PgState};
+use crate::dcs::{ClusterView, FailoverKind, FailoverRequest};
 use axum::http::StatusCode;
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
