@@ -454,7 +454,7 @@ pub fn patch_config(
 mod tests {
     use super::*;
     use crate::config::Tags;
-    use crate::dcs::{Initialize, MemberStatus, Role};
+    use crate::dcs::{Initialize, MemberStatus, PgState, Role};
     use serde_json::json;
 
     const NOW: u64 = 1_800_000_000;
