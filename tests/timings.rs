@@ -80,6 +80,7 @@ async fn patroni_timings_hold_steady_then_fail_over_within_ttl_plus_loop_wait() 
     c.kill9_server(old);
     let new = c.wait_single_primary(LONG).await;
     let elapsed = fault.elapsed();
+    eprintln!("ttl {ttl} / loop_wait {loop_wait}: new primary after {elapsed:?}");
     assert_ne!(new, old);
     assert!(
         elapsed <= Duration::from_secs(ttl + loop_wait + 2),
@@ -151,5 +152,59 @@ async fn reload_and_restart_of_the_leader_with_a_long_loop_wait_change_no_leader
         || async { (writer.acked_after(start + Duration::from_secs(30)) > 0).then_some(()) },
     )
     .await;
+    writer.stop().await;
+}
+
+fn signal(pid: u32, sig: &str) {
+    let ok = std::process::Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    assert!(ok, "kill {sig} {pid}");
+}
+
+/// The leader's agent frozen for 6 s (SIGSTOP) under a 10 s lease with
+/// etcd healthy: when it wakes, renewing the still-valid lease is right;
+/// stopping PostgreSQL and handing over is not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_agent_frozen_under_its_lease_keeps_the_lead() {
+    let mut c = Cluster::start(&timings(3, 10, 1, 4));
+    let primary = c.ready_with_haproxy().await;
+    let leader = c.members[primary].name.clone();
+    let writer = Writer::start(c.rw_port, "w", Duration::from_millis(100)).await;
+    eventually("a first write through HAProxy", LONG, || async {
+        (!writer.acked_ids().is_empty()).then_some(())
+    })
+    .await;
+    let postmaster = c.postmaster_pid(primary);
+    let pid = c.agent_pid(primary).expect("the leader's agent runs");
+    signal(pid, "-STOP");
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    signal(pid, "-CONT");
+    let woke = Instant::now();
+    steady_for(&c, &leader, &writer, Duration::from_secs(20)).await;
+    assert_eq!(
+        c.postmaster_pid(primary),
+        postmaster,
+        "PostgreSQL kept running"
+    );
+    assert!(writer.acked_after(woke) > 0);
+    writer.stop().await;
+}
+
+/// The shortest profile validation accepts (ttl 4, loop_wait 1,
+/// retry_timeout 1) holds its leader with no fault.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_shortest_valid_timing_holds_steady() {
+    let mut c = Cluster::start(&timings(3, 4, 1, 1));
+    let primary = c.ready_with_haproxy().await;
+    let leader = c.members[primary].name.clone();
+    let writer = Writer::start(c.rw_port, "w", Duration::from_millis(200)).await;
+    eventually("a first write through HAProxy", LONG, || async {
+        (!writer.acked_ids().is_empty()).then_some(())
+    })
+    .await;
+    steady_for(&c, &leader, &writer, Duration::from_secs(60)).await;
     writer.stop().await;
 }

@@ -205,7 +205,7 @@ impl Agent {
                         // Leave no half-initialised cluster behind: the next
                         // attempt (ours or another member's) starts clean.
                         let _ = pg.stop().await;
-                        let _ = pg.remove_data();
+                        let _ = pg.remove_data_in_background().await;
                     }
                     result
                 });
@@ -265,7 +265,7 @@ impl Agent {
                     // Never pull the data directory from under a running
                     // postmaster.
                     pg.stop().await?;
-                    tokio::task::spawn_blocking(move || pg.remove_data()).await?
+                    pg.remove_data_in_background().await
                 });
             }
             Action::Promote => {

@@ -398,6 +398,10 @@ impl Core {
     fn wake(&mut self, now: Duration) {
         if self.phase == Phase::Idle {
             self.next_pass = self.next_pass.min(now);
+        } else {
+            // The pass under way may have read etcd before the change: look
+            // again as soon as it ends rather than a loop_wait later.
+            self.again = true;
         }
     }
 

@@ -120,6 +120,13 @@ impl Instance {
     }
 
     /// Removes a half-made data directory so the next attempt starts clean.
+    /// `remove_data` off the async runtime: a large data directory takes
+    /// long enough to delete to stall the loop (and its renewals).
+    pub async fn remove_data_in_background(&self) -> anyhow::Result<()> {
+        let me = self.detached();
+        tokio::task::spawn_blocking(move || me.remove_data()).await?
+    }
+
     pub fn remove_data(&self) -> anyhow::Result<()> {
         if self.data_dir.exists() {
             for entry in std::fs::read_dir(&self.data_dir)? {
@@ -197,7 +204,7 @@ impl Instance {
         )
         .await;
         if let Err(e) = result {
-            let _ = self.remove_data();
+            let _ = self.remove_data_in_background().await;
             return Err(e.into());
         }
         self.ensure_include()?;
