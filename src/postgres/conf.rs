@@ -23,7 +23,7 @@ pub struct ConfInputs {
     pub replica: Option<ReplicaSettings>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct ReplicaSettings {
     /// host:port of the upstream; None: in recovery with no upstream yet.
     pub upstream: Option<String>,
@@ -33,9 +33,22 @@ pub struct ReplicaSettings {
     pub slot: Option<String>,
 }
 
+// By hand: the replication password must not reach a log line.
+impl std::fmt::Debug for ReplicaSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReplicaSettings")
+            .field("upstream", &self.upstream)
+            .field("user", &self.user)
+            .field("password", &"<redacted>")
+            .field("application_name", &self.application_name)
+            .field("slot", &self.slot)
+            .finish()
+    }
+}
+
 /// File contents to write into the data directory, and which recovery
 /// marker files must exist or be removed.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Clone, PartialEq)]
 pub struct ConfFiles {
     pub managed_conf: String,
     pub pg_hba: String,
@@ -43,6 +56,22 @@ pub struct ConfFiles {
     pub standby_signal: bool,
     /// PostgreSQL 10/11: recovery.conf content, or None to remove it.
     pub recovery_conf: Option<String>,
+}
+
+// By hand: primary_conninfo in the rendered files carries the replication
+// password.
+impl std::fmt::Debug for ConfFiles {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConfFiles")
+            .field("managed_conf", &format_args!("<{} bytes>", self.managed_conf.len()))
+            .field("pg_hba", &self.pg_hba)
+            .field("standby_signal", &self.standby_signal)
+            .field(
+                "recovery_conf",
+                &self.recovery_conf.as_ref().map(|r| format!("<{} bytes>", r.len())),
+            )
+            .finish()
+    }
 }
 
 /// Defaults a replicated cluster needs; the operator may override each.
@@ -156,6 +185,17 @@ fn conninfo_quote(v: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn debug_output_carries_no_password() {
+        for major in [11, 15] {
+            let inp = inputs(major, true);
+            let files = render_conf(&inp);
+            for text in [format!("{inp:?}"), format!("{files:?}")] {
+                assert!(!text.contains("it's"), "password in {text}");
+            }
+        }
+    }
 
     fn inputs(major: u32, replica: bool) -> ConfInputs {
         ConfInputs {
