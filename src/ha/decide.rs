@@ -274,7 +274,7 @@ fn decide_primary(
                 d.push(Action::ReleaseLeader, "mutant: giving up the leader key");
                 return;
             }
-            d.push(Action::RenewLeader, "renewed leader lease");
+            d.push(Action::RenewLeader, "renewing the leader lease");
             if cluster.initialize != Initialize::SystemId(system_id.to_string()) {
                 d.push(
                     Action::PublishSystemId(system_id.to_string()),
@@ -511,7 +511,7 @@ fn decide_paused(cluster: &ClusterView, local: &LocalView, now: Duration, d: &mu
     match &local.pg {
         PgRun::Running(pg) if !pg.in_recovery => match cluster.leader.as_deref() {
             Some(l) if l == local.name => {
-                d.push(Action::RenewLeader, "renewed leader lease");
+                d.push(Action::RenewLeader, "renewing the leader lease");
                 manage_slots(cluster, local, pg, now, d);
                 d.push(Action::WriteStatus, "publishing the primary's WAL position");
                 operator::leader_handles_request(cluster, local, pg, d);

@@ -250,7 +250,7 @@ pub(super) fn member_request(cluster: &ClusterView, local: &LocalView, d: &mut D
     };
     let i_lead = cluster.leader.as_deref() == Some(local.name.as_str());
     if i_lead {
-        d.push(Action::RenewLeader, "renewed leader lease");
+        d.push(Action::RenewLeader, "renewing the leader lease");
     }
     d.push(Action::AckRequest, "operator request received");
     match req {
