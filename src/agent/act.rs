@@ -23,6 +23,10 @@ impl Agent {
                 self.publish_pass().await;
                 return;
             }
+            Action::Fence if self.pg.postmaster_pid().is_none() => {
+                tracing::debug!("fence deadline passed; PostgreSQL is already stopped");
+                return;
+            }
             _ => {}
         }
         self.log_step(&step);

@@ -176,16 +176,19 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                     None => std::future::pending().await,
                 }
             };
+            // Facts before deadlines: a job that ended is reported before a
+            // timer that fell due at the same moment acts on stale state.
             tokio::select! {
-                _ = tokio::time::sleep_until(deadline.into()) => Woke::Timer,
-                _ = wake.notified() => Woke::LeaderChanged,
+                biased;
+                _ = sigterm.recv() => break,
+                _ = sigint.recv() => break,
                 result = job_done => match result {
                     Some(r) => Woke::JobDone(r),
                     None => Woke::Timer,
                 },
+                _ = wake.notified() => Woke::LeaderChanged,
                 Some(cmd) = commands_rx.recv() => Woke::Request(cmd),
-                _ = sigterm.recv() => break,
-                _ = sigint.recv() => break,
+                _ = tokio::time::sleep_until(deadline.into()) => Woke::Timer,
             }
         };
         match woke {
