@@ -42,6 +42,7 @@ impl Agent {
             history: Vec::new(),
             failover: None,
             config_revision: 0,
+            problems: Vec::new(),
         });
         (view, false)
     }

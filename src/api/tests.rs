@@ -57,6 +57,7 @@ fn view(leader: Option<&str>) -> ClusterView {
         }],
         failover: None,
         config_revision: 1,
+        problems: vec![],
     }
 }
 

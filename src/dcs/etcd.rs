@@ -4,6 +4,7 @@ use etcd_client::{
     Client, Compare, CompareOp, ConnectOptions, GetOptions, LeaseKeepAliveStream, LeaseKeeper,
     PutOptions, Txn, TxnOp, WatchOptions,
 };
+use std::collections::HashSet;
 use std::future::Future;
 use std::time::Duration;
 
@@ -49,6 +50,37 @@ pub struct Dcs {
     keeper: Option<(LeaseKeeper, LeaseKeepAliveStream)>,
     endpoints: Vec<String>,
     current: usize,
+    /// The last `config` that decoded, used while the stored one does not.
+    last_config: Option<DynamicConfig>,
+    /// Problems of `read_cluster` already logged.
+    warned: Warned,
+}
+
+/// The agent reads the cluster every loop: a problem that persists would
+/// otherwise fill the log with the same line every `loop_wait`.
+#[derive(Debug, Default)]
+pub(super) struct Warned(HashSet<String>);
+
+impl Warned {
+    /// Problem texts carry parts of what is stored: a writer that keeps
+    /// storing new garbage must not grow the set forever.
+    const MAX: usize = 256;
+
+    /// The problems not reported before, remembered as reported now.
+    pub(super) fn first_seen<'a>(&mut self, problems: &'a [String]) -> Vec<&'a String> {
+        let mut fresh = Vec::new();
+        for problem in problems {
+            if self.0.contains(problem) {
+                continue;
+            }
+            if self.0.len() >= Self::MAX {
+                self.0.clear();
+            }
+            self.0.insert(problem.clone());
+            fresh.push(problem);
+        }
+        fresh
+    }
 }
 
 impl Dcs {
@@ -73,6 +105,8 @@ impl Dcs {
                         keeper: None,
                         endpoints: endpoints.to_vec(),
                         current: i,
+                        last_config: None,
+                        warned: Warned::default(),
                     })
                 }
                 Err(e) => last = e,
@@ -120,7 +154,11 @@ impl Dcs {
         self.timeout = timeout;
     }
 
-    /// Reads every key of the cluster in one range request.
+    /// Reads every key of the cluster in one range request. A key that
+    /// cannot be decoded does not fail the read (that would look like etcd
+    /// being down to every member, and every primary would step down): it
+    /// is replaced as [`decode_cluster`] describes and reported in
+    /// `problems`, and logged once per distinct problem.
     pub async fn read_cluster(
         &mut self,
         defaults: &DynamicConfig,
@@ -132,53 +170,23 @@ impl Dcs {
                 .get(prefix.as_bytes(), Some(GetOptions::new().with_prefix())),
         )
         .await?;
-        let mut view = ClusterView {
-            initialize: Initialize::Absent,
-            leader: None,
-            members: Vec::new(),
-            config: defaults.clone(),
-            config_stored: false,
-            status: None,
-            history: Vec::new(),
-            failover: None,
-            config_revision: 0,
-        };
-        for kv in resp.kvs() {
-            let key = String::from_utf8_lossy(kv.key()).to_string();
-            let rel = key.strip_prefix(&prefix).unwrap_or(&key);
-            let value = kv.value();
-            match rel {
-                "leader" => view.leader = Some(String::from_utf8_lossy(value).to_string()),
-                "initialize" => {
-                    let v = String::from_utf8_lossy(value).to_string();
-                    view.initialize = if v.is_empty() {
-                        Initialize::Claimed
-                    } else {
-                        Initialize::SystemId(v)
-                    };
-                }
-                "config" => {
-                    view.config = decode(&key, value)?;
-                    view.config_stored = true;
-                    view.config_revision = kv.mod_revision();
-                }
-                // A malformed request is ignored rather than blocking the
-                // loop; the API and CLI validate what they write.
-                "failover" => view.failover = serde_json::from_slice(value).ok(),
-                "status" => view.status = Some(decode::<ClusterStatus>(&key, value)?),
-                "history" => view.history = decode::<Vec<HistoryEntry>>(&key, value)?,
-                r if r.starts_with("members/") => {
-                    // A member key another version wrote badly must not stop
-                    // this agent from seeing the rest of the cluster.
-                    if let Ok(m) = serde_json::from_slice::<MemberStatus>(value) {
-                        view.members.push(m);
-                    }
-                }
-                _ => {}
-            }
+        let kvs = resp.kvs().iter().map(|kv| RawKv {
+            key: kv.key(),
+            value: kv.value(),
+            mod_revision: kv.mod_revision(),
+        });
+        let decoded = decode_cluster(&prefix, kvs, defaults, self.last_config.as_ref());
+        if decoded.config_decoded {
+            self.last_config = Some(decoded.view.config.clone());
         }
-        view.members.sort_by(|a, b| a.name.cmp(&b.name));
-        Ok(view)
+        self.warn_once(&decoded.view.problems);
+        Ok(decoded.view)
+    }
+
+    fn warn_once(&mut self, problems: &[String]) {
+        for problem in self.warned.first_seen(problems) {
+            tracing::warn!("{problem}");
+        }
     }
 
     async fn lease_id(&mut self, ttl: u64) -> Result<i64, DcsError> {
@@ -505,6 +513,131 @@ async fn probe_endpoint(endpoint: &str, timeout: Duration) -> Result<Client, Dcs
     Ok(client)
 }
 
+/// One key of a range read, as [`decode_cluster`] needs it.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct RawKv<'a> {
+    pub key: &'a [u8],
+    pub value: &'a [u8],
+    pub mod_revision: i64,
+}
+
+/// What [`decode_cluster`] made of the keys.
+#[derive(Debug)]
+pub(super) struct Decoded {
+    pub view: ClusterView,
+    /// `config` was present and decoded (it may serve as a fallback later).
+    pub config_decoded: bool,
+}
+
+/// The cluster view from the keys under `prefix`. Pure, so that what an
+/// undecodable key turns into can be tested without etcd:
+///
+/// - `config`: `last_config` (the last one that decoded), else `defaults`;
+///   `config_stored` and `config_revision` still describe the stored key so
+///   that compare-and-swap edits can replace it;
+/// - `status`: None; `history`: empty;
+/// - a member key: the member is left out; `failover`: no request.
+///
+/// Each such key adds one line to `problems` naming it and the error.
+pub(super) fn decode_cluster<'a>(
+    prefix: &str,
+    kvs: impl IntoIterator<Item = RawKv<'a>>,
+    defaults: &DynamicConfig,
+    last_config: Option<&DynamicConfig>,
+) -> Decoded {
+    let mut view = ClusterView {
+        initialize: Initialize::Absent,
+        leader: None,
+        members: Vec::new(),
+        config: defaults.clone(),
+        config_stored: false,
+        status: None,
+        history: Vec::new(),
+        failover: None,
+        config_revision: 0,
+        problems: Vec::new(),
+    };
+    let mut config_decoded = false;
+    for kv in kvs {
+        let key = String::from_utf8_lossy(kv.key).to_string();
+        let rel = key.strip_prefix(prefix).unwrap_or(&key);
+        let value = kv.value;
+        let failed: Option<(serde_json::Error, &str)> = match rel {
+            "leader" => {
+                view.leader = Some(String::from_utf8_lossy(value).to_string());
+                None
+            }
+            "initialize" => {
+                let v = String::from_utf8_lossy(value).to_string();
+                view.initialize = if v.is_empty() {
+                    Initialize::Claimed
+                } else {
+                    Initialize::SystemId(v)
+                };
+                None
+            }
+            "config" => {
+                view.config_stored = true;
+                view.config_revision = kv.mod_revision;
+                match serde_json::from_slice::<DynamicConfig>(value) {
+                    Ok(config) => {
+                        view.config = config;
+                        config_decoded = true;
+                        None
+                    }
+                    Err(e) => match last_config {
+                        Some(last) => {
+                            view.config = last.clone();
+                            Some((e, "using the last config read from it"))
+                        }
+                        None => Some((e, "using the bootstrap defaults of the config file")),
+                    },
+                }
+            }
+            "failover" => match serde_json::from_slice(value) {
+                Ok(request) => {
+                    view.failover = Some(request);
+                    None
+                }
+                Err(e) => Some((e, "no switchover or failover request is seen")),
+            },
+            "status" => match serde_json::from_slice::<ClusterStatus>(value) {
+                Ok(status) => {
+                    view.status = Some(status);
+                    None
+                }
+                Err(e) => Some((e, "the last primary position is unknown")),
+            },
+            "history" => match serde_json::from_slice::<Vec<HistoryEntry>>(value) {
+                Ok(history) => {
+                    view.history = history;
+                    None
+                }
+                Err(e) => Some((e, "the timeline history reads as empty")),
+            },
+            r if r.starts_with("members/") => match serde_json::from_slice::<MemberStatus>(value) {
+                Ok(m) => {
+                    view.members.push(m);
+                    None
+                }
+                Err(e) => Some((e, "the member is left out")),
+            },
+            _ => None,
+        };
+        if let Some((error, instead)) = failed {
+            // Key names and stored text may hold newlines: one line each.
+            view.problems.push(crate::config::escape_control(&format!(
+                "etcd key {key} cannot be decoded ({error}); {instead}"
+            )));
+        }
+    }
+    view.members.sort_by(|a, b| a.name.cmp(&b.name));
+    Decoded {
+        view,
+        config_decoded,
+    }
+}
+
 pub(super) fn decode<T: serde::de::DeserializeOwned>(
     key: &str,
     value: &[u8],
@@ -522,5 +655,203 @@ pub(super) async fn with_timeout<T>(
     match tokio::time::timeout(timeout, fut).await {
         Ok(r) => r.map_err(|e| DcsError::Etcd(Box::new(e))),
         Err(_) => Err(DcsError::Timeout(timeout)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Tags;
+    use crate::dcs::{PgState, Role};
+
+    const PREFIX: &str = "/service/c/";
+
+    fn kv<'a>(key: &'a str, value: &'a str, mod_revision: i64) -> RawKv<'a> {
+        RawKv {
+            key: key.as_bytes(),
+            value: value.as_bytes(),
+            mod_revision,
+        }
+    }
+
+    fn member_json(name: &str) -> String {
+        serde_json::to_string(&MemberStatus {
+            name: name.into(),
+            role: Role::Replica,
+            state: PgState::Streaming,
+            host: "127.0.0.1".into(),
+            port: 5432,
+            api_url: "http://127.0.0.1:8008".into(),
+            conn_url: String::new(),
+            timeline: Some(1),
+            wal_lsn: Some(10),
+            receive_lsn: Some(10),
+            upstream: None,
+            tags: Tags::default(),
+            version: "0".into(),
+            pending_restart: false,
+            error: None,
+        })
+        .unwrap()
+    }
+
+    fn defaults() -> DynamicConfig {
+        DynamicConfig {
+            ttl: 31,
+            ..DynamicConfig::default()
+        }
+    }
+
+    #[test]
+    fn readable_keys_make_no_problems() {
+        let config = serde_json::to_string(&DynamicConfig {
+            ttl: 20,
+            ..DynamicConfig::default()
+        })
+        .unwrap();
+        let status = r#"{"leader":"a","wal_lsn":5,"timeline":2}"#;
+        let history = r#"[{"timeline":1,"lsn":3,"reason":"r","time":"t","leader":"a"}]"#;
+        let (a, b) = (member_json("a"), member_json("b"));
+        let d = decode_cluster(
+            PREFIX,
+            [
+                kv("/service/c/leader", "a", 2),
+                kv("/service/c/initialize", "42", 1),
+                kv("/service/c/config", &config, 7),
+                kv("/service/c/status", status, 8),
+                kv("/service/c/history", history, 9),
+                kv("/service/c/members/b", &b, 10),
+                kv("/service/c/members/a", &a, 11),
+            ],
+            &defaults(),
+            None,
+        );
+        assert!(d.config_decoded);
+        let v = d.view;
+        assert_eq!(v.problems, Vec::<String>::new());
+        assert_eq!(v.config.ttl, 20);
+        assert!(v.config_stored);
+        assert_eq!(v.config_revision, 7);
+        assert_eq!(v.status.map(|s| s.wal_lsn), Some(5));
+        assert_eq!(v.history.len(), 1);
+        assert_eq!(v.leader.as_deref(), Some("a"));
+        assert_eq!(v.initialize, Initialize::SystemId("42".into()));
+        let names: Vec<&str> = v.members.iter().map(|m| m.name.as_str()).collect();
+        assert_eq!(names, ["a", "b"]);
+    }
+
+    #[test]
+    fn garbage_config_falls_back_to_defaults_and_keeps_its_revision() {
+        let d = decode_cluster(
+            PREFIX,
+            [
+                kv("/service/c/leader", "a", 2),
+                kv("/service/c/config", "not json{", 7),
+            ],
+            &defaults(),
+            None,
+        );
+        assert!(!d.config_decoded);
+        let v = d.view;
+        assert_eq!(v.config, defaults());
+        // Still stored, at its revision: an edit can replace it by CAS.
+        assert!(v.config_stored);
+        assert_eq!(v.config_revision, 7);
+        assert_eq!(v.leader.as_deref(), Some("a"));
+        assert_eq!(v.problems.len(), 1);
+        let p = &v.problems[0];
+        assert!(
+            p.starts_with("etcd key /service/c/config cannot be decoded ("),
+            "{p}"
+        );
+        assert!(p.contains("line 1 column"), "{p}");
+        assert!(
+            p.ends_with("using the bootstrap defaults of the config file"),
+            "{p}"
+        );
+    }
+
+    #[test]
+    fn unreadable_config_uses_the_last_one_that_decoded() {
+        let last = DynamicConfig {
+            ttl: 45,
+            loop_wait: 10,
+            ..DynamicConfig::default()
+        };
+        // A newer agent's field during a rolling upgrade.
+        let newer = r#"{"ttl":30,"loop_wait":10,"retry_timeout":10,"failsafe_mode":true}"#;
+        let d = decode_cluster(
+            PREFIX,
+            [kv("/service/c/config", newer, 9)],
+            &defaults(),
+            Some(&last),
+        );
+        assert!(!d.config_decoded);
+        assert_eq!(d.view.config, last);
+        assert_eq!(d.view.config_revision, 9);
+        assert_eq!(d.view.problems.len(), 1);
+        let p = &d.view.problems[0];
+        assert!(p.contains("/service/c/config"), "{p}");
+        assert!(p.contains("unknown field `failsafe_mode`"), "{p}");
+        assert!(p.ends_with("using the last config read from it"), "{p}");
+    }
+
+    #[test]
+    fn garbage_status_history_members_and_failover_are_dropped_and_reported() {
+        let a = member_json("a");
+        let d = decode_cluster(
+            PREFIX,
+            [
+                kv("/service/c/status", "{\"leader\":", 3),
+                kv("/service/c/history", "[{}]", 4),
+                kv("/service/c/members/a", &a, 5),
+                kv("/service/c/members/b", "\u{1}", 6),
+                kv("/service/c/failover", "{}", 7),
+            ],
+            &defaults(),
+            None,
+        );
+        let v = d.view;
+        assert_eq!(v.status, None);
+        assert!(v.history.is_empty());
+        assert_eq!(v.members.len(), 1);
+        assert_eq!(v.failover, None);
+        // Absent `config` is not a problem: the bootstrap has not stored it.
+        assert!(!v.config_stored);
+        assert_eq!(v.config, defaults());
+        let keys = ["status", "history", "members/b", "failover"];
+        assert_eq!(v.problems.len(), keys.len(), "{:?}", v.problems);
+        for (p, k) in v.problems.iter().zip(keys) {
+            assert!(
+                p.starts_with(&format!("etcd key /service/c/{k} cannot be decoded (")),
+                "{p}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_problem_is_one_line() {
+        let d = decode_cluster(
+            PREFIX,
+            [kv("/service/c/members/x\ny", "nope", 1)],
+            &defaults(),
+            None,
+        );
+        assert_eq!(d.view.problems.len(), 1);
+        assert!(!d.view.problems[0].contains('\n'), "{:?}", d.view.problems);
+        assert!(d.view.problems[0].contains("members/x\\ny"));
+    }
+
+    #[test]
+    fn each_problem_is_reported_once() {
+        let mut w = Warned::default();
+        let first = vec!["a".to_string(), "b".to_string()];
+        assert_eq!(w.first_seen(&first), [&first[0], &first[1]]);
+        assert!(w.first_seen(&first).is_empty());
+        let second = vec!["b".to_string(), "c".to_string()];
+        assert_eq!(w.first_seen(&second), [&second[1]]);
+        let many: Vec<String> = (0..Warned::MAX + 10).map(|i| i.to_string()).collect();
+        w.first_seen(&many);
+        assert!(w.0.len() <= Warned::MAX);
     }
 }
