@@ -54,6 +54,8 @@ pub struct Dcs {
     last_config: Option<DynamicConfig>,
     /// Problems of `read_cluster` already logged.
     warned: Warned,
+    /// Log problems of `read_cluster` (off for callers that show them).
+    log_problems: bool,
 }
 
 /// The agent reads the cluster every loop: a problem that persists would
@@ -107,6 +109,7 @@ impl Dcs {
                         current: i,
                         last_config: None,
                         warned: Warned::default(),
+                        log_problems: true,
                     })
                 }
                 Err(e) => last = e,
@@ -183,7 +186,16 @@ impl Dcs {
         Ok(decoded.view)
     }
 
+    /// Whether `read_cluster` logs its problems; a command that prints
+    /// them itself turns this off so they are not printed twice.
+    pub fn set_log_problems(&mut self, on: bool) {
+        self.log_problems = on;
+    }
+
     fn warn_once(&mut self, problems: &[String]) {
+        if !self.log_problems {
+            return;
+        }
         for problem in self.warned.first_seen(problems) {
             tracing::warn!("{problem}");
         }
