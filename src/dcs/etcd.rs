@@ -153,6 +153,12 @@ impl Dcs {
         &self.keys
     }
 
+    /// The etcd lease our keys live on, once granted (None after it was
+    /// found lost: the next keep-alive grants a new one).
+    pub fn current_lease(&self) -> Option<i64> {
+        self.lease
+    }
+
     pub fn set_timeout(&mut self, timeout: Duration) {
         self.timeout = timeout;
     }
@@ -215,48 +221,77 @@ impl Dcs {
     /// new lease; keys on the old one are gone.
     pub async fn keep_alive(&mut self, ttl: u64) -> Result<(), DcsError> {
         let id = self.lease_id(ttl).await?;
-        if self.keeper.is_none() {
-            // etcd-client reads the first response itself and reports an
-            // expired lease as "lease not found": start a new lease then.
-            match with_timeout(self.timeout, self.client.lease_keep_alive(id)).await {
-                Ok(pair) => self.keeper = Some(pair),
-                Err(DcsError::Etcd(e)) if e.to_string().contains("lease not found") => {
-                    self.lease = None;
-                    return Err(DcsError::LeaseLost);
+        // One request's budget for the whole call, reopening included: the
+        // agent's renewal and fencing deadlines count on that bound.
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        if let Some((keeper, stream)) = self.keeper.as_mut() {
+            let result = match tokio::time::timeout_at(deadline, renew(keeper, stream)).await {
+                Ok(r) => r,
+                // A late answer would be read as the next call's: start over.
+                Err(_) => Renewal::Failed(DcsError::Timeout(self.timeout)),
+            };
+            match result {
+                Renewal::Renewed => return Ok(()),
+                Renewal::Expired => return Err(self.lease_lost()),
+                Renewal::Failed(e) => {
+                    self.keeper = None;
+                    return Err(e);
                 }
-                Err(e) => return Err(e),
+                // etcd or a proxy closed the stream (GOAWAY, restart): that
+                // says nothing about the lease, so ask again on a new one.
+                Renewal::StreamClosed(e) => {
+                    self.keeper = None;
+                    tracing::debug!("etcd keep-alive stream closed ({e}); opening a new one");
+                }
             }
         }
-        let timeout = self.timeout;
-        let Some((keeper, stream)) = self.keeper.as_mut() else {
-            return Err(DcsError::LeaseLost);
-        };
-        let result = async {
-            keeper.keep_alive().await?;
-            match stream.message().await? {
-                Some(resp) if resp.ttl() > 0 => Ok(()),
-                _ => Err(DcsError::LeaseLost),
-            }
-        };
-        let result = match tokio::time::timeout(timeout, result).await {
+        self.open_keeper(id, deadline).await
+    }
+
+    /// Opens a keep-alive stream; etcd-client sends the first keep-alive
+    /// itself, so this also renews the lease.
+    async fn open_keeper(
+        &mut self,
+        id: i64,
+        deadline: tokio::time::Instant,
+    ) -> Result<(), DcsError> {
+        let opened = match tokio::time::timeout_at(deadline, self.client.lease_keep_alive(id)).await
+        {
             Ok(r) => r,
-            Err(_) => Err(DcsError::Timeout(timeout)),
+            Err(_) => return Err(DcsError::Timeout(self.timeout)),
         };
-        if result.is_err() {
-            self.keeper = None;
-        }
-        // etcd reports an expired lease as an error on the keep-alive
-        // stream rather than as a zero TTL: either way, start a new lease.
-        let expired = match &result {
-            Err(DcsError::LeaseLost) => true,
-            Err(DcsError::Etcd(e)) => e.to_string().contains("lease not found"),
-            _ => false,
+        let e = match opened {
+            Ok(pair) => {
+                self.keeper = Some(pair);
+                return Ok(());
+            }
+            Err(e) => e,
         };
-        if expired {
-            self.lease = None;
-            return Err(DcsError::LeaseLost);
+        if is_not_found(&e) {
+            return Err(self.lease_lost());
         }
-        result
+        // etcd-client answers a zero TTL ("lease not found") and a closed
+        // request channel with the same error: only etcd can tell which.
+        if matches!(e, etcd_client::Error::LeaseKeepAliveError(_)) {
+            let ttl =
+                tokio::time::timeout_at(deadline, self.client.lease_time_to_live(id, None)).await;
+            let lost = match &ttl {
+                Ok(Ok(resp)) => resp.ttl() <= 0,
+                Ok(Err(e)) => is_not_found(e),
+                Err(_) => false,
+            };
+            if lost {
+                return Err(self.lease_lost());
+            }
+        }
+        Err(e.into())
+    }
+
+    /// Forgets a lease etcd no longer has, so the next call grants a new one.
+    fn lease_lost(&mut self) -> DcsError {
+        self.lease = None;
+        self.keeper = None;
+        DcsError::LeaseLost
     }
 
     pub async fn publish_member(
@@ -270,12 +305,13 @@ impl Dcs {
             key: key.clone(),
             source,
         })?;
-        with_timeout(
+        let put = with_timeout(
             self.timeout,
             self.client
                 .put(key, value, Some(PutOptions::new().with_lease(id))),
         )
-        .await?;
+        .await;
+        self.on_lease(put)?;
         Ok(())
     }
 
@@ -298,7 +334,7 @@ impl Dcs {
                 TxnOp::put(init, "", Some(PutOptions::new().with_lease(id))),
                 TxnOp::put(leader, name, Some(PutOptions::new().with_lease(id))),
             ]);
-        self.run_txn(txn).await
+        self.run_lease_txn(txn).await
     }
 
     /// Withdraws a bootstrap claim that did not complete.
@@ -352,7 +388,7 @@ impl Dcs {
                 name,
                 Some(PutOptions::new().with_lease(id)),
             )]);
-        self.run_txn(txn).await
+        self.run_lease_txn(txn).await
     }
 
     /// Confirms `leader` still names us and moves it onto our current lease
@@ -376,7 +412,7 @@ impl Dcs {
                 name,
                 Some(PutOptions::new().with_lease(id)),
             )]);
-        self.run_txn(txn).await
+        self.run_lease_txn(txn).await
     }
 
     pub async fn release_leader(&mut self, name: &str) -> Result<LeaderOutcome, DcsError> {
@@ -470,7 +506,11 @@ impl Dcs {
     pub async fn revoke_lease(&mut self) -> Result<(), DcsError> {
         self.keeper = None;
         if let Some(id) = self.lease.take() {
-            with_timeout(self.timeout, self.client.lease_revoke(id)).await?;
+            let revoked = with_timeout(self.timeout, self.client.lease_revoke(id)).await;
+            // A lease etcd no longer has is as revoked as can be.
+            if !matches!(&revoked, Err(DcsError::Etcd(e)) if is_not_found(e)) {
+                revoked?;
+            }
         }
         Ok(())
     }
@@ -502,6 +542,21 @@ impl Dcs {
         Ok(resp.deleted())
     }
 
+    /// A transaction that writes on our lease.
+    async fn run_lease_txn(&mut self, txn: Txn) -> Result<LeaderOutcome, DcsError> {
+        let r = self.run_txn(txn).await;
+        self.on_lease(r)
+    }
+
+    /// A write on our lease that etcd refuses with NotFound found the lease
+    /// gone, as an expired keep-alive would have.
+    fn on_lease<T>(&mut self, result: Result<T, DcsError>) -> Result<T, DcsError> {
+        match result {
+            Err(DcsError::Etcd(e)) if is_not_found(&e) => Err(self.lease_lost()),
+            r => r,
+        }
+    }
+
     pub(super) async fn run_txn(&mut self, txn: Txn) -> Result<LeaderOutcome, DcsError> {
         let resp = with_timeout(self.timeout, self.client.txn(txn)).await?;
         Ok(if resp.succeeded() {
@@ -512,14 +567,61 @@ impl Dcs {
     }
 }
 
+/// How one keep-alive on an open stream went.
+enum Renewal {
+    Renewed,
+    /// etcd answered TTL 0: the lease is gone.
+    Expired,
+    /// The stream is closed; the lease may well be alive.
+    StreamClosed(etcd_client::Error),
+    Failed(DcsError),
+}
+
+async fn renew(keeper: &mut LeaseKeeper, stream: &mut LeaseKeepAliveStream) -> Renewal {
+    // On an open keeper this error only comes from the request channel,
+    // which closes with the stream.
+    if let Err(e) = keeper.keep_alive().await {
+        return Renewal::StreamClosed(e);
+    }
+    match stream.message().await {
+        Ok(Some(resp)) if resp.ttl() > 0 => Renewal::Renewed,
+        Ok(Some(_)) => Renewal::Expired,
+        Ok(None) => Renewal::StreamClosed(etcd_client::Error::LeaseKeepAliveError(
+            "keep-alive stream ended".into(),
+        )),
+        Err(e) if is_not_found(&e) => Renewal::Expired,
+        // A status on the stream (GOAWAY, reset) ends this stream only.
+        Err(e @ etcd_client::Error::GRpcStatus(_)) => Renewal::StreamClosed(e),
+        Err(e) => Renewal::Failed(e.into()),
+    }
+}
+
+/// etcd answers a request on a lease it does not have (expired, revoked)
+/// with gRPC NotFound ("requested lease not found").
+fn is_not_found(e: &etcd_client::Error) -> bool {
+    matches!(e, etcd_client::Error::GRpcStatus(s) if s.code() == tonic::Code::NotFound)
+}
+
+/// Twice etcd's default minimum ping interval, so that a late timer does
+/// not make a ping look early.
+const KEEP_ALIVE_PING_INTERVAL: Duration = Duration::from_secs(10);
+
 /// A client bound to one endpoint, checked with a status request.
 async fn probe_endpoint(endpoint: &str, timeout: Duration) -> Result<Client, DcsError> {
     // No per-call deadline in the channel: it would also cut the long-lived
     // watch and keep-alive streams. Every unary call is bounded by
     // `with_timeout` instead.
+    //
+    // HTTP/2 pings find a dead connection under the long-lived streams. etcd
+    // answers pings closer than --grpc-keepalive-min-time (5 s by default)
+    // and, on a connection without streams, any repeated ping, with GOAWAY:
+    // that closed the keep-alive and watch streams whenever the agent sat
+    // idle between two renewals (loop_wait 10 s). So ping well apart, and
+    // only while a stream is open; unary calls have their own timeout.
     let opts = ConnectOptions::new()
         .with_connect_timeout(timeout)
-        .with_keep_alive(Duration::from_secs(2), timeout);
+        .with_keep_alive(KEEP_ALIVE_PING_INTERVAL, timeout)
+        .with_keep_alive_while_idle(false);
     let mut client = with_timeout(timeout, Client::connect([endpoint], Some(opts))).await?;
     with_timeout(timeout, client.status()).await?;
     Ok(client)
