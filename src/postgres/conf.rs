@@ -23,7 +23,8 @@ pub struct ConfInputs {
     pub replica: Option<ReplicaSettings>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Debug output hides the password.
+#[derive(Clone, PartialEq, Eq)]
 pub struct ReplicaSettings {
     /// host:port of the upstream; None: in recovery with no upstream yet.
     pub upstream: Option<String>,
@@ -31,6 +32,18 @@ pub struct ReplicaSettings {
     pub password: String,
     pub application_name: String,
     pub slot: Option<String>,
+}
+
+impl std::fmt::Debug for ReplicaSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReplicaSettings")
+            .field("upstream", &self.upstream)
+            .field("user", &self.user)
+            .field("password", &crate::config::REDACTED)
+            .field("application_name", &self.application_name)
+            .field("slot", &self.slot)
+            .finish()
+    }
 }
 
 /// File contents to write into the data directory, and which recovery
@@ -231,5 +244,13 @@ mod tests {
         assert!(f.standby_signal);
         assert!(f.managed_conf.contains("primary_conninfo = ''\n"));
         assert!(f.managed_conf.contains("primary_slot_name = ''\n"));
+    }
+
+    #[test]
+    fn replica_settings_debug_hides_the_password() {
+        let shown = format!("{:?}", inputs(15, true));
+        assert!(!shown.contains("it's"), "{shown}");
+        assert!(shown.contains("password: \"<redacted>\""), "{shown}");
+        assert!(shown.contains("replicator"), "{shown}");
     }
 }
