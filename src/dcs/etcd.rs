@@ -613,11 +613,13 @@ async fn probe_endpoint(endpoint: &str, timeout: Duration) -> Result<Client, Dcs
     // `with_timeout` instead.
     //
     // HTTP/2 pings find a dead connection under the long-lived streams. etcd
-    // answers pings closer than --grpc-keepalive-min-time (5 s by default)
-    // and, on a connection without streams, any repeated ping, with GOAWAY:
-    // that closed the keep-alive and watch streams whenever the agent sat
-    // idle between two renewals (loop_wait 10 s). So ping well apart, and
-    // only while a stream is open; unary calls have their own timeout.
+    // counts a ping sooner than --grpc-keepalive-min-time (5 s by default)
+    // after the previous one (without open streams: any second ping within
+    // two hours) as a strike unless it sent data in between, and closes the
+    // connection with GOAWAY at the third. With 2 s pings that closed the
+    // keep-alive and watch streams whenever the agent sat idle between two
+    // renewals (loop_wait 10 s). So ping well apart, and only while a stream
+    // is open; unary calls have their own timeout.
     let opts = ConnectOptions::new()
         .with_connect_timeout(timeout)
         .with_keep_alive(KEEP_ALIVE_PING_INTERVAL, timeout)
