@@ -249,12 +249,20 @@ async fn expired_lease_is_lease_lost() {
         .await
         .expect("keep-alive on a new lease");
     tokio::time::sleep(expire).await;
+    let expired = dcs.current_lease();
     assert_lease_lost(
         dcs.publish_member(&member("n1"), ttl).await,
         "put on the expired lease",
     );
+    // The keep-alive that follows says so too (its caller must rewrite the
+    // keys that were on the lease), then the next one starts a new lease.
+    assert_lease_lost(dcs.keep_alive(ttl).await, "keep-alive after the put");
     assert_eq!(dcs.current_lease(), None, "a lost lease is forgotten");
+    dcs.keep_alive(ttl)
+        .await
+        .expect("keep-alive on a new lease");
+    assert_ne!(dcs.current_lease(), expired);
     dcs.publish_member(&member("n1"), ttl)
         .await
-        .expect("publish on a new lease");
+        .expect("publish on the new lease");
 }

@@ -47,6 +47,9 @@ pub struct Dcs {
     pub(super) keys: Keys,
     pub(super) timeout: Duration,
     lease: Option<i64>,
+    /// A write on `lease` found it gone; `keep_alive` reports that before
+    /// granting a new one (see [`Dcs::on_lease`]).
+    lease_gone: bool,
     keeper: Option<(LeaseKeeper, LeaseKeepAliveStream)>,
     endpoints: Vec<String>,
     current: usize,
@@ -104,6 +107,7 @@ impl Dcs {
                         keys,
                         timeout,
                         lease: None,
+                        lease_gone: false,
                         keeper: None,
                         endpoints: endpoints.to_vec(),
                         current: i,
@@ -220,6 +224,9 @@ impl Dcs {
     /// Extends our lease by its TTL. On `LeaseLost` the next call grants a
     /// new lease; keys on the old one are gone.
     pub async fn keep_alive(&mut self, ttl: u64) -> Result<(), DcsError> {
+        if self.lease_gone {
+            return Err(self.lease_lost());
+        }
         let id = self.lease_id(ttl).await?;
         // One request's budget for the whole call, reopening included: the
         // agent's renewal and fencing deadlines count on that bound.
@@ -290,6 +297,7 @@ impl Dcs {
     /// Forgets a lease etcd no longer has, so the next call grants a new one.
     fn lease_lost(&mut self) -> DcsError {
         self.lease = None;
+        self.lease_gone = false;
         self.keeper = None;
         DcsError::LeaseLost
     }
@@ -505,6 +513,7 @@ impl Dcs {
     /// Drops our lease and with it our member key (and leader key if held).
     pub async fn revoke_lease(&mut self) -> Result<(), DcsError> {
         self.keeper = None;
+        self.lease_gone = false;
         if let Some(id) = self.lease.take() {
             let revoked = with_timeout(self.timeout, self.client.lease_revoke(id)).await;
             // A lease etcd no longer has is as revoked as can be.
@@ -549,10 +558,17 @@ impl Dcs {
     }
 
     /// A write on our lease that etcd refuses with NotFound found the lease
-    /// gone, as an expired keep-alive would have.
+    /// gone, as an expired keep-alive would have. The lease is not replaced
+    /// here: callers learn from `keep_alive`'s LeaseLost that the keys on it
+    /// are gone and must be written again, so the next keep-alive reports
+    /// it rather than quietly granting a new lease.
     fn on_lease<T>(&mut self, result: Result<T, DcsError>) -> Result<T, DcsError> {
         match result {
-            Err(DcsError::Etcd(e)) if is_not_found(&e) => Err(self.lease_lost()),
+            Err(DcsError::Etcd(e)) if is_not_found(&e) => {
+                self.lease_gone = true;
+                self.keeper = None;
+                Err(DcsError::LeaseLost)
+            }
             r => r,
         }
     }
