@@ -37,6 +37,8 @@ struct Agent {
     /// Cached system identifier of the data directory (pg_controldata).
     system_id: Option<String>,
     last_published: Option<MemberStatus>,
+    /// The etcd lease `last_published` was written on.
+    published_on: Option<i64>,
     last_status_written: Option<(u64, u32)>,
     /// Steps of the previous pass, to log each action once, not every pass.
     last_steps: Vec<Step>,

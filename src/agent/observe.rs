@@ -97,7 +97,9 @@ impl Agent {
                 Err(e) => tracing::debug!("etcd connection failed: {e}"),
             }
         }
-        let defaults = self.cfg.bootstrap.dcs.clone();
+        // An undecodable config key falls back to what this agent last ran
+        // with, not to the file's bootstrap defaults.
+        let defaults = self.core.cluster().config.clone();
         let dcs = self.dcs.as_mut()?;
         let mut result = dcs.read_cluster(&defaults).await;
         if result.is_err() && dcs.has_alternatives() && dcs.switch_endpoint().await.is_ok() {

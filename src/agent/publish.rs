@@ -82,12 +82,18 @@ impl Agent {
             self.dcs_lease_lost();
             return;
         }
-        if self.last_published.as_ref() == Some(status) {
+        let Some(dcs) = self.dcs.as_mut() else { return };
+        // Also when our lease changed (a new ttl): the key on the old lease
+        // would vanish with it.
+        let lease = dcs.current_lease();
+        if self.last_published.as_ref() == Some(status) && self.published_on == lease {
             return;
         }
-        let Some(dcs) = self.dcs.as_mut() else { return };
         match dcs.publish_member(status, ttl).await {
-            Ok(()) => self.last_published = Some(status.clone()),
+            Ok(()) => {
+                self.last_published = Some(status.clone());
+                self.published_on = dcs.current_lease();
+            }
             Err(e) => tracing::warn!("cannot publish our member key: {e}"),
         }
     }

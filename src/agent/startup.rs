@@ -140,6 +140,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         lease_kept_at: None,
         system_id: None,
         last_published: None,
+        published_on: None,
         last_status_written: None,
         last_steps: Vec::new(),
         this_pass: Vec::new(),

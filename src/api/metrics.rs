@@ -117,6 +117,13 @@ pub(crate) fn render(snap: &ApiSnapshot, now: Instant) -> String {
     );
     sample(
         &mut out,
+        "pgwarden_dcs_problems",
+        "etcd keys the last cluster read could not decode (see /status dcs_problems).",
+        &labels,
+        snap.cluster.as_ref().map(|c| c.problems.len()),
+    );
+    sample(
+        &mut out,
         "pgwarden_loop_age_seconds",
         "Seconds since the agent's loop last completed.",
         &labels,

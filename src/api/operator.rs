@@ -402,6 +402,12 @@ async fn change_config(state: AppState, headers: HeaderMap, body: Body, replace:
             if expected.is_some_and(|rev| rev != stored.revision) {
                 return Ok(Err(Refusal::new(StatusCode::CONFLICT, CONFIG_CONFLICT)));
             }
+            if let (Some(problem), false) = (&stored.unreadable, replace) {
+                return Ok(Err(Refusal::new(
+                    StatusCode::CONFLICT,
+                    format!("{problem}: a merge patch needs a readable config; replace it whole with PUT /config"),
+                )));
+            }
             let new = if replace {
                 validate_config(patch)
             } else {

@@ -502,6 +502,7 @@ mod tests {
             history: Vec::new(),
             failover: None,
             config_revision: 5,
+            problems: vec![],
         }
     }
 

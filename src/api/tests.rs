@@ -57,6 +57,7 @@ fn view(leader: Option<&str>) -> ClusterView {
         }],
         failover: None,
         config_revision: 1,
+        problems: vec![],
     }
 }
 
@@ -983,6 +984,38 @@ async fn cluster_view_shows_pause_and_pending_request() {
     let (_, v) = server.json("/cluster").await;
     assert_eq!(v["paused"], false);
     assert!(v["failover"].is_null());
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn dcs_problems_are_reported() {
+    const PROBLEM: &str = "etcd key /service/c/config cannot be decoded (expected ident at line 1 column 2); using the last config read from it";
+    let mut snap = primary();
+    snap.cluster.as_mut().unwrap().problems = vec![PROBLEM.into()];
+    let server = Server::start(snap).await;
+    let (_, v) = server.json("/status").await;
+    assert_eq!(v["dcs_problems"], serde_json::json!([PROBLEM]));
+    let (_, v) = server.json("/cluster").await;
+    assert_eq!(v["dcs_problems"], serde_json::json!([PROBLEM]));
+    let (_, body, _) = server.call(Method::GET, "/metrics").await;
+    assert_eq!(
+        metric(&parse_metrics(&body), "pgwarden_dcs_problems"),
+        Some(1.0)
+    );
+    // A bad key changes no health answer: the primary stays primary.
+    assert_eq!(server.call(Method::GET, "/primary").await.0, StatusCode::OK);
+    server.stop().await;
+
+    let server = Server::start(primary()).await;
+    let (_, v) = server.json("/status").await;
+    assert_eq!(v["dcs_problems"], serde_json::json!([]));
+    let (_, v) = server.json("/cluster").await;
+    assert_eq!(v["dcs_problems"], serde_json::json!([]));
+    let (_, body, _) = server.call(Method::GET, "/metrics").await;
+    assert_eq!(
+        metric(&parse_metrics(&body), "pgwarden_dcs_problems"),
+        Some(0.0)
+    );
     server.stop().await;
 }
 

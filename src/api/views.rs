@@ -31,6 +31,9 @@ pub(crate) struct StatusBody<'a> {
     loop_age_seconds: f64,
     #[serde(skip_serializing_if = "Option::is_none")]
     postmaster_start: Option<&'a str>,
+    /// etcd keys the last cluster read could not decode (see
+    /// `ClusterView::problems`); empty when all is well.
+    dcs_problems: &'a [String],
 }
 
 impl<'a> StatusBody<'a> {
@@ -48,8 +51,13 @@ impl<'a> StatusBody<'a> {
             lag_bytes: snap.lag_bytes,
             loop_age_seconds: now.saturating_duration_since(snap.last_loop).as_secs_f64(),
             postmaster_start: snap.postmaster_start.as_deref(),
+            dcs_problems: dcs_problems(snap),
         }
     }
+}
+
+pub(crate) fn dcs_problems(snap: &ApiSnapshot) -> &[String] {
+    snap.cluster.as_ref().map_or(&[], |c| c.problems.as_slice())
 }
 
 pub(crate) fn leader_lease_valid(snap: &ApiSnapshot, now: Instant) -> bool {
@@ -95,6 +103,8 @@ struct ClusterBody<'a> {
     /// The cluster's system identifier; "" while a bootstrap is claimed but
     /// unfinished; null before anyone claimed it (or before the first read).
     initialize: Option<&'a str>,
+    /// etcd keys the last cluster read could not decode.
+    dcs_problems: &'a [String],
 }
 
 pub(crate) fn cluster(snap: &ApiSnapshot, _now: Instant) -> Response {
@@ -106,6 +116,7 @@ pub(crate) fn cluster(snap: &ApiSnapshot, _now: Instant) -> Response {
             paused: snap.is_paused(),
             failover: None,
             initialize: None,
+            dcs_problems: &[],
         },
         Some(view) => {
             let leader_lsn = view.leader_member().and_then(|m| m.wal_lsn);
@@ -131,6 +142,7 @@ pub(crate) fn cluster(snap: &ApiSnapshot, _now: Instant) -> Response {
                     Initialize::Claimed => Some(""),
                     Initialize::SystemId(id) => Some(id.as_str()),
                 },
+                dcs_problems: &view.problems,
             }
         }
     };

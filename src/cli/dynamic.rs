@@ -29,6 +29,12 @@ pub struct EditConfigArgs {
 
 async fn stored(cfg: &Config, dcs: &mut Dcs) -> anyhow::Result<(StoredConfig, Value)> {
     let s = dcs.read_config().await?;
+    if let Some(problem) = &s.unreadable {
+        bail!(
+            "{problem}; replace it whole: PUT /config on a member's API, or etcdctl put {} with a valid JSON config",
+            dcs.keys().config()
+        );
+    }
     let Some(value) = s.value.clone() else {
         bail!(
             "cluster {} has no dynamic config in etcd yet (is it bootstrapped?)",

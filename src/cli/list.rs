@@ -137,6 +137,9 @@ pub fn render_table(scope: &str, view: &ClusterView) -> String {
                 .unwrap_or_default()
         ));
     }
+    for problem in &view.problems {
+        out.push_str(&format!(" Warning: {problem}\n"));
+    }
     out
 }
 
@@ -147,10 +150,48 @@ pub async fn list(cfg: &Config, format: ListFormat) -> anyhow::Result<()> {
         Duration::from_secs(cfg.etcd.dial_timeout.max(1)),
     )
     .await?;
+    dcs.set_log_problems(false);
     let view = dcs.read_cluster(&cfg.bootstrap.dcs).await?;
     match format {
-        ListFormat::Json => println!("{}", serde_json::to_string_pretty(&rows(&view))?),
+        ListFormat::Json => {
+            // stdout keeps the array scripts parse; the warnings go beside it.
+            for problem in &view.problems {
+                eprintln!("warning: {problem}");
+            }
+            println!("{}", serde_json::to_string_pretty(&rows(&view))?);
+        }
         ListFormat::Table => print!("{}", render_table(&cfg.scope, &view)),
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::DynamicConfig;
+    use crate::dcs::Initialize;
+
+    fn view(problems: Vec<String>) -> ClusterView {
+        ClusterView {
+            initialize: Initialize::SystemId("1".into()),
+            leader: None,
+            members: Vec::new(),
+            config: DynamicConfig::default(),
+            config_stored: true,
+            status: None,
+            history: Vec::new(),
+            failover: None,
+            config_revision: 3,
+            problems,
+        }
+    }
+
+    #[test]
+    fn problems_follow_the_table() {
+        let problem = "etcd key /service/c/config cannot be decoded (expected value at line 1 column 1); using the last config read from it";
+        let text = render_table("c", &view(vec![problem.into()]));
+        let last = text.lines().last().unwrap();
+        assert_eq!(last, format!(" Warning: {problem}"));
+        assert!(!render_table("c", &view(Vec::new())).contains("Warning"));
+    }
 }

@@ -46,8 +46,8 @@ fn default_dial_timeout() -> u64 {
 /// `[api]`. Credentials and TLS files come in pairs: one without the other
 /// is reported as the missing key (checked while parsing, see
 /// [`RawApiConfig`]); whether the TLS files can be read and used is checked
-/// when the agent starts its API.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+/// when the agent starts its API. Debug output hides the password.
+#[derive(Clone, Deserialize, Serialize)]
 #[serde(try_from = "RawApiConfig")]
 pub struct ApiConfig {
     pub listen: SocketAddr,
@@ -71,7 +71,7 @@ pub struct ApiConfig {
 }
 
 /// `[api]` as written in the file, before the pairs are checked.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawApiConfig {
     listen: SocketAddr,
@@ -114,6 +114,38 @@ impl TryFrom<RawApiConfig> for ApiConfig {
             keyfile: raw.keyfile,
             cafile: raw.cafile,
         })
+    }
+}
+
+/// What Debug prints instead of a secret: configs end up in logs, panics
+/// and test output, passwords must not.
+pub(crate) const REDACTED: &str = "<redacted>";
+
+impl std::fmt::Debug for ApiConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApiConfig")
+            .field("listen", &self.listen)
+            .field("connect_address", &self.connect_address)
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| REDACTED))
+            .field("certfile", &self.certfile)
+            .field("keyfile", &self.keyfile)
+            .field("cafile", &self.cafile)
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for RawApiConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RawApiConfig")
+            .field("listen", &self.listen)
+            .field("connect_address", &self.connect_address)
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| REDACTED))
+            .field("certfile", &self.certfile)
+            .field("keyfile", &self.keyfile)
+            .field("cafile", &self.cafile)
+            .finish()
     }
 }
 
@@ -255,7 +287,8 @@ pub struct Authentication {
     pub replication: Credentials,
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+/// Debug output hides the password.
+#[derive(Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Credentials {
     pub username: String,
@@ -275,6 +308,15 @@ pub struct Tags {
     /// Free-form tags, matched by `/replica?tag_KEY=VALUE`.
     #[serde(default)]
     pub custom: BTreeMap<String, String>,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credentials")
+            .field("username", &self.username)
+            .field("password", &REDACTED)
+            .finish()
+    }
 }
 
 fn default_failover_priority() -> u32 {

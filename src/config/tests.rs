@@ -901,3 +901,44 @@ fn validate_accepts_the_postgresql_port_held_by_our_own_postmaster() {
     assert_eq!(validate(&cfg, true).unwrap(), bin_dir);
     drop(taken);
 }
+
+#[test]
+fn debug_output_hides_every_password() {
+    let text = append(
+        r#"
+[tags]
+nofailover = true
+"#,
+    )
+    .replace("password = \"secret\"", "password = \"su-Pw-1f3e\"")
+    .replace("password = \"rep-secret\"", "password = \"repl-Pw-77aa\"")
+    .replace(
+        "listen = \"127.0.0.1:8008\"",
+        "listen = \"127.0.0.1:8008\"\nusername = \"op\"\npassword = \"api-Pw-9c2d\"\ncertfile = \"/etc/pgwarden/api.crt\"\nkeyfile = \"/etc/pgwarden/api.key\"",
+    );
+    let cfg = parse_text(&text).unwrap();
+    assert_eq!(cfg.api.credentials(), Some(("op", "api-Pw-9c2d")));
+    assert_eq!(
+        cfg.postgresql.authentication.superuser.password,
+        "su-Pw-1f3e"
+    );
+    for shown in [format!("{cfg:?}"), format!("{cfg:#?}")] {
+        for secret in ["su-Pw-1f3e", "repl-Pw-77aa", "api-Pw-9c2d"] {
+            assert!(!shown.contains(secret), "{secret} in {shown}");
+        }
+        assert_eq!(shown.matches("<redacted>").count(), 3, "{shown}");
+        // Only the secrets are hidden.
+        for visible in [
+            "\"op\"",
+            "\"postgres\"",
+            "\"replicator\"",
+            "api.crt",
+            "nofailover: true",
+        ] {
+            assert!(shown.contains(visible), "{visible} missing from {shown}");
+        }
+    }
+    // Without API credentials nothing claims a password is set.
+    let cfg = parse_text(MINIMAL).unwrap();
+    assert!(format!("{:?}", cfg.api).contains("password: None"));
+}

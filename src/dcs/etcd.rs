@@ -4,6 +4,7 @@ use etcd_client::{
     Client, Compare, CompareOp, ConnectOptions, GetOptions, LeaseKeepAliveStream, LeaseKeeper,
     PutOptions, Txn, TxnOp, WatchOptions,
 };
+use std::collections::HashSet;
 use std::future::Future;
 use std::time::Duration;
 
@@ -46,9 +47,48 @@ pub struct Dcs {
     pub(super) keys: Keys,
     pub(super) timeout: Duration,
     lease: Option<i64>,
+    /// The TTL `lease` was granted with: etcd keeps it for the lease's
+    /// lifetime, whatever the dynamic config says later.
+    lease_ttl: u64,
+    /// A write on `lease` found it gone; `keep_alive` reports that before
+    /// granting a new one (see [`Dcs::on_lease`]).
+    lease_gone: bool,
     keeper: Option<(LeaseKeeper, LeaseKeepAliveStream)>,
     endpoints: Vec<String>,
     current: usize,
+    /// The last `config` that decoded, used while the stored one does not.
+    last_config: Option<DynamicConfig>,
+    /// Problems of `read_cluster` already logged.
+    warned: Warned,
+    /// Log problems of `read_cluster` (off for callers that show them).
+    log_problems: bool,
+}
+
+/// The agent reads the cluster every loop: a problem that persists would
+/// otherwise fill the log with the same line every `loop_wait`.
+#[derive(Debug, Default)]
+pub(super) struct Warned(HashSet<String>);
+
+impl Warned {
+    /// Problem texts carry parts of what is stored: a writer that keeps
+    /// storing new garbage must not grow the set forever.
+    const MAX: usize = 256;
+
+    /// The problems not reported before, remembered as reported now.
+    pub(super) fn first_seen<'a>(&mut self, problems: &'a [String]) -> Vec<&'a String> {
+        let mut fresh = Vec::new();
+        for problem in problems {
+            if self.0.contains(problem) {
+                continue;
+            }
+            if self.0.len() >= Self::MAX {
+                self.0.clear();
+            }
+            self.0.insert(problem.clone());
+            fresh.push(problem);
+        }
+        fresh
+    }
 }
 
 impl Dcs {
@@ -70,9 +110,14 @@ impl Dcs {
                         keys,
                         timeout,
                         lease: None,
+                        lease_gone: false,
+                        lease_ttl: 0,
                         keeper: None,
                         endpoints: endpoints.to_vec(),
                         current: i,
+                        last_config: None,
+                        warned: Warned::default(),
+                        log_problems: true,
                     })
                 }
                 Err(e) => last = e,
@@ -116,11 +161,21 @@ impl Dcs {
         &self.keys
     }
 
+    /// The etcd lease our keys live on, once granted (None after it was
+    /// found lost: the next keep-alive grants a new one).
+    pub fn current_lease(&self) -> Option<i64> {
+        self.lease
+    }
+
     pub fn set_timeout(&mut self, timeout: Duration) {
         self.timeout = timeout;
     }
 
-    /// Reads every key of the cluster in one range request.
+    /// Reads every key of the cluster in one range request. A key that
+    /// cannot be decoded does not fail the read (that would look like etcd
+    /// being down to every member, and every primary would step down): it
+    /// is replaced as [`decode_cluster`] describes and reported in
+    /// `problems`, and logged once per distinct problem.
     pub async fn read_cluster(
         &mut self,
         defaults: &DynamicConfig,
@@ -132,60 +187,52 @@ impl Dcs {
                 .get(prefix.as_bytes(), Some(GetOptions::new().with_prefix())),
         )
         .await?;
-        let mut view = ClusterView {
-            initialize: Initialize::Absent,
-            leader: None,
-            members: Vec::new(),
-            config: defaults.clone(),
-            config_stored: false,
-            status: None,
-            history: Vec::new(),
-            failover: None,
-            config_revision: 0,
-        };
-        for kv in resp.kvs() {
-            let key = String::from_utf8_lossy(kv.key()).to_string();
-            let rel = key.strip_prefix(&prefix).unwrap_or(&key);
-            let value = kv.value();
-            match rel {
-                "leader" => view.leader = Some(String::from_utf8_lossy(value).to_string()),
-                "initialize" => {
-                    let v = String::from_utf8_lossy(value).to_string();
-                    view.initialize = if v.is_empty() {
-                        Initialize::Claimed
-                    } else {
-                        Initialize::SystemId(v)
-                    };
-                }
-                "config" => {
-                    view.config = decode(&key, value)?;
-                    view.config_stored = true;
-                    view.config_revision = kv.mod_revision();
-                }
-                // A malformed request is ignored rather than blocking the
-                // loop; the API and CLI validate what they write.
-                "failover" => view.failover = serde_json::from_slice(value).ok(),
-                "status" => view.status = Some(decode::<ClusterStatus>(&key, value)?),
-                "history" => view.history = decode::<Vec<HistoryEntry>>(&key, value)?,
-                r if r.starts_with("members/") => {
-                    // A member key another version wrote badly must not stop
-                    // this agent from seeing the rest of the cluster.
-                    if let Ok(m) = serde_json::from_slice::<MemberStatus>(value) {
-                        view.members.push(m);
-                    }
-                }
-                _ => {}
-            }
+        let kvs = resp.kvs().iter().map(|kv| RawKv {
+            key: kv.key(),
+            value: kv.value(),
+            mod_revision: kv.mod_revision(),
+        });
+        let decoded = decode_cluster(&prefix, kvs, defaults, self.last_config.as_ref());
+        if decoded.config_decoded {
+            self.last_config = Some(decoded.view.config.clone());
         }
-        view.members.sort_by(|a, b| a.name.cmp(&b.name));
-        Ok(view)
+        self.warn_once(&decoded.view.problems);
+        Ok(decoded.view)
+    }
+
+    /// Whether `read_cluster` logs its problems; a command that prints
+    /// them itself turns this off so they are not printed twice.
+    pub fn set_log_problems(&mut self, on: bool) {
+        self.log_problems = on;
+    }
+
+    fn warn_once(&mut self, problems: &[String]) {
+        if !self.log_problems {
+            return;
+        }
+        for problem in self.warned.first_seen(problems) {
+            tracing::warn!("{problem}");
+        }
     }
 
     async fn lease_id(&mut self, ttl: u64) -> Result<i64, DcsError> {
         if let Some(id) = self.lease {
-            return Ok(id);
+            if self.lease_ttl == ttl {
+                return Ok(id);
+            }
+            // ttl was edited: the old lease would still expire on the old
+            // schedule while the agent counts with the new one (a shorter
+            // real lease than the agent believes is a split brain). A new
+            // lease; our keys move onto it as they are next written (the
+            // renewal moves `leader` by comparing its value), and the old
+            // one runs out empty.
+            tracing::info!(
+                "ttl changed from {}s to {ttl}s: taking a new etcd lease",
+                self.lease_ttl
+            );
         }
         let resp = with_timeout(self.timeout, self.client.lease_grant(ttl as i64, None)).await?;
+        self.lease_ttl = ttl;
         self.lease = Some(resp.id());
         self.keeper = None;
         Ok(resp.id())
@@ -194,49 +241,82 @@ impl Dcs {
     /// Extends our lease by its TTL. On `LeaseLost` the next call grants a
     /// new lease; keys on the old one are gone.
     pub async fn keep_alive(&mut self, ttl: u64) -> Result<(), DcsError> {
+        if self.lease_gone {
+            return Err(self.lease_lost());
+        }
         let id = self.lease_id(ttl).await?;
-        if self.keeper.is_none() {
-            // etcd-client reads the first response itself and reports an
-            // expired lease as "lease not found": start a new lease then.
-            match with_timeout(self.timeout, self.client.lease_keep_alive(id)).await {
-                Ok(pair) => self.keeper = Some(pair),
-                Err(DcsError::Etcd(e)) if e.to_string().contains("lease not found") => {
-                    self.lease = None;
-                    return Err(DcsError::LeaseLost);
+        // One request's budget for the whole call, reopening included: the
+        // agent's renewal and fencing deadlines count on that bound.
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        if let Some((keeper, stream)) = self.keeper.as_mut() {
+            let result = match tokio::time::timeout_at(deadline, renew(keeper, stream)).await {
+                Ok(r) => r,
+                // A late answer would be read as the next call's: start over.
+                Err(_) => Renewal::Failed(DcsError::Timeout(self.timeout)),
+            };
+            match result {
+                Renewal::Renewed => return Ok(()),
+                Renewal::Expired => return Err(self.lease_lost()),
+                Renewal::Failed(e) => {
+                    self.keeper = None;
+                    return Err(e);
                 }
-                Err(e) => return Err(e),
+                // etcd or a proxy closed the stream (GOAWAY, restart): that
+                // says nothing about the lease, so ask again on a new one.
+                Renewal::StreamClosed(e) => {
+                    self.keeper = None;
+                    tracing::debug!("etcd keep-alive stream closed ({e}); opening a new one");
+                }
             }
         }
-        let timeout = self.timeout;
-        let Some((keeper, stream)) = self.keeper.as_mut() else {
-            return Err(DcsError::LeaseLost);
-        };
-        let result = async {
-            keeper.keep_alive().await?;
-            match stream.message().await? {
-                Some(resp) if resp.ttl() > 0 => Ok(()),
-                _ => Err(DcsError::LeaseLost),
-            }
-        };
-        let result = match tokio::time::timeout(timeout, result).await {
+        self.open_keeper(id, deadline).await
+    }
+
+    /// Opens a keep-alive stream; etcd-client sends the first keep-alive
+    /// itself, so this also renews the lease.
+    async fn open_keeper(
+        &mut self,
+        id: i64,
+        deadline: tokio::time::Instant,
+    ) -> Result<(), DcsError> {
+        let opened = match tokio::time::timeout_at(deadline, self.client.lease_keep_alive(id)).await
+        {
             Ok(r) => r,
-            Err(_) => Err(DcsError::Timeout(timeout)),
+            Err(_) => return Err(DcsError::Timeout(self.timeout)),
         };
-        if result.is_err() {
-            self.keeper = None;
-        }
-        // etcd reports an expired lease as an error on the keep-alive
-        // stream rather than as a zero TTL: either way, start a new lease.
-        let expired = match &result {
-            Err(DcsError::LeaseLost) => true,
-            Err(DcsError::Etcd(e)) => e.to_string().contains("lease not found"),
-            _ => false,
+        let e = match opened {
+            Ok(pair) => {
+                self.keeper = Some(pair);
+                return Ok(());
+            }
+            Err(e) => e,
         };
-        if expired {
-            self.lease = None;
-            return Err(DcsError::LeaseLost);
+        if is_not_found(&e) {
+            return Err(self.lease_lost());
         }
-        result
+        // etcd-client answers a zero TTL ("lease not found") and a closed
+        // request channel with the same error: only etcd can tell which.
+        if matches!(e, etcd_client::Error::LeaseKeepAliveError(_)) {
+            let ttl =
+                tokio::time::timeout_at(deadline, self.client.lease_time_to_live(id, None)).await;
+            let lost = match &ttl {
+                Ok(Ok(resp)) => resp.ttl() <= 0,
+                Ok(Err(e)) => is_not_found(e),
+                Err(_) => false,
+            };
+            if lost {
+                return Err(self.lease_lost());
+            }
+        }
+        Err(e.into())
+    }
+
+    /// Forgets a lease etcd no longer has, so the next call grants a new one.
+    fn lease_lost(&mut self) -> DcsError {
+        self.lease = None;
+        self.lease_gone = false;
+        self.keeper = None;
+        DcsError::LeaseLost
     }
 
     pub async fn publish_member(
@@ -250,12 +330,13 @@ impl Dcs {
             key: key.clone(),
             source,
         })?;
-        with_timeout(
+        let put = with_timeout(
             self.timeout,
             self.client
                 .put(key, value, Some(PutOptions::new().with_lease(id))),
         )
-        .await?;
+        .await;
+        self.on_lease(put)?;
         Ok(())
     }
 
@@ -278,7 +359,7 @@ impl Dcs {
                 TxnOp::put(init, "", Some(PutOptions::new().with_lease(id))),
                 TxnOp::put(leader, name, Some(PutOptions::new().with_lease(id))),
             ]);
-        self.run_txn(txn).await
+        self.run_lease_txn(txn).await
     }
 
     /// Withdraws a bootstrap claim that did not complete.
@@ -332,7 +413,7 @@ impl Dcs {
                 name,
                 Some(PutOptions::new().with_lease(id)),
             )]);
-        self.run_txn(txn).await
+        self.run_lease_txn(txn).await
     }
 
     /// Confirms `leader` still names us and moves it onto our current lease
@@ -356,7 +437,7 @@ impl Dcs {
                 name,
                 Some(PutOptions::new().with_lease(id)),
             )]);
-        self.run_txn(txn).await
+        self.run_lease_txn(txn).await
     }
 
     pub async fn release_leader(&mut self, name: &str) -> Result<LeaderOutcome, DcsError> {
@@ -449,8 +530,13 @@ impl Dcs {
     /// Drops our lease and with it our member key (and leader key if held).
     pub async fn revoke_lease(&mut self) -> Result<(), DcsError> {
         self.keeper = None;
+        self.lease_gone = false;
         if let Some(id) = self.lease.take() {
-            with_timeout(self.timeout, self.client.lease_revoke(id)).await?;
+            let revoked = with_timeout(self.timeout, self.client.lease_revoke(id)).await;
+            // A lease etcd no longer has is as revoked as can be.
+            if !matches!(&revoked, Err(DcsError::Etcd(e)) if is_not_found(e)) {
+                revoked?;
+            }
         }
         Ok(())
     }
@@ -482,6 +568,28 @@ impl Dcs {
         Ok(resp.deleted())
     }
 
+    /// A transaction that writes on our lease.
+    async fn run_lease_txn(&mut self, txn: Txn) -> Result<LeaderOutcome, DcsError> {
+        let r = self.run_txn(txn).await;
+        self.on_lease(r)
+    }
+
+    /// A write on our lease that etcd refuses with NotFound found the lease
+    /// gone, as an expired keep-alive would have. The lease is not replaced
+    /// here: callers learn from `keep_alive`'s LeaseLost that the keys on it
+    /// are gone and must be written again, so the next keep-alive reports
+    /// it rather than quietly granting a new lease.
+    fn on_lease<T>(&mut self, result: Result<T, DcsError>) -> Result<T, DcsError> {
+        match result {
+            Err(DcsError::Etcd(e)) if is_not_found(&e) => {
+                self.lease_gone = true;
+                self.keeper = None;
+                Err(DcsError::LeaseLost)
+            }
+            r => r,
+        }
+    }
+
     pub(super) async fn run_txn(&mut self, txn: Txn) -> Result<LeaderOutcome, DcsError> {
         let resp = with_timeout(self.timeout, self.client.txn(txn)).await?;
         Ok(if resp.succeeded() {
@@ -492,17 +600,191 @@ impl Dcs {
     }
 }
 
+/// How one keep-alive on an open stream went.
+enum Renewal {
+    Renewed,
+    /// etcd answered TTL 0: the lease is gone.
+    Expired,
+    /// The stream is closed; the lease may well be alive.
+    StreamClosed(etcd_client::Error),
+    Failed(DcsError),
+}
+
+async fn renew(keeper: &mut LeaseKeeper, stream: &mut LeaseKeepAliveStream) -> Renewal {
+    // On an open keeper this error only comes from the request channel,
+    // which closes with the stream.
+    if let Err(e) = keeper.keep_alive().await {
+        return Renewal::StreamClosed(e);
+    }
+    match stream.message().await {
+        Ok(Some(resp)) if resp.ttl() > 0 => Renewal::Renewed,
+        Ok(Some(_)) => Renewal::Expired,
+        Ok(None) => Renewal::StreamClosed(etcd_client::Error::LeaseKeepAliveError(
+            "keep-alive stream ended".into(),
+        )),
+        Err(e) if is_not_found(&e) => Renewal::Expired,
+        // A status on the stream (GOAWAY, reset) ends this stream only.
+        Err(e @ etcd_client::Error::GRpcStatus(_)) => Renewal::StreamClosed(e),
+        Err(e) => Renewal::Failed(e.into()),
+    }
+}
+
+/// etcd answers a request on a lease it does not have (expired, revoked)
+/// with gRPC NotFound ("requested lease not found").
+fn is_not_found(e: &etcd_client::Error) -> bool {
+    matches!(e, etcd_client::Error::GRpcStatus(s) if s.code() == tonic::Code::NotFound)
+}
+
+/// Twice etcd's default minimum ping interval, so that a late timer does
+/// not make a ping look early.
+const KEEP_ALIVE_PING_INTERVAL: Duration = Duration::from_secs(10);
+
 /// A client bound to one endpoint, checked with a status request.
 async fn probe_endpoint(endpoint: &str, timeout: Duration) -> Result<Client, DcsError> {
     // No per-call deadline in the channel: it would also cut the long-lived
     // watch and keep-alive streams. Every unary call is bounded by
     // `with_timeout` instead.
+    //
+    // HTTP/2 pings find a dead connection under the long-lived streams. etcd
+    // counts a ping sooner than --grpc-keepalive-min-time (5 s by default)
+    // after the previous one (without open streams: any second ping within
+    // two hours) as a strike unless it sent data in between, and closes the
+    // connection with GOAWAY at the third. With 2 s pings that closed the
+    // keep-alive and watch streams whenever the agent sat idle between two
+    // renewals (loop_wait 10 s). So ping well apart, and only while a stream
+    // is open; unary calls have their own timeout.
     let opts = ConnectOptions::new()
         .with_connect_timeout(timeout)
-        .with_keep_alive(Duration::from_secs(2), timeout);
+        .with_keep_alive(KEEP_ALIVE_PING_INTERVAL, timeout)
+        .with_keep_alive_while_idle(false);
     let mut client = with_timeout(timeout, Client::connect([endpoint], Some(opts))).await?;
     with_timeout(timeout, client.status()).await?;
     Ok(client)
+}
+
+/// One key of a range read, as [`decode_cluster`] needs it.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct RawKv<'a> {
+    pub key: &'a [u8],
+    pub value: &'a [u8],
+    pub mod_revision: i64,
+}
+
+/// What [`decode_cluster`] made of the keys.
+#[derive(Debug)]
+pub(super) struct Decoded {
+    pub view: ClusterView,
+    /// `config` was present and decoded (it may serve as a fallback later).
+    pub config_decoded: bool,
+}
+
+/// The cluster view from the keys under `prefix`. Pure, so that what an
+/// undecodable key turns into can be tested without etcd:
+///
+/// - `config`: `last_config` (the last one that decoded), else `defaults`;
+///   `config_stored` and `config_revision` still describe the stored key so
+///   that compare-and-swap edits can replace it;
+/// - `status`: None; `history`: empty;
+/// - a member key: the member is left out; `failover`: no request.
+///
+/// Each such key adds one line to `problems` naming it and the error.
+pub(super) fn decode_cluster<'a>(
+    prefix: &str,
+    kvs: impl IntoIterator<Item = RawKv<'a>>,
+    defaults: &DynamicConfig,
+    last_config: Option<&DynamicConfig>,
+) -> Decoded {
+    let mut view = ClusterView {
+        initialize: Initialize::Absent,
+        leader: None,
+        members: Vec::new(),
+        config: defaults.clone(),
+        config_stored: false,
+        status: None,
+        history: Vec::new(),
+        failover: None,
+        config_revision: 0,
+        problems: Vec::new(),
+    };
+    let mut config_decoded = false;
+    for kv in kvs {
+        let key = String::from_utf8_lossy(kv.key).to_string();
+        let rel = key.strip_prefix(prefix).unwrap_or(&key);
+        let value = kv.value;
+        let failed: Option<(serde_json::Error, &str)> = match rel {
+            "leader" => {
+                view.leader = Some(String::from_utf8_lossy(value).to_string());
+                None
+            }
+            "initialize" => {
+                let v = String::from_utf8_lossy(value).to_string();
+                view.initialize = if v.is_empty() {
+                    Initialize::Claimed
+                } else {
+                    Initialize::SystemId(v)
+                };
+                None
+            }
+            "config" => {
+                view.config_stored = true;
+                view.config_revision = kv.mod_revision;
+                match serde_json::from_slice::<DynamicConfig>(value) {
+                    Ok(config) => {
+                        view.config = config;
+                        config_decoded = true;
+                        None
+                    }
+                    Err(e) => match last_config {
+                        Some(last) => {
+                            view.config = last.clone();
+                            Some((e, "using the last config read from it"))
+                        }
+                        None => Some((e, "using the bootstrap defaults of the config file")),
+                    },
+                }
+            }
+            "failover" => match serde_json::from_slice(value) {
+                Ok(request) => {
+                    view.failover = Some(request);
+                    None
+                }
+                Err(e) => Some((e, "no switchover or failover request is seen")),
+            },
+            "status" => match serde_json::from_slice::<ClusterStatus>(value) {
+                Ok(status) => {
+                    view.status = Some(status);
+                    None
+                }
+                Err(e) => Some((e, "the last primary position is unknown")),
+            },
+            "history" => match serde_json::from_slice::<Vec<HistoryEntry>>(value) {
+                Ok(history) => {
+                    view.history = history;
+                    None
+                }
+                Err(e) => Some((e, "the timeline history reads as empty")),
+            },
+            r if r.starts_with("members/") => match serde_json::from_slice::<MemberStatus>(value) {
+                Ok(m) => {
+                    view.members.push(m);
+                    None
+                }
+                Err(e) => Some((e, "the member is left out")),
+            },
+            _ => None,
+        };
+        if let Some((error, instead)) = failed {
+            // Key names and stored text may hold newlines: one line each.
+            view.problems.push(crate::config::escape_control(&format!(
+                "etcd key {key} cannot be decoded ({error}); {instead}"
+            )));
+        }
+    }
+    view.members.sort_by(|a, b| a.name.cmp(&b.name));
+    Decoded {
+        view,
+        config_decoded,
+    }
 }
 
 pub(super) fn decode<T: serde::de::DeserializeOwned>(
@@ -522,5 +804,203 @@ pub(super) async fn with_timeout<T>(
     match tokio::time::timeout(timeout, fut).await {
         Ok(r) => r.map_err(|e| DcsError::Etcd(Box::new(e))),
         Err(_) => Err(DcsError::Timeout(timeout)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Tags;
+    use crate::dcs::{PgState, Role};
+
+    const PREFIX: &str = "/service/c/";
+
+    fn kv<'a>(key: &'a str, value: &'a str, mod_revision: i64) -> RawKv<'a> {
+        RawKv {
+            key: key.as_bytes(),
+            value: value.as_bytes(),
+            mod_revision,
+        }
+    }
+
+    fn member_json(name: &str) -> String {
+        serde_json::to_string(&MemberStatus {
+            name: name.into(),
+            role: Role::Replica,
+            state: PgState::Streaming,
+            host: "127.0.0.1".into(),
+            port: 5432,
+            api_url: "http://127.0.0.1:8008".into(),
+            conn_url: String::new(),
+            timeline: Some(1),
+            wal_lsn: Some(10),
+            receive_lsn: Some(10),
+            upstream: None,
+            tags: Tags::default(),
+            version: "0".into(),
+            pending_restart: false,
+            error: None,
+        })
+        .unwrap()
+    }
+
+    fn defaults() -> DynamicConfig {
+        DynamicConfig {
+            ttl: 31,
+            ..DynamicConfig::default()
+        }
+    }
+
+    #[test]
+    fn readable_keys_make_no_problems() {
+        let config = serde_json::to_string(&DynamicConfig {
+            ttl: 20,
+            ..DynamicConfig::default()
+        })
+        .unwrap();
+        let status = r#"{"leader":"a","wal_lsn":5,"timeline":2}"#;
+        let history = r#"[{"timeline":1,"lsn":3,"reason":"r","time":"t","leader":"a"}]"#;
+        let (a, b) = (member_json("a"), member_json("b"));
+        let d = decode_cluster(
+            PREFIX,
+            [
+                kv("/service/c/leader", "a", 2),
+                kv("/service/c/initialize", "42", 1),
+                kv("/service/c/config", &config, 7),
+                kv("/service/c/status", status, 8),
+                kv("/service/c/history", history, 9),
+                kv("/service/c/members/b", &b, 10),
+                kv("/service/c/members/a", &a, 11),
+            ],
+            &defaults(),
+            None,
+        );
+        assert!(d.config_decoded);
+        let v = d.view;
+        assert_eq!(v.problems, Vec::<String>::new());
+        assert_eq!(v.config.ttl, 20);
+        assert!(v.config_stored);
+        assert_eq!(v.config_revision, 7);
+        assert_eq!(v.status.map(|s| s.wal_lsn), Some(5));
+        assert_eq!(v.history.len(), 1);
+        assert_eq!(v.leader.as_deref(), Some("a"));
+        assert_eq!(v.initialize, Initialize::SystemId("42".into()));
+        let names: Vec<&str> = v.members.iter().map(|m| m.name.as_str()).collect();
+        assert_eq!(names, ["a", "b"]);
+    }
+
+    #[test]
+    fn garbage_config_falls_back_to_defaults_and_keeps_its_revision() {
+        let d = decode_cluster(
+            PREFIX,
+            [
+                kv("/service/c/leader", "a", 2),
+                kv("/service/c/config", "not json{", 7),
+            ],
+            &defaults(),
+            None,
+        );
+        assert!(!d.config_decoded);
+        let v = d.view;
+        assert_eq!(v.config, defaults());
+        // Still stored, at its revision: an edit can replace it by CAS.
+        assert!(v.config_stored);
+        assert_eq!(v.config_revision, 7);
+        assert_eq!(v.leader.as_deref(), Some("a"));
+        assert_eq!(v.problems.len(), 1);
+        let p = &v.problems[0];
+        assert!(
+            p.starts_with("etcd key /service/c/config cannot be decoded ("),
+            "{p}"
+        );
+        assert!(p.contains("line 1 column"), "{p}");
+        assert!(
+            p.ends_with("using the bootstrap defaults of the config file"),
+            "{p}"
+        );
+    }
+
+    #[test]
+    fn unreadable_config_uses_the_last_one_that_decoded() {
+        let last = DynamicConfig {
+            ttl: 45,
+            loop_wait: 10,
+            ..DynamicConfig::default()
+        };
+        // A newer agent's field during a rolling upgrade.
+        let newer = r#"{"ttl":30,"loop_wait":10,"retry_timeout":10,"failsafe_mode":true}"#;
+        let d = decode_cluster(
+            PREFIX,
+            [kv("/service/c/config", newer, 9)],
+            &defaults(),
+            Some(&last),
+        );
+        assert!(!d.config_decoded);
+        assert_eq!(d.view.config, last);
+        assert_eq!(d.view.config_revision, 9);
+        assert_eq!(d.view.problems.len(), 1);
+        let p = &d.view.problems[0];
+        assert!(p.contains("/service/c/config"), "{p}");
+        assert!(p.contains("unknown field `failsafe_mode`"), "{p}");
+        assert!(p.ends_with("using the last config read from it"), "{p}");
+    }
+
+    #[test]
+    fn garbage_status_history_members_and_failover_are_dropped_and_reported() {
+        let a = member_json("a");
+        let d = decode_cluster(
+            PREFIX,
+            [
+                kv("/service/c/status", "{\"leader\":", 3),
+                kv("/service/c/history", "[{}]", 4),
+                kv("/service/c/members/a", &a, 5),
+                kv("/service/c/members/b", "\u{1}", 6),
+                kv("/service/c/failover", "{}", 7),
+            ],
+            &defaults(),
+            None,
+        );
+        let v = d.view;
+        assert_eq!(v.status, None);
+        assert!(v.history.is_empty());
+        assert_eq!(v.members.len(), 1);
+        assert_eq!(v.failover, None);
+        // Absent `config` is not a problem: the bootstrap has not stored it.
+        assert!(!v.config_stored);
+        assert_eq!(v.config, defaults());
+        let keys = ["status", "history", "members/b", "failover"];
+        assert_eq!(v.problems.len(), keys.len(), "{:?}", v.problems);
+        for (p, k) in v.problems.iter().zip(keys) {
+            assert!(
+                p.starts_with(&format!("etcd key /service/c/{k} cannot be decoded (")),
+                "{p}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_problem_is_one_line() {
+        let d = decode_cluster(
+            PREFIX,
+            [kv("/service/c/members/x\ny", "nope", 1)],
+            &defaults(),
+            None,
+        );
+        assert_eq!(d.view.problems.len(), 1);
+        assert!(!d.view.problems[0].contains('\n'), "{:?}", d.view.problems);
+        assert!(d.view.problems[0].contains("members/x\\ny"));
+    }
+
+    #[test]
+    fn each_problem_is_reported_once() {
+        let mut w = Warned::default();
+        let first = vec!["a".to_string(), "b".to_string()];
+        assert_eq!(w.first_seen(&first), [&first[0], &first[1]]);
+        assert!(w.first_seen(&first).is_empty());
+        let second = vec!["b".to_string(), "c".to_string()];
+        assert_eq!(w.first_seen(&second), [&second[1]]);
+        let many: Vec<String> = (0..Warned::MAX + 10).map(|i| i.to_string()).collect();
+        w.first_seen(&many);
+        assert!(w.0.len() <= Warned::MAX);
     }
 }

@@ -179,6 +179,10 @@ pub struct ClusterView {
     pub failover: Option<FailoverRequest>,
     /// etcd revision of `config` (0: absent), for compare-and-swap edits.
     pub config_revision: i64,
+    /// Keys that held something this agent cannot decode, one line each
+    /// naming the key, the error and what was used instead. A bad key must
+    /// not read as "etcd down": that would demote every primary.
+    pub problems: Vec<String>,
 }
 
 impl ClusterView {

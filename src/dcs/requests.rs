@@ -12,10 +12,14 @@ use etcd_client::{Compare, CompareOp, Txn, TxnOp};
 /// applies to what is really there) and its etcd revision.
 #[derive(Debug, Clone, PartialEq)]
 pub struct StoredConfig {
-    /// None: no `config` key yet (the cluster is not bootstrapped).
+    /// None: no `config` key yet (the cluster is not bootstrapped), or one
+    /// that is not JSON (`unreadable` says so).
     pub value: Option<serde_json::Value>,
     /// etcd mod_revision of `config`; 0 when absent.
     pub revision: i64,
+    /// The key holds something that is not JSON, and why. Its revision is
+    /// still known, so a whole new config can replace it by compare-and-swap.
+    pub unreadable: Option<String>,
 }
 
 impl Dcs {
@@ -68,16 +72,27 @@ impl Dcs {
     pub async fn read_config(&mut self) -> Result<StoredConfig, DcsError> {
         let key = self.keys.config();
         let resp = with_timeout(self.timeout, self.client.get(key.clone(), None)).await?;
-        match resp.kvs().first() {
-            None => Ok(StoredConfig {
+        Ok(match resp.kvs().first() {
+            None => StoredConfig {
                 value: None,
                 revision: 0,
-            }),
-            Some(kv) => Ok(StoredConfig {
-                value: Some(decode(&key, kv.value())?),
-                revision: kv.mod_revision(),
-            }),
-        }
+                unreadable: None,
+            },
+            Some(kv) => match decode::<serde_json::Value>(&key, kv.value()) {
+                Ok(value) => StoredConfig {
+                    value: Some(value),
+                    revision: kv.mod_revision(),
+                    unreadable: None,
+                },
+                // Not an etcd failure: the caller decides whether it can
+                // do without the old content (a whole new config can).
+                Err(e) => StoredConfig {
+                    value: None,
+                    revision: kv.mod_revision(),
+                    unreadable: Some(crate::config::escape_control(&e.to_string())),
+                },
+            },
+        })
     }
 
     /// Writes `config` if its revision is still `revision` (0: if it does

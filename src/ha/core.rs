@@ -148,6 +148,10 @@ pub struct Core {
 
     /// Start of the last successful renewal (or acquisition) of the lease.
     last_renew: Option<Duration>,
+    /// The ttl that renewal was made with (the runtime takes a new lease
+    /// when the dynamic config's ttl changes): what the lease lasts, not
+    /// what the config says now.
+    renewed_ttl: Duration,
     /// We present ourselves as the writable leader (API, member key).
     serving: bool,
     /// Since when renewal attempts fail (the first failed or unanswered
@@ -178,6 +182,7 @@ impl Core {
             history: Vec::new(),
             failover: None,
             config_revision: 0,
+            problems: Vec::new(),
         };
         Core {
             id,
@@ -206,6 +211,7 @@ impl Core {
             primary_down_since: None,
             peers: None,
             last_renew: None,
+            renewed_ttl: Duration::ZERO,
             serving: false,
             renew_failing_since: None,
             fence_at: None,
@@ -357,7 +363,7 @@ impl Core {
         self.serving
             .then_some(self.last_renew)
             .flatten()
-            .map(|t| t + self.ttl())
+            .map(|t| t + self.renewed_ttl)
     }
 
     /// When PostgreSQL must be stopped in immediate mode unless a renewal
@@ -496,6 +502,7 @@ impl Core {
                     self.again = true;
                 }
                 self.last_renew = Some(started);
+                self.renewed_ttl = self.ttl();
                 self.renew_failing_since = None;
                 self.fence_at = Some((started + self.ttl()).saturating_sub(FENCE_MARGIN));
                 self.demoting = false;
@@ -652,6 +659,7 @@ impl Core {
         core.job = local.job.clone();
         core.last_failure = local.last_failure.clone();
         core.last_renew = local.last_renew;
+        core.renewed_ttl = core.ttl();
         core.serving = local.last_renew.is_some();
         let may_write = local.job.is_some()
             || !matches!(local.pg, PgRun::Stopped)

@@ -65,6 +65,7 @@ fn cluster() -> Cluster {
         history: vec![],
         failover: None,
         config_revision: 1,
+        problems: vec![],
     })
 }
 

@@ -39,7 +39,7 @@ impl std::fmt::Debug for ReplicaSettings {
         f.debug_struct("ReplicaSettings")
             .field("upstream", &self.upstream)
             .field("user", &self.user)
-            .field("password", &"<redacted>")
+            .field("password", &crate::config::REDACTED)
             .field("application_name", &self.application_name)
             .field("slot", &self.slot)
             .finish()
@@ -63,12 +63,18 @@ pub struct ConfFiles {
 impl std::fmt::Debug for ConfFiles {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ConfFiles")
-            .field("managed_conf", &format_args!("<{} bytes>", self.managed_conf.len()))
+            .field(
+                "managed_conf",
+                &format_args!("<{} bytes>", self.managed_conf.len()),
+            )
             .field("pg_hba", &self.pg_hba)
             .field("standby_signal", &self.standby_signal)
             .field(
                 "recovery_conf",
-                &self.recovery_conf.as_ref().map(|r| format!("<{} bytes>", r.len())),
+                &self
+                    .recovery_conf
+                    .as_ref()
+                    .map(|r| format!("<{} bytes>", r.len())),
             )
             .finish()
     }
@@ -271,5 +277,13 @@ mod tests {
         assert!(f.standby_signal);
         assert!(f.managed_conf.contains("primary_conninfo = ''\n"));
         assert!(f.managed_conf.contains("primary_slot_name = ''\n"));
+    }
+
+    #[test]
+    fn replica_settings_debug_hides_the_password() {
+        let shown = format!("{:?}", inputs(15, true));
+        assert!(!shown.contains("it's"), "{shown}");
+        assert!(shown.contains("password: \"<redacted>\""), "{shown}");
+        assert!(shown.contains("replicator"), "{shown}");
     }
 }

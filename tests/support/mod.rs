@@ -109,3 +109,19 @@ pub async fn http_json(url: &str) -> Option<serde_json::Value> {
         .ok()?;
     client.get(url).send().await.ok()?.json().await.ok()
 }
+
+/// Runs `etcdctl` (API v3) against `endpoints` (comma-separated). None when
+/// etcdctl is not installed; callers then do the same through the client
+/// library.
+pub fn etcdctl(endpoints: &str, args: &[&str]) -> Option<std::process::Output> {
+    let out = std::process::Command::new("etcdctl")
+        .env("ETCDCTL_API", "3")
+        .arg(format!("--endpoints={endpoints}"))
+        .args(args)
+        .output();
+    match out {
+        Ok(out) => Some(out),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => panic!("cannot run etcdctl: {e}"),
+    }
+}
