@@ -8,6 +8,7 @@ need() { # need COMMAND PACKAGE
     command -v "$1" >/dev/null 2>&1 || [ -x "/usr/sbin/$1" ] || missing+=("$2")
 }
 need etcd etcd-server
+need etcdctl etcd-client
 need haproxy haproxy
 need ip iproute2
 need protoc protobuf-compiler
