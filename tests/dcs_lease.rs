@@ -307,3 +307,52 @@ async fn a_new_ttl_moves_the_leader_key_onto_a_lease_of_that_ttl() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+/// A key holding our name on another agent's lease is not ours: a second
+/// agent with the same name can neither renew (move), release nor publish
+/// over it; the same agent restarted on the same instance can.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_on_another_agents_lease_are_not_ours_whatever_the_name() {
+    use pgwarden::dcs::LeaderOutcome::{Lost, Won};
+    let root = support::temp_dir("pgwarden-lease-");
+    let etcd = Etcd::start(root.path());
+    let mut a = connect(&etcd, "names").await;
+    a.keep_alive(30).await.expect("keep-alive");
+    a.publish_member(&member("n1"), 30).await.expect("publish");
+    assert_eq!(a.acquire_leader("n1", 30).await.expect("acquire"), Won);
+
+    let mut other = member("n1");
+    other.api_url = "http://127.0.0.2:8008".into();
+    let mut b = connect(&etcd, "names").await;
+    b.keep_alive(30).await.expect("keep-alive");
+    match b.claim_name("n1", &other.api_url, "127.0.0.2:5432").await {
+        Err(DcsError::NameTaken { api_url, .. }) => assert_eq!(api_url, "http://127.0.0.1:8008"),
+        r => panic!("claim_name: {r:?}"),
+    }
+    assert_eq!(b.renew_leader("n1", 30).await.expect("renew"), Lost);
+    assert_eq!(b.release_leader("n1").await.expect("release"), Lost);
+    assert!(matches!(
+        b.publish_member(&other, 30).await,
+        Err(DcsError::NameTaken { .. })
+    ));
+    let view = b
+        .read_cluster(&DynamicConfig::default())
+        .await
+        .expect("read");
+    assert_eq!(view.leader.as_deref(), Some("n1"));
+    assert_eq!(view.members[0].api_url, "http://127.0.0.1:8008");
+
+    // The first agent restarted (a new lease) on the same instance: its
+    // previous life's keys are its own.
+    let mut again = connect(&etcd, "names").await;
+    again
+        .claim_name("n1", "http://127.0.0.1:8008", "127.0.0.1:5432")
+        .await
+        .expect("our own previous life");
+    again.keep_alive(30).await.expect("keep-alive");
+    assert_eq!(again.renew_leader("n1", 30).await.expect("renew"), Won);
+    again
+        .publish_member(&member("n1"), 30)
+        .await
+        .expect("publish");
+}

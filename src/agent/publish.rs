@@ -94,6 +94,7 @@ impl Agent {
                 self.last_published = Some(status.clone());
                 self.published_on = dcs.current_lease();
             }
+            Err(e @ crate::dcs::DcsError::NameTaken { .. }) => self.fatal = Some(e.to_string()),
             Err(e) => tracing::warn!("cannot publish our member key: {e}"),
         }
     }
@@ -139,7 +140,7 @@ impl Agent {
     }
 }
 
-fn split_host_port(addr: &str) -> (String, u16) {
+pub(super) fn split_host_port(addr: &str) -> (String, u16) {
     match addr.rsplit_once(':') {
         Some((h, p)) => (
             h.trim_matches(['[', ']']).to_string(),

@@ -49,7 +49,22 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             None
         }
     };
-    // The one config check that needs etcd: data of another cluster must
+    // One name, one member: a live agent elsewhere with our name keeps it.
+    // Nothing is written before this check.
+    if let Some(d) = dcs.as_mut() {
+        let (host, port) = super::publish::split_host_port(&cfg.pg_connect_address());
+        match d
+            .claim_name(&cfg.name, &cfg.api_url(), &format!("{host}:{port}"))
+            .await
+        {
+            Ok(()) => {}
+            Err(e @ crate::dcs::DcsError::NameTaken { .. }) => {
+                return Err(ConfigError::key(&path, "name", e.to_string()).into())
+            }
+            Err(e) => tracing::warn!("cannot check that our member name is free: {e}"),
+        }
+    }
+    // The other config check that needs etcd: data of another cluster must
     // never be started under this cluster's name.
     if let Some(d) = dcs.as_mut() {
         if pg.has_data() {
@@ -141,6 +156,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         system_id: None,
         last_published: None,
         published_on: None,
+        fatal: None,
         last_status_written: None,
         last_steps: Vec::new(),
         this_pass: Vec::new(),
@@ -164,6 +180,15 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     loop {
         while let Some(step) = agent.core.poll_action() {
             agent.perform(step).await;
+        }
+        if let Some(e) = agent.fatal.take() {
+            tracing::error!("{e}");
+            watcher.abort();
+            agent.fence.abort();
+            agent.shutdown().await;
+            shutdown.notify_waiters();
+            let _ = api_task.await;
+            return Err(ConfigError::key(&path, "name", e).into());
         }
         let deadline = agent
             .core

@@ -25,6 +25,13 @@ pub enum DcsError {
     Conflict(String),
     #[error("our etcd lease expired")]
     LeaseLost,
+    /// Another live agent holds our member name (on its own lease).
+    #[error("member name `{name}` is already used by a live member (API {api_url}, PostgreSQL {address}) on another etcd lease: give this agent another `name`")]
+    NameTaken {
+        name: String,
+        api_url: String,
+        address: String,
+    },
 }
 
 impl From<etcd_client::Error> for DcsError {
@@ -50,6 +57,11 @@ pub struct Dcs {
     /// The TTL `lease` was granted with: etcd keeps it for the lease's
     /// lifetime, whatever the dynamic config says later.
     lease_ttl: u64,
+    /// A lease of our own that keys may still be on: our previous life (an
+    /// agent restarted on the same instance, recognised at start by its
+    /// member key) or the lease before a ttl change. Keys on it are ours to
+    /// move; a key on any other lease is not ours, whatever name it holds.
+    previous_lease: Option<i64>,
     /// A write on `lease` found it gone; `keep_alive` reports that before
     /// granting a new one (see [`Dcs::on_lease`]).
     lease_gone: bool,
@@ -112,6 +124,7 @@ impl Dcs {
                         lease: None,
                         lease_gone: false,
                         lease_ttl: 0,
+                        previous_lease: None,
                         keeper: None,
                         endpoints: endpoints.to_vec(),
                         current: i,
@@ -230,6 +243,7 @@ impl Dcs {
                 "ttl changed from {}s to {ttl}s: taking a new etcd lease",
                 self.lease_ttl
             );
+            self.previous_lease = Some(id);
         }
         let resp = with_timeout(self.timeout, self.client.lease_grant(ttl as i64, None)).await?;
         self.lease_ttl = ttl;
@@ -330,14 +344,68 @@ impl Dcs {
             key: key.clone(),
             source,
         })?;
-        let put = with_timeout(
-            self.timeout,
-            self.client
-                .put(key, value, Some(PutOptions::new().with_lease(id))),
-        )
-        .await;
-        self.on_lease(put)?;
-        Ok(())
+        let put = TxnOp::put(key.clone(), value, Some(PutOptions::new().with_lease(id)));
+        // Ours already (the usual case, one round trip), free, or on our own
+        // previous lease: anything else is another agent with our name.
+        let mut owners = vec![
+            Compare::lease(key.clone(), CompareOp::Equal, id),
+            Compare::create_revision(key.clone(), CompareOp::Equal, 0),
+        ];
+        if let Some(prev) = self.previous_lease {
+            owners.push(Compare::lease(key.clone(), CompareOp::Equal, prev));
+        }
+        for owner in owners {
+            let txn = Txn::new().when([owner]).and_then([put.clone()]);
+            if self.run_lease_txn(txn).await? == LeaderOutcome::Won {
+                return Ok(());
+            }
+        }
+        // Our own previous life, not seen at start (etcd was unreachable
+        // then): adopt its lease and try once more.
+        let (holder, lease) = self.member_key(&status.name).await?;
+        if holder.as_ref().is_some_and(|m| same_instance(m, status)) && lease != 0 {
+            self.previous_lease = Some(lease);
+            let txn = Txn::new()
+                .when([Compare::lease(key, CompareOp::Equal, lease)])
+                .and_then([put]);
+            if self.run_lease_txn(txn).await? == LeaderOutcome::Won {
+                return Ok(());
+            }
+        }
+        Err(name_taken_by(&status.name, holder.as_ref()))
+    }
+
+    /// A member key as stored, and the lease it is on (0: none, or absent).
+    async fn member_key(&mut self, name: &str) -> Result<(Option<MemberStatus>, i64), DcsError> {
+        let key = self.keys.member(name);
+        let resp = with_timeout(self.timeout, self.client.get(key, None)).await?;
+        Ok(match resp.kvs().first() {
+            Some(kv) => (serde_json::from_slice(kv.value()).ok(), kv.lease()),
+            None => (None, 0),
+        })
+    }
+
+    /// Checks at start that no other live agent uses our member name. A
+    /// member key for our name whose addresses are ours is our own previous
+    /// life (an agent restarted on this instance): its lease is remembered,
+    /// so that the keys on it can be moved onto the new one.
+    pub async fn claim_name(
+        &mut self,
+        name: &str,
+        api_url: &str,
+        address: &str,
+    ) -> Result<(), DcsError> {
+        let (holder, lease) = self.member_key(name).await?;
+        let Some(holder) = holder else {
+            return Ok(());
+        };
+        let same =
+            holder.api_url == api_url && format!("{}:{}", holder.host, holder.port) == address;
+        if same && lease != 0 {
+            self.previous_lease = Some(lease);
+            return Ok(());
+        }
+        Err(name_taken_by(name, Some(&holder)))
     }
 
     /// Bootstrap claim: atomically creates `initialize` (empty: bootstrap
@@ -430,8 +498,17 @@ impl Dcs {
         if self.run_txn(confirm).await? == LeaderOutcome::Won {
             return Ok(LeaderOutcome::Won);
         }
+        // Move the key onto our lease only from a lease of our own (a
+        // restarted agent, a ttl change): a key that merely holds our name
+        // on another agent's lease is that agent's.
+        let Some(prev) = self.previous_lease else {
+            return Ok(LeaderOutcome::Lost);
+        };
         let txn = Txn::new()
-            .when([Compare::value(key.clone(), CompareOp::Equal, name)])
+            .when([
+                Compare::value(key.clone(), CompareOp::Equal, name),
+                Compare::lease(key.clone(), CompareOp::Equal, prev),
+            ])
             .and_then([TxnOp::put(
                 key,
                 name,
@@ -440,12 +517,21 @@ impl Dcs {
         self.run_lease_txn(txn).await
     }
 
+    /// Deletes `leader` if it is ours: our name on one of our leases.
     pub async fn release_leader(&mut self, name: &str) -> Result<LeaderOutcome, DcsError> {
         let key = self.keys.leader();
-        let txn = Txn::new()
-            .when([Compare::value(key.clone(), CompareOp::Equal, name)])
-            .and_then([TxnOp::delete(key, None)]);
-        self.run_txn(txn).await
+        for lease in [self.lease, self.previous_lease].into_iter().flatten() {
+            let txn = Txn::new()
+                .when([
+                    Compare::value(key.clone(), CompareOp::Equal, name),
+                    Compare::lease(key.clone(), CompareOp::Equal, lease),
+                ])
+                .and_then([TxnOp::delete(key.clone(), None)]);
+            if self.run_txn(txn).await? == LeaderOutcome::Won {
+                return Ok(LeaderOutcome::Won);
+            }
+        }
+        Ok(LeaderOutcome::Lost)
     }
 
     pub async fn write_status(&mut self, status: &ClusterStatus) -> Result<(), DcsError> {
@@ -1003,4 +1089,18 @@ mod tests {
         w.first_seen(&many);
         assert!(w.0.len() <= Warned::MAX);
     }
+}
+
+fn name_taken_by(name: &str, holder: Option<&MemberStatus>) -> DcsError {
+    DcsError::NameTaken {
+        name: name.to_string(),
+        api_url: holder.map_or_else(|| "unknown".into(), |m| m.api_url.clone()),
+        address: holder.map_or_else(|| "unknown".into(), |m| format!("{}:{}", m.host, m.port)),
+    }
+}
+
+/// Two member statuses describe the same instance: same API, same
+/// PostgreSQL address.
+fn same_instance(a: &MemberStatus, b: &MemberStatus) -> bool {
+    a.api_url == b.api_url && a.host == b.host && a.port == b.port
 }
