@@ -893,6 +893,20 @@ pub(super) async fn with_timeout<T>(
     }
 }
 
+fn name_taken_by(name: &str, holder: Option<&MemberStatus>) -> DcsError {
+    DcsError::NameTaken {
+        name: name.to_string(),
+        api_url: holder.map_or_else(|| "unknown".into(), |m| m.api_url.clone()),
+        address: holder.map_or_else(|| "unknown".into(), |m| format!("{}:{}", m.host, m.port)),
+    }
+}
+
+/// Two member statuses describe the same instance: same API, same
+/// PostgreSQL address.
+fn same_instance(a: &MemberStatus, b: &MemberStatus) -> bool {
+    a.api_url == b.api_url && a.host == b.host && a.port == b.port
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1089,18 +1103,4 @@ mod tests {
         w.first_seen(&many);
         assert!(w.0.len() <= Warned::MAX);
     }
-}
-
-fn name_taken_by(name: &str, holder: Option<&MemberStatus>) -> DcsError {
-    DcsError::NameTaken {
-        name: name.to_string(),
-        api_url: holder.map_or_else(|| "unknown".into(), |m| m.api_url.clone()),
-        address: holder.map_or_else(|| "unknown".into(), |m| format!("{}:{}", m.host, m.port)),
-    }
-}
-
-/// Two member statuses describe the same instance: same API, same
-/// PostgreSQL address.
-fn same_instance(a: &MemberStatus, b: &MemberStatus) -> bool {
-    a.api_url == b.api_url && a.host == b.host && a.port == b.port
 }
