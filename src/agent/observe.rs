@@ -16,44 +16,63 @@ impl Agent {
             }
         }
         let job_running = self.job.is_some();
-        let postmaster = !job_running && self.pg.postmaster_pid().is_some();
-        let mut control = None;
-        let data = if !self.pg.has_data() {
-            DataDir::Empty
+        // Every read below can fail (permissions, no descriptors left): a
+        // failure is "unknown", never "stopped" or "empty".
+        let postmaster = if job_running {
+            Ok(false)
         } else {
-            // pg_control of a stopped instance tells whether it last ran as
-            // a primary and on which timeline: what a rejoin depends on.
-            // While a job rewrites the data directory, what is on disk is
-            // not a finished state: keep what we knew.
-            if !job_running && (!postmaster || self.system_id.is_none()) {
-                match self.pg.control_data().await {
-                    Ok(cd) => {
-                        if !postmaster {
-                            control = Some(ControlInfo {
-                                timeline: cd.timeline,
-                                was_primary: cd.was_primary(),
-                                checkpoint_lsn: cd.checkpoint_lsn,
-                                clean_shutdown: cd.state == "shut down",
-                            });
+            self.pg.postmaster().map(|p| p.is_some())
+        };
+        let mut control = None;
+        let data = match self.pg.data_present() {
+            Ok(false) => DataDir::Empty,
+            Err(e) => DataDir::Unknown(format!(
+                "cannot read {}: {e}",
+                self.cfg.postgresql.data_dir.display()
+            )),
+            Ok(true) => {
+                // pg_control of a stopped instance tells whether it last ran
+                // as a primary and on which timeline: what a rejoin depends
+                // on. While a job rewrites the data directory, what is on
+                // disk is not a finished state: keep what we knew.
+                let stopped = matches!(postmaster, Ok(false));
+                let mut failure = None;
+                if !job_running && (stopped || self.system_id.is_none()) {
+                    match self.pg.control_data().await {
+                        Ok(cd) => {
+                            if stopped {
+                                control = Some(ControlInfo {
+                                    timeline: cd.timeline,
+                                    was_primary: cd.was_primary(),
+                                    checkpoint_lsn: cd.checkpoint_lsn,
+                                    clean_shutdown: cd.state == "shut down",
+                                });
+                            }
+                            self.system_id = Some(cd.system_id);
                         }
-                        self.system_id = Some(cd.system_id);
+                        Err(e) => {
+                            tracing::warn!("cannot read pg_control: {e:#}");
+                            failure = Some(format!("cannot read pg_control: {e:#}"));
+                        }
                     }
-                    Err(e) => tracing::warn!("cannot read pg_control: {e:#}"),
+                }
+                match (&self.system_id, failure) {
+                    // A stopped instance whose pg_control cannot be read:
+                    // what it last ran as is unknown too.
+                    (Some(_), Some(why)) if stopped => DataDir::Unknown(why),
+                    (Some(id), _) => DataDir::Initialized {
+                        system_id: id.clone(),
+                    },
+                    (None, Some(why)) => DataDir::Unknown(why),
+                    (None, None) => DataDir::Unknown("system identifier not read yet".into()),
                 }
             }
-            match &self.system_id {
-                Some(id) => DataDir::Initialized {
-                    system_id: id.clone(),
-                },
-                None => DataDir::Empty,
-            }
         };
-        let pg = if job_running {
-            PgRun::Unresponsive
-        } else if !postmaster {
-            PgRun::Stopped
-        } else {
-            match self.pg.observe().await {
+        let pg = match postmaster {
+            _ if job_running => PgRun::Unresponsive,
+            Err(e) => PgRun::Unknown(format!("cannot read postmaster.pid: {e}")),
+            Ok(false) => PgRun::Stopped,
+            Ok(true) => match self.pg.observe().await {
                 Ok(obs) => {
                     self.major = obs.major;
                     PgRun::Running(obs.state)
@@ -62,7 +81,7 @@ impl Agent {
                     tracing::debug!("PostgreSQL does not answer: {e:#}");
                     PgRun::Unresponsive
                 }
-            }
+            },
         };
         let conf_outdated = {
             let view = cluster.as_ref().unwrap_or(self.core.cluster());

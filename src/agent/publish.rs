@@ -26,6 +26,7 @@ impl Agent {
             (None, PgRun::Running(pg)) if pg.streaming => PgState::Streaming,
             (None, PgRun::Running(_)) => PgState::InRecovery,
             (None, PgRun::Unresponsive) => PgState::Starting,
+            (None, PgRun::Unknown(_)) => PgState::Unknown,
             (None, PgRun::Stopped) => match &local.last_failure {
                 Some(f) => match f.kind {
                     JobKind::Bootstrap => PgState::BootstrapFailed,

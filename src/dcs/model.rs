@@ -75,6 +75,8 @@ pub enum PgState {
     #[serde(rename = "rewind failed")]
     RewindFailed,
     Crashed,
+    /// The agent cannot tell (an observation failed).
+    Unknown,
 }
 
 impl PgState {
@@ -96,6 +98,7 @@ impl PgState {
             PgState::Restarting => "restarting",
             PgState::RewindFailed => "rewind failed",
             PgState::Crashed => "crashed",
+            PgState::Unknown => "unknown",
         }
     }
 }

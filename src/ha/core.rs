@@ -461,7 +461,12 @@ impl Core {
         self.major = obs.major;
         self.wall_clock = obs.wall_clock;
         self.observed = true;
-        if self.job.is_none() && !self.pg.is_primary() && !matches!(self.pg, PgRun::Unresponsive) {
+        let not_writable = match &self.pg {
+            PgRun::Stopped => true,
+            PgRun::Running(r) => r.in_recovery,
+            PgRun::Unresponsive | PgRun::Unknown(_) => false,
+        };
+        if self.job.is_none() && not_writable {
             // PostgreSQL is seen not to be writable: nothing to fence.
             self.fence_at = None;
             self.demoting = false;

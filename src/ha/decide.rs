@@ -25,11 +25,28 @@ pub fn decide(cluster: &ClusterView, local: &LocalView, now: Duration) -> Decisi
         return d;
     }
 
+    // Unknown is not absent: with PostgreSQL's state unknown nothing
+    // destructive happens, and a leader fences first, keeping its lease.
+    if let PgRun::Unknown(why) = &local.pg {
+        d.problem = Some(format!(
+            "cannot tell whether PostgreSQL runs ({why}): starting, cloning or removing nothing until it can"
+        ));
+        if i_lead {
+            d.push(
+                Action::Fence,
+                "cannot tell whether PostgreSQL runs as primary: stopping it immediately, keeping the leader lease",
+            );
+            d.push(Action::RenewLeader, "keeping the leader lease");
+        }
+        return d;
+    }
+
     if i_lead && !local.pg.is_primary() {
         if let Some(since) = local.primary_down_since {
             if now.saturating_sub(since) >= Duration::from_secs(cfg.primary_start_timeout) {
-                d.push(
-                    Action::ReleaseLeader,
+                release_leader(
+                    local,
+                    &mut d,
                     format!(
                         "PostgreSQL has not been a running primary for {}s (primary_start_timeout): releasing the leader lease so a replica can take over",
                         cfg.primary_start_timeout
@@ -65,6 +82,22 @@ pub fn decide(cluster: &ClusterView, local: &LocalView, now: Duration) -> Decisi
 
     match &local.data {
         DataDir::Empty => decide_empty(cluster, local, now, &mut d),
+        DataDir::Unknown(why) => match &local.pg {
+            // PostgreSQL runs, so its data is there: act on what it says,
+            // only the system identifier checks wait.
+            PgRun::Running(pg) if !pg.in_recovery => {
+                decide_primary(cluster, local, pg, None, now, &mut d)
+            }
+            PgRun::Running(pg) => decide_replica(cluster, local, pg, now, &mut d),
+            _ => {
+                d.problem = Some(format!(
+                    "cannot read the data directory ({why}): starting, cloning or removing nothing until it can"
+                ));
+                if i_lead {
+                    d.push(Action::RenewLeader, "keeping the leader lease");
+                }
+            }
+        },
         DataDir::Initialized { system_id } => {
             if let Initialize::SystemId(cluster_id) = &cluster.initialize {
                 if cluster_id != system_id {
@@ -72,7 +105,7 @@ pub fn decide(cluster: &ClusterView, local: &LocalView, now: Duration) -> Decisi
                         "data directory belongs to another cluster (system identifier {system_id}, cluster's is {cluster_id}): not starting it"
                     ));
                     if i_lead {
-                        d.push(Action::ReleaseLeader, "our data is not this cluster's");
+                        release_leader(local, &mut d, "our data is not this cluster's");
                     }
                     return d;
                 }
@@ -89,9 +122,11 @@ pub fn decide(cluster: &ClusterView, local: &LocalView, now: Duration) -> Decisi
                     d.waiting = Some("PostgreSQL is running but not answering queries yet".into());
                 }
                 PgRun::Running(pg) if !pg.in_recovery => {
-                    decide_primary(cluster, local, pg, system_id, now, &mut d)
+                    decide_primary(cluster, local, pg, Some(system_id), now, &mut d)
                 }
                 PgRun::Running(pg) => decide_replica(cluster, local, pg, now, &mut d),
+                // Handled before the job check.
+                PgRun::Unknown(_) => {}
             }
         }
     }
@@ -110,6 +145,11 @@ fn decide_without_dcs(cluster: &ClusterView, local: &LocalView, d: &mut Decision
             "cannot read the cluster from etcd: trying to renew the leader lease anyway",
         );
         d.waiting = Some("etcd is unreachable".into());
+    } else if matches!(local.pg, PgRun::Unknown(_)) {
+        d.push(
+            Action::Fence,
+            "cannot tell whether PostgreSQL runs, nor reach etcd: stopping it immediately",
+        );
     } else if local.pg.is_primary() && local.job.is_none() {
         d.push(
             Action::Stop,
@@ -151,8 +191,9 @@ fn decide_empty(cluster: &ClusterView, local: &LocalView, now: Duration, d: &mut
                 );
             }
         }
-        (Initialize::SystemId(_), Some(_)) if i_lead => d.push(
-            Action::ReleaseLeader,
+        (Initialize::SystemId(_), Some(_)) if i_lead => release_leader(
+            local,
+            d,
             "we hold the leader key but have no data directory",
         ),
         (Initialize::SystemId(_), Some(name)) => match cluster.member(name) {
@@ -201,8 +242,9 @@ fn decide_stopped(cluster: &ClusterView, local: &LocalView, now: Duration, d: &m
     if backing_off(local, &JobKind::Start, cluster.config.loop_wait, now) {
         d.waiting = Some("waiting to retry starting PostgreSQL".into());
         if leader == Some(local.name.as_str()) {
-            d.push(
-                Action::ReleaseLeader,
+            release_leader(
+                local,
+                d,
                 "PostgreSQL failed to start: letting a replica take over",
             );
         }
@@ -247,7 +289,7 @@ fn decide_primary(
     cluster: &ClusterView,
     local: &LocalView,
     pg: &PgRunning,
-    system_id: &str,
+    system_id: Option<&str>,
     now: Duration,
     d: &mut Decision,
 ) {
@@ -275,10 +317,10 @@ fn decide_primary(
                 return;
             }
             d.push(Action::RenewLeader, "renewing the leader lease");
-            if cluster.initialize != Initialize::SystemId(system_id.to_string()) {
+            if let Some(id) = system_id.filter(|id| cluster.initialize != Initialize::SystemId(id.to_string())) {
                 d.push(
-                    Action::PublishSystemId(system_id.to_string()),
-                    format!("bootstrap complete: publishing system identifier {system_id}"),
+                    Action::PublishSystemId(id.to_string()),
+                    format!("bootstrap complete: publishing system identifier {id}"),
                 );
             }
             if !cluster.config_stored {
@@ -475,6 +517,33 @@ fn rejoin(cluster: &ClusterView, local: &LocalView, leader: &str, d: &mut Decisi
     }
 }
 
+/// Gives up the leader key — but only once PostgreSQL is known not to run:
+/// a key released over a primary that may still take writes lets a
+/// replica be promoted beside it. Otherwise it is stopped first (fenced),
+/// and the key goes on a later pass.
+fn release_leader(local: &LocalView, d: &mut Decision, reason: impl Into<String>) {
+    let cannot_write = match &local.pg {
+        PgRun::Stopped => true,
+        PgRun::Running(pg) => pg.in_recovery,
+        PgRun::Unresponsive | PgRun::Unknown(_) => false,
+    };
+    if cannot_write {
+        d.push(Action::ReleaseLeader, reason);
+    } else {
+        d.push(
+            Action::Fence,
+            format!(
+                "{}; PostgreSQL may still run: stopping it first",
+                reason.into()
+            ),
+        );
+        d.push(
+            Action::RenewLeader,
+            "keeping the leader lease until PostgreSQL is down",
+        );
+    }
+}
+
 fn reload_if_outdated(local: &LocalView, d: &mut Decision) {
     if local.conf_outdated {
         d.push(
@@ -553,7 +622,7 @@ fn decide_paused(cluster: &ClusterView, local: &LocalView, now: Duration, d: &mu
                 }
             },
         },
-        PgRun::Stopped | PgRun::Unresponsive => {
+        PgRun::Stopped | PgRun::Unresponsive | PgRun::Unknown(_) => {
             if i_lead && !operator::leader_hands_over(cluster, local, d) {
                 d.push(Action::RenewLeader, "paused: keeping the leader lease");
             }

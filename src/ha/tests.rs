@@ -205,6 +205,16 @@ impl Local {
         self.0.pg = PgRun::Stopped;
         self
     }
+    /// postmaster.pid could not be read.
+    fn pg_unknown(mut self) -> Self {
+        self.0.pg = PgRun::Unknown("Too many open files".into());
+        self
+    }
+    /// The data directory could not be read.
+    fn data_unknown(mut self) -> Self {
+        self.0.data = DataDir::Unknown("Permission denied".into());
+        self
+    }
     fn unresponsive(mut self) -> Self {
         self.0.pg = PgRun::Unresponsive;
         self
@@ -754,17 +764,17 @@ fn primary_start_timeout() {
         row("we lead, stopped for 9s: keep trying to start",
             mine(), local().data(SYSID).stopped().renewed_at(NOW - 1).primary_down_since(NOW - 9), NOW,
             vec![RenewLeader, StartPrimary]),
-        row("we lead, stopped for 10s: release the lease",
-            mine(), local().data(SYSID).stopped().renewed_at(NOW - 1).primary_down_since(NOW - 10), NOW,
-            vec![ReleaseLeader]),
         row("we lead, unresponsive for 9s: hold the lease",
             mine(), local().data(SYSID).unresponsive().renewed_at(NOW - 1).primary_down_since(NOW - 9), NOW,
             vec![RenewLeader]).waiting("not answering"),
-        row("we lead, unresponsive for 10s: release the lease",
+        row("we lead, unresponsive for 10s (it may still take writes): fence first, keep the lease",
             mine(), local().data(SYSID).unresponsive().renewed_at(NOW - 1).primary_down_since(NOW - 10), NOW,
-            vec![ReleaseLeader]),
-        row("we lead, a start job running for 10s: release the lease",
+            vec![Fence, RenewLeader]),
+        row("we lead, a start job running for 10s: fence first, keep the lease",
             mine(), local().data(SYSID).unresponsive().job(JobKind::Start).renewed_at(NOW - 1).primary_down_since(NOW - 10), NOW,
+            vec![Fence, RenewLeader]),
+        row("we lead, stopped for 10s: release the lease",
+            mine(), local().data(SYSID).stopped().renewed_at(NOW - 1).primary_down_since(NOW - 10), NOW,
             vec![ReleaseLeader]),
         row("we lead as a replica that has not promoted for 10s: release the lease",
             mine(), local().data(SYSID).pg_replica(None, LSN).renewed_at(NOW - 1).primary_down_since(NOW - 10), NOW,
@@ -1177,10 +1187,11 @@ fn grid_clusters() -> Vec<ClusterView> {
 /// data × pg × job × lease × last failure × tags/peers × pg_control ×
 /// primary_down_since × dcs_ok.
 fn grid_locals() -> Vec<LocalView> {
-    let datas = [None, Some(SYSID), Some(FOREIGN)];
-    let pgs: [fn(Local) -> Local; 6] = [
+    let datas = [None, Some(SYSID), Some(FOREIGN), Some("unknown")];
+    let pgs: [fn(Local) -> Local; 7] = [
         |l| l.stopped(),
         |l| l.unresponsive(),
+        |l| l.pg_unknown(),
         |l| l.pg_primary(&[]),
         |l| l.pg_primary(&[N2, "gone"]).slot_seen("gone", 0),
         |l| l.pg_replica(Some(addr(N2)), LSN),
@@ -1220,6 +1231,7 @@ fn grid_locals() -> Vec<LocalView> {
                                         }
                                         let mut l = match data {
                                             None => local().data_empty(),
+                                            Some("unknown") => local().data_unknown(),
                                             Some(id) => local().data(id),
                                         };
                                         l = control(extra(pg(l)));
@@ -1328,7 +1340,7 @@ fn safety_invariants_over_grid() {
             if !l.dcs_ok
                 && acts
                     .iter()
-                    .any(|a| !matches!(a, Action::Stop | Action::RenewLeader))
+                    .any(|a| !matches!(a, Action::Stop | Action::Fence | Action::RenewLeader))
             {
                 bad("anything but Stop or a renewal attempt while etcd is unreachable");
             }
@@ -1403,6 +1415,42 @@ fn safety_invariants_over_grid() {
             if has(&|a| *a == Action::ReleaseLeader) && !i_lead {
                 bad("ReleaseLeader without holding the key");
             }
+            // Rule 7: the key is never released over a PostgreSQL that may
+            // still run as a primary, and nothing destructive happens on
+            // an unknown observation.
+            let may_write = match &l.pg {
+                PgRun::Stopped => false,
+                PgRun::Running(p) => !p.in_recovery,
+                PgRun::Unresponsive | PgRun::Unknown(_) => true,
+            };
+            if has(&|a| *a == Action::ReleaseLeader) && may_write && l.job.is_none() {
+                bad("rule 7: ReleaseLeader while PostgreSQL may run as a primary");
+            }
+            let unknown =
+                matches!(l.pg, PgRun::Unknown(_)) || matches!(l.data, DataDir::Unknown(_));
+            if unknown
+                && has(&|a| {
+                    matches!(
+                        a,
+                        Action::StartPrimary
+                            | Action::StartReplica { .. }
+                            | Action::Clone { .. }
+                            | Action::RemoveData
+                            | Action::Rewind { .. }
+                            | Action::Bootstrap
+                            | Action::ClaimBootstrap
+                    )
+                })
+            {
+                bad("rule 7: a destructive action on an unknown observation");
+            }
+            if matches!(l.pg, PgRun::Unknown(_))
+                && i_lead
+                && l.dcs_ok
+                && !has(&|a| *a == Action::Fence)
+            {
+                bad("rule 7: a leader facing an unknown PostgreSQL does not fence first");
+            }
             if has(&|a| *a == Action::ClaimBootstrap)
                 && (c.leader.is_some() || c.initialize != Initialize::Absent)
             {
@@ -1420,7 +1468,13 @@ fn safety_invariants_over_grid() {
             }
             // Foreign data is never started, promoted or put up for leader.
             if foreign_seen && l.dcs_ok && l.job.is_none() && l.primary_down_since.is_none() {
-                if acts.iter().any(|a| **a != Action::ReleaseLeader) {
+                // (A leader stops it before it gives up the key.)
+                if acts.iter().any(|a| {
+                    !matches!(
+                        a,
+                        Action::ReleaseLeader | Action::Fence | Action::RenewLeader
+                    )
+                }) {
                     bad("foreign data acted upon");
                 }
                 if d.problem.is_none() {
@@ -1429,9 +1483,12 @@ fn safety_invariants_over_grid() {
             }
             // A running job: nothing on top but holding or releasing the lease.
             if l.job.is_some()
-                && acts
-                    .iter()
-                    .any(|a| !matches!(a, Action::RenewLeader | Action::ReleaseLeader))
+                && acts.iter().any(|a| {
+                    !matches!(
+                        a,
+                        Action::RenewLeader | Action::ReleaseLeader | Action::Fence
+                    )
+                })
             {
                 bad("an action on top of a running job");
             }
@@ -2118,4 +2175,38 @@ fn a_restart_request_to_a_deposed_primary_does_not_restart_it_writable() {
         .0;
     let d = through_core(&c, &l, secs(NOW));
     assert_eq!(d.actions(), vec![&Action::AckRequest, &Action::Stop]);
+}
+
+#[test]
+#[rustfmt::skip]
+fn unknown_is_not_absent() {
+    use Action::*;
+    let mine = || cluster().initialized(SYSID).led_by(ME).replica(N2);
+    let theirs = || cluster().initialized(SYSID).led_by(N2);
+    check(vec![
+        row("we lead, postmaster.pid unreadable: fence first, keep the lease, release nothing",
+            mine(), local().data(SYSID).pg_unknown().renewed_at(NOW - 1), NOW,
+            vec![Fence, RenewLeader]).problem("cannot tell whether PostgreSQL runs"),
+        row("we lead, postmaster.pid unreadable long past primary_start_timeout: still no release",
+            mine(), local().data(SYSID).pg_unknown().renewed_at(NOW - 1).primary_down_since(NOW - 60), NOW,
+            vec![Fence, RenewLeader]).problem("cannot tell whether PostgreSQL runs"),
+        row("replica, postmaster.pid unreadable: nothing",
+            theirs(), local().data(SYSID).pg_unknown(), NOW,
+            vec![]).problem("cannot tell whether PostgreSQL runs"),
+        row("we lead, pg_control unreadable, stopped: no start",
+            mine(), local().data_unknown().stopped().renewed_at(NOW - 1), NOW,
+            vec![RenewLeader]).problem("cannot read the data directory"),
+        row("another leads, pg_control unreadable, stopped: no clone, no rewind, no start",
+            theirs(), local().data_unknown().stopped(), NOW,
+            vec![]).problem("cannot read the data directory"),
+        row("empty etcd, data directory unreadable: no bootstrap claim",
+            cluster(), local().data_unknown().stopped(), NOW,
+            vec![]).problem("cannot read the data directory"),
+        row("we lead, pg_control unreadable but PostgreSQL answers as primary: business as usual",
+            mine(), local().data_unknown().pg_primary(&[N2]).slot_seen(N2, NOW).renewed_at(NOW - 1), NOW,
+            vec![RenewLeader, WriteStatus]),
+        row("we lead, no data directory but a postmaster still answers: fence before releasing",
+            mine(), local().data_empty().unresponsive().renewed_at(NOW - 1), NOW,
+            vec![Fence, RenewLeader]),
+    ]);
 }

@@ -83,6 +83,9 @@ pub enum DataDir {
     Empty,
     /// A PostgreSQL data directory with this system identifier.
     Initialized { system_id: String },
+    /// Could not be told (a read failed: permissions, no descriptors
+    /// left...). Never "empty": nothing destructive happens on it.
+    Unknown(String),
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -92,6 +95,9 @@ pub enum PgRun {
     /// A postmaster is alive but does not answer queries (starting up,
     /// crash recovery, hung).
     Unresponsive,
+    /// Whether a postmaster runs could not be told (postmaster.pid
+    /// unreadable). Never "stopped": it may run as a primary.
+    Unknown(String),
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -116,7 +122,7 @@ impl PgRun {
     pub fn running(&self) -> Option<&PgRunning> {
         match self {
             PgRun::Running(r) => Some(r),
-            PgRun::Stopped | PgRun::Unresponsive => None,
+            PgRun::Stopped | PgRun::Unresponsive | PgRun::Unknown(_) => None,
         }
     }
     pub fn is_primary(&self) -> bool {

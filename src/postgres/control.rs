@@ -51,12 +51,53 @@ impl Instance {
             && self.data_dir.join("global/pg_control").is_file()
     }
 
-    /// PID of a live postmaster of this data directory, per postmaster.pid.
+    /// Whether a data directory PostgreSQL can start from is there: Err
+    /// when that cannot be told (a permission error, no descriptors left),
+    /// which must never be read as "empty".
+    pub fn data_present(&self) -> std::io::Result<bool> {
+        for file in ["PG_VERSION", "global/pg_control"] {
+            match std::fs::metadata(self.data_dir.join(file)) {
+                Ok(m) if m.is_file() => {}
+                Ok(_) => return Ok(false),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(true)
+    }
+
+    /// PID of a live postmaster of this data directory, per postmaster.pid
+    /// (None: none runs). Err when that cannot be told: "unknown", never
+    /// "stopped".
+    pub fn postmaster(&self) -> std::io::Result<Option<i32>> {
+        let text = match std::fs::read_to_string(self.data_dir.join("postmaster.pid")) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let Some(pid) = text
+            .lines()
+            .next()
+            .and_then(|l| l.trim().parse::<i32>().ok())
+        else {
+            // Being written by a starting postmaster, or damaged.
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "postmaster.pid has no PID on its first line",
+            ));
+        };
+        match nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None) {
+            Ok(()) | Err(nix::errno::Errno::EPERM) => Ok(Some(pid)),
+            Err(nix::errno::Errno::ESRCH) => Ok(None),
+            Err(e) => Err(std::io::Error::from(e)),
+        }
+    }
+
+    /// PID of a live postmaster, treating "cannot tell" as "none": only for
+    /// callers to whom a wrong "none" costs nothing (a stop that would find
+    /// nothing to stop, a log line).
     pub fn postmaster_pid(&self) -> Option<i32> {
-        let text = std::fs::read_to_string(self.data_dir.join("postmaster.pid")).ok()?;
-        let pid: i32 = text.lines().next()?.trim().parse().ok()?;
-        let alive = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok();
-        alive.then_some(pid)
+        self.postmaster().ok().flatten()
     }
 
     /// Major version of the installed binaries.
@@ -173,8 +214,55 @@ impl Instance {
         Ok(())
     }
 
+    /// Clones `from` into a directory of our own beside the data
+    /// directory and moves it into place only when complete: a failure
+    /// removes only what the clone itself created, never a data directory
+    /// that was there before.
     pub async fn basebackup(&self, from: &str) -> anyhow::Result<()> {
-        self.prepare_data_dir()?;
+        let staging = self.clone_staging_dir();
+        let into = Instance {
+            data_dir: staging.clone(),
+            ..self.detached()
+        };
+        // A staging directory left by an earlier attempt is ours.
+        if staging.exists() {
+            into.remove_data_in_background().await?;
+        }
+        into.prepare_data_dir()?;
+        if let Err(e) = into.run_basebackup(from).await {
+            let _ = into.remove_data_in_background().await;
+            let _ = std::fs::remove_dir(&staging);
+            return Err(e);
+        }
+        // Into place: only over a missing or empty data directory.
+        if self.data_dir.exists() {
+            std::fs::remove_dir(&self.data_dir).with_context(|| {
+                format!(
+                    "refusing to replace {}: it is not empty (the clone stays in {})",
+                    self.data_dir.display(),
+                    staging.display()
+                )
+            })?;
+        }
+        std::fs::rename(&staging, &self.data_dir).with_context(|| {
+            format!(
+                "cannot move the clone from {} to {}",
+                staging.display(),
+                self.data_dir.display()
+            )
+        })?;
+        self.ensure_include()?;
+        Ok(())
+    }
+
+    /// Where a clone is made before it is moved into place.
+    fn clone_staging_dir(&self) -> PathBuf {
+        let mut name = self.data_dir.as_os_str().to_os_string();
+        name.push(".pgwarden-clone");
+        PathBuf::from(name)
+    }
+
+    async fn run_basebackup(&self, from: &str) -> anyhow::Result<()> {
         let (host, port) = from.rsplit_once(':').unwrap_or((from, "5432"));
         let dir = self.data_dir.to_string_lossy().to_string();
         let result = run(
@@ -203,11 +291,7 @@ impl Instance {
             Duration::from_secs(3600),
         )
         .await;
-        if let Err(e) = result {
-            let _ = self.remove_data_in_background().await;
-            return Err(e.into());
-        }
-        self.ensure_include()?;
+        result?;
         Ok(())
     }
 
