@@ -197,8 +197,11 @@ impl Agent {
                 let mut pg = self.pg.detached();
                 let inputs = self.conf_inputs(cluster, None);
                 self.spawn_job(JobKind::Bootstrap, async move {
+                    // initdb cleans up after itself when it fails; what it
+                    // made is ours to remove if a later step fails — never
+                    // what was in the directory before.
+                    pg.initdb().await?;
                     let result = async {
-                        pg.initdb().await?;
                         pg.write_conf(&inputs)?;
                         pg.start().await?;
                         pg.create_replication_user().await?;
