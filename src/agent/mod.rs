@@ -39,6 +39,8 @@ struct Agent {
     last_published: Option<MemberStatus>,
     /// The etcd lease `last_published` was written on.
     published_on: Option<i64>,
+    /// The last failed read of pg_control, logged once.
+    last_read_failure: Option<String>,
     /// A reason the agent must stop (another live agent has our name).
     fatal: Option<String>,
     last_status_written: Option<(u64, u32)>,

@@ -51,8 +51,12 @@ impl Agent {
                             self.system_id = Some(cd.system_id);
                         }
                         Err(e) => {
-                            tracing::warn!("cannot read pg_control: {e:#}");
-                            failure = Some(format!("cannot read pg_control: {e:#}"));
+                            let why = format!("cannot read pg_control: {e:#}");
+                            // Once per distinct failure, not every pass.
+                            if failure_is_new(&mut self.last_read_failure, &why) {
+                                tracing::warn!("{why}");
+                            }
+                            failure = Some(why);
                         }
                     }
                 }
@@ -192,6 +196,14 @@ impl Agent {
         out.sort_by(|a, b| a.name.cmp(&b.name));
         out
     }
+}
+
+/// Remembers `why` as the last failed read; true when it differs from
+/// the one before.
+fn failure_is_new(last: &mut Option<String>, why: &str) -> bool {
+    let new = last.as_deref() != Some(why);
+    *last = Some(why.to_string());
+    new
 }
 
 pub(super) fn describe(kind: &crate::ha::JobKind) -> String {

@@ -70,9 +70,18 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         if pg.has_data() {
             if let Ok(view) = d.read_cluster(&cfg.bootstrap.dcs).await {
                 if let Initialize::SystemId(cluster_id) = &view.initialize {
-                    let ours = pg.system_identifier().await.map_err(|e| {
-                        ConfigError::key(&path, "postgresql.data_dir", format!("{e:#}"))
-                    })?;
+                    // Unreadable is not foreign: start, and let the loop
+                    // (which does nothing destructive on unknown data)
+                    // check again once it can read it.
+                    let ours = match pg.system_identifier().await {
+                        Ok(id) => id,
+                        Err(e) => {
+                            tracing::warn!(
+                                "cannot read the data directory's system identifier: {e:#}"
+                            );
+                            cluster_id.clone()
+                        }
+                    };
                     if &ours != cluster_id {
                         return Err(ConfigError::key(
                             &path,
@@ -157,6 +166,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         last_published: None,
         published_on: None,
         fatal: None,
+        last_read_failure: None,
         last_status_written: None,
         last_steps: Vec::new(),
         this_pass: Vec::new(),
