@@ -168,17 +168,21 @@ impl Agent {
                 let answer = async {
                     let v: serde_json::Value =
                         client.get(&url).send().await.ok()?.json().await.ok()?;
-                    let running = v
-                        .get("pg_running")
-                        .and_then(|x| x.as_bool())
-                        .unwrap_or(false);
+                    let flag = |k: &str| v.get(k).and_then(|x| x.as_bool());
+                    let running = flag("pg_running").unwrap_or(false);
+                    let primary = running && flag("in_recovery") == Some(false);
                     let lsn = |k: &str| v.get(k).and_then(|x| x.as_u64());
-                    running
+                    let position = running
                         .then(|| lsn("receive_lsn").max(lsn("wal_lsn")))
-                        .flatten()
+                        .flatten();
+                    Some((position, primary))
                 }
                 .await;
-                m.answered(answer)
+                match answer {
+                    Some((lsn, true)) => m.answered_as_primary(lsn),
+                    Some((lsn, false)) => m.answered(lsn),
+                    None => m.unanswered(),
+                }
             });
         }
         let mut out = Vec::new();

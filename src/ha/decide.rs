@@ -659,6 +659,14 @@ fn forked_after(cluster: &ClusterView, ours: &ControlInfo, leader_timeline: Opti
 fn better_candidate(local: &LocalView, peers: &[PeerPosition], pg: &PgRunning) -> Option<String> {
     let ours = pg.receive_lsn.max(pg.wal_lsn).unwrap_or(0);
     let our_prio = local.tags.failover_priority;
+    // A peer already running as primary takes the lease without a new
+    // timeline: electing a replica instead would rewind a healthy primary.
+    if let Some(p) = peers
+        .iter()
+        .find(|p| p.running_primary && p.name != local.name)
+    {
+        return Some(p.name.clone());
+    }
     peers
         .iter()
         .filter(|p| p.name != local.name && !p.nofailover)

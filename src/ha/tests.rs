@@ -332,6 +332,21 @@ impl Local {
                 wal_lsn: lsn,
                 nofailover,
                 failover_priority: prio,
+                running_primary: false,
+            });
+        self
+    }
+    /// A peer that answers as a running primary at `lsn`.
+    fn peer_primary(mut self, name: &str, lsn: u64) -> Self {
+        self.0
+            .peers
+            .get_or_insert_with(Vec::new)
+            .push(PeerPosition {
+                name: name.to_string(),
+                wal_lsn: Some(lsn),
+                nofailover: false,
+                failover_priority: 1,
+                running_primary: true,
             });
         self
     }
@@ -2208,5 +2223,26 @@ fn unknown_is_not_absent() {
         row("we lead, no data directory but a postmaster still answers: fence before releasing",
             mine(), local().data_empty().unresponsive().renewed_at(NOW - 1), NOW,
             vec![Fence, RenewLeader]),
+    ]);
+}
+
+#[test]
+#[rustfmt::skip]
+fn a_running_primary_beats_any_replica_in_an_election() {
+    use Action::*;
+    // etcd lost its keys (wiped, or every lease expired) while node2 kept
+    // running as primary: a replica further ahead or with a smaller name
+    // must not be elected, or the healthy primary is rewound.
+    let wiped = || cluster().replica(N2);
+    check(vec![
+        row("replica level with a running primary: leave the lease to it",
+            wiped(), local().data(SYSID).pg_replica(Some(addr(N2)), LSN).peer_primary(N2, LSN), NOW,
+            vec![]).waiting("node2 is a better failover candidate"),
+        row("replica with a higher priority than a running primary: leave it all the same",
+            wiped(), local().data(SYSID).pg_replica(Some(addr(N2)), LSN).priority(9).peer_primary(N2, LSN), NOW,
+            vec![]).waiting("node2 is a better failover candidate"),
+        row("no running primary among the peers: the normal election",
+            wiped(), local().data(SYSID).pg_replica(Some(addr(N2)), LSN).peer(N2, Some(LSN)), NOW,
+            vec![AcquireLeader]),
     ]);
 }

@@ -75,6 +75,9 @@ pub struct PeerPosition {
     pub wal_lsn: Option<u64>,
     pub nofailover: bool,
     pub failover_priority: u32,
+    /// It runs as a primary already (etcd lost its keys, say): it takes
+    /// the lease without a promotion, so it beats any replica.
+    pub running_primary: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -258,6 +261,14 @@ impl PeerAddress {
             wal_lsn,
             nofailover: self.nofailover,
             failover_priority: self.failover_priority,
+            running_primary: false,
+        }
+    }
+    /// Its answer when it runs as a primary.
+    pub fn answered_as_primary(&self, wal_lsn: Option<u64>) -> PeerPosition {
+        PeerPosition {
+            running_primary: true,
+            ..self.answered(wal_lsn)
         }
     }
 }
