@@ -1,6 +1,8 @@
 use super::Agent;
 use crate::dcs::{ClusterView, Dcs, Keys};
-use crate::ha::{self, ControlInfo, DataDir, Observation, PeerAddress, PeerPosition, PeerQuery, PgRun};
+use crate::ha::{
+    self, ControlInfo, DataDir, Observation, PeerAddress, PeerPosition, PeerQuery, PgRun,
+};
 use std::time::Duration;
 
 impl Agent {

@@ -56,7 +56,9 @@ pub enum Event {
     },
     /// A quick action failed (nothing to retry at once: the next pass
     /// decides again from what it observes).
-    ActionFailed { error: String },
+    ActionFailed {
+        error: String,
+    },
     /// An operator request to this member's API.
     Request(OperatorRequest),
 }
@@ -313,10 +315,7 @@ impl Core {
         };
         earliest(self.fence_at);
         if !self.demoting && self.fence_at.is_some() {
-            earliest(
-                self.renew_failing_since
-                    .map(|s| s + self.retry_timeout()),
-            );
+            earliest(self.renew_failing_since.map(|s| s + self.retry_timeout()));
         }
         t
     }
@@ -598,8 +597,7 @@ impl Core {
             .iter()
             .map(|m| slot_name(&m.name))
             .collect();
-        self.slot_last_seen
-            .retain(|s, _| running.slots.contains(s));
+        self.slot_last_seen.retain(|s, _| running.slots.contains(s));
         for slot in &running.slots {
             let seen = self.slot_last_seen.entry(slot.clone()).or_insert(now);
             if present.contains(slot) {

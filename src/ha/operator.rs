@@ -105,7 +105,10 @@ pub(super) fn leader_hands_over(
     };
     let Some(peers) = local.peers.as_ref() else {
         let Some(m) = cluster.member(candidate) else {
-            d.push(Action::RenewLeader, "holding the lease while the candidate publishes itself");
+            d.push(
+                Action::RenewLeader,
+                "holding the lease while the candidate publishes itself",
+            );
             d.waiting = Some(format!("waiting for {candidate} to publish its address"));
             return true;
         };

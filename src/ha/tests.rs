@@ -313,12 +313,15 @@ impl Local {
         self.peer_with(name, lsn, 1, false)
     }
     fn peer_with(mut self, name: &str, lsn: Option<u64>, prio: u32, nofailover: bool) -> Self {
-        self.0.peers.get_or_insert_with(Vec::new).push(PeerPosition {
-            name: name.to_string(),
-            wal_lsn: lsn,
-            nofailover,
-            failover_priority: prio,
-        });
+        self.0
+            .peers
+            .get_or_insert_with(Vec::new)
+            .push(PeerPosition {
+                name: name.to_string(),
+                wal_lsn: lsn,
+                nofailover,
+                failover_priority: prio,
+            });
         self
     }
     /// We hold the leader key without a running primary since `t`.
@@ -400,12 +403,13 @@ fn through_core(cluster: &ClusterView, local: &LocalView, now: Duration) -> Deci
     );
     let mut steps = Vec::new();
     for _ in 0..100 {
-        let Some(step) = core.poll_action() else { break };
+        let Some(step) = core.poll_action() else {
+            break;
+        };
         match &step.action {
-            Action::AskPeers(_) => core.handle(
-                Event::Peers(local.peers.clone().unwrap_or_default()),
-                now,
-            ),
+            Action::AskPeers(_) => {
+                core.handle(Event::Peers(local.peers.clone().unwrap_or_default()), now)
+            }
             Action::Publish => break,
             a if a.is_lease_op() => {
                 steps.push(step.clone());
@@ -1319,14 +1323,19 @@ fn safety_invariants_over_grid() {
             if !l.dcs_ok && has(&|a| is_dcs_write(a) && *a != Action::RenewLeader) {
                 bad("a DCS write other than a renewal attempt while etcd is unreachable");
             }
-            if !l.dcs_ok && acts.iter().any(|a| !matches!(a, Action::Stop | Action::RenewLeader)) {
+            if !l.dcs_ok
+                && acts
+                    .iter()
+                    .any(|a| !matches!(a, Action::Stop | Action::RenewLeader))
+            {
                 bad("anything but Stop or a renewal attempt while etcd is unreachable");
             }
             // Rule 2 (the part that is the policy's; the timing is the
             // core's, checked by the simulator): without etcd, a primary
             // either keeps trying to renew a lease it holds or stops.
             if !l.dcs_ok && l.pg.is_primary() && l.job.is_none() {
-                let renews = has(&|a| *a == Action::RenewLeader) && (i_lead || l.last_renew.is_some());
+                let renews =
+                    has(&|a| *a == Action::RenewLeader) && (i_lead || l.last_renew.is_some());
                 if !renews && !has(&|a| *a == Action::Stop) {
                     bad("rule 2: primary without etcd neither renews nor stops");
                 }
