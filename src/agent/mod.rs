@@ -36,7 +36,8 @@ struct Agent {
     lease_kept_at: Option<Instant>,
     /// Cached system identifier of the data directory (pg_controldata).
     system_id: Option<String>,
-    last_published: Option<MemberStatus>,
+    /// The member key as last written, and the lease it was written on.
+    last_published: Option<(MemberStatus, Option<i64>)>,
     last_status_written: Option<(u64, u32)>,
     /// Steps of the previous pass, to log each action once, not every pass.
     last_steps: Vec<Step>,

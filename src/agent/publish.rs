@@ -82,12 +82,19 @@ impl Agent {
             self.dcs_lease_lost();
             return;
         }
-        if self.last_published.as_ref() == Some(status) {
+        // Unchanged and on the same lease: a new lease (after a ttl edit)
+        // must carry the key before the old one runs out.
+        let Some(dcs) = self.dcs.as_mut() else { return };
+        let lease = dcs.lease();
+        if self
+            .last_published
+            .as_ref()
+            .is_some_and(|(s, l)| s == status && *l == lease)
+        {
             return;
         }
-        let Some(dcs) = self.dcs.as_mut() else { return };
         match dcs.publish_member(status, ttl).await {
-            Ok(()) => self.last_published = Some(status.clone()),
+            Ok(()) => self.last_published = Some((status.clone(), dcs.lease())),
             Err(e) => tracing::warn!("cannot publish our member key: {e}"),
         }
     }

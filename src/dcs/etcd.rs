@@ -46,6 +46,8 @@ pub struct Dcs {
     pub(super) keys: Keys,
     pub(super) timeout: Duration,
     lease: Option<i64>,
+    /// The TTL `lease` was granted with.
+    lease_ttl: u64,
     keeper: Option<(LeaseKeeper, LeaseKeepAliveStream)>,
     endpoints: Vec<String>,
     current: usize,
@@ -70,6 +72,7 @@ impl Dcs {
                         keys,
                         timeout,
                         lease: None,
+                        lease_ttl: 0,
                         keeper: None,
                         endpoints: endpoints.to_vec(),
                         current: i,
@@ -106,6 +109,11 @@ impl Dcs {
             }
         }
         Err(last)
+    }
+
+    /// The lease our keys live on, if one was granted.
+    pub fn lease(&self) -> Option<i64> {
+        self.lease
     }
 
     pub fn has_alternatives(&self) -> bool {
@@ -182,11 +190,17 @@ impl Dcs {
     }
 
     async fn lease_id(&mut self, ttl: u64) -> Result<i64, DcsError> {
-        if let Some(id) = self.lease {
+        // A keep-alive extends a lease by the TTL it was granted with, not
+        // by the ttl of the config now: after an edit of ttl the old lease
+        // would expire sooner (or later) than the policy counts. A new lease
+        // takes the new ttl; the keys move onto it as they are renewed
+        // (leader) and republished (member), and the old one runs out.
+        if let Some(id) = self.lease.filter(|_| self.lease_ttl == ttl) {
             return Ok(id);
         }
         let resp = with_timeout(self.timeout, self.client.lease_grant(ttl as i64, None)).await?;
         self.lease = Some(resp.id());
+        self.lease_ttl = ttl;
         self.keeper = None;
         Ok(resp.id())
     }
