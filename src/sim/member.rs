@@ -80,9 +80,12 @@ pub struct Agent {
     pub wake: bool,
     pub requests: VecDeque<OperatorRequest>,
     pub lease: Option<i64>,
+    /// The TTL `lease` was granted with (`Dcs::lease_id` re-grants when
+    /// the config's ttl differs).
+    pub lease_ttl: u64,
     /// Local time the last successful keep-alive started.
     pub lease_kept_at: Option<Duration>,
-    pub last_published: Option<MemberStatus>,
+    pub last_published: Option<(MemberStatus, Option<i64>)>,
     pub last_status_written: Option<(u64, u32)>,
     /// Cached system identifier (dropped after every job, as the agent does).
     pub system_id: Option<String>,
@@ -180,6 +183,7 @@ impl World {
             wake: false,
             requests: VecDeque::new(),
             lease: None,
+            lease_ttl: 0,
             lease_kept_at: None,
             last_published: None,
             last_status_written: None,
@@ -388,11 +392,13 @@ impl World {
 
     /// `Dcs::lease_id`: grant a lease once, with the ttl of that moment.
     fn lease_id(&mut self, i: usize, elapsed: &mut Duration, ttl: u64) -> Result<i64, String> {
-        if let Some(id) = self.agent(i).lease {
+        let a = self.agent(i);
+        if let Some(id) = a.lease.filter(|_| a.lease_ttl == ttl) {
             return Ok(id);
         }
         let id = self.etcd_call(i, elapsed, |e, now| e.grant(ttl, now))?;
         self.agent_mut(i).lease = Some(id);
+        self.agent_mut(i).lease_ttl = ttl;
         Ok(id)
     }
 
@@ -1097,7 +1103,13 @@ impl World {
             self.agent_mut(i).last_published = None;
             return;
         }
-        if self.agent(i).last_published.as_ref() == Some(&status) {
+        let lease = self.agent(i).lease;
+        if self
+            .agent(i)
+            .last_published
+            .as_ref()
+            .is_some_and(|(s, l)| *s == status && *l == lease)
+        {
             return;
         }
         let Ok(id) = self.lease_id(i, elapsed, ttl) else {
@@ -1106,7 +1118,7 @@ impl World {
         let key = etcd::member_key(&status.name);
         let value = etcd::Value::Member(Box::new(status.clone()));
         if let Ok(Ok(())) = self.etcd_call(i, elapsed, |e, now| e.put(&key, value, id, now)) {
-            self.agent_mut(i).last_published = Some(status);
+            self.agent_mut(i).last_published = Some((status, Some(id)));
         }
     }
 
