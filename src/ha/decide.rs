@@ -25,9 +25,24 @@ pub fn decide(cluster: &ClusterView, local: &LocalView, now: Duration) -> Decisi
         return d;
     }
 
-    if i_lead && !local.pg.is_primary() {
+    // Not while a job runs: a start (or promotion) in flight may still make
+    // PostgreSQL writable, which must not happen after the key is gone. The
+    // job ends (pg_ctl has its own timeout) and the next pass decides.
+    if i_lead && !local.pg.is_primary() && local.job.is_none() {
         if let Some(since) = local.primary_down_since {
             if now.saturating_sub(since) >= Duration::from_secs(cfg.primary_start_timeout) {
+                if matches!(local.pg, PgRun::Unresponsive) {
+                    // Rule 7: a postmaster that does not answer may still
+                    // come up as a primary; stop it before releasing.
+                    d.push(
+                        Action::Stop,
+                        format!(
+                            "PostgreSQL has not been a running primary for {}s (primary_start_timeout) and does not answer: stopping it before releasing the leader lease",
+                            cfg.primary_start_timeout
+                        ),
+                    );
+                    return d;
+                }
                 d.push(
                     Action::ReleaseLeader,
                     format!(
