@@ -11,7 +11,16 @@ const TRACE_TAIL: usize = 300;
 const THREADS: u64 = 2;
 
 /// Seeds that once failed, and what each found. Replayed on every run.
-const REGRESSIONS: &[(u64, &str)] = &[];
+const REGRESSIONS: &[(u64, &str)] = &[
+    (
+        0,
+        "primary_start_timeout released the leader key while a start job was bringing PostgreSQL up as primary: two writable",
+    ),
+    (
+        1,
+        "after edit-config raised ttl and loop_wait, the lease kept the TTL it was granted with and expired under a healthy leader",
+    ),
+];
 
 fn env_u64(name: &str) -> Option<u64> {
     std::env::var(name).ok().and_then(|v| v.trim().parse().ok())
