@@ -159,6 +159,9 @@ pub struct Core {
     fence_at: Option<Duration>,
     /// A demotion for failed renewals was started and not yet resolved.
     demoting: bool,
+    /// The step handed out last starts a background job: if it fails
+    /// (`Event::ActionFailed`), the job never started.
+    starts_job: bool,
 
     decision: Decision,
     #[cfg(test)]
@@ -210,6 +213,7 @@ impl Core {
             renew_failing_since: None,
             fence_at: None,
             demoting: false,
+            starts_job: false,
             decision: Decision::default(),
             #[cfg(test)]
             mutation: None,
@@ -252,7 +256,14 @@ impl Core {
                 }
                 self.wake(now);
             }
-            Event::ActionFailed { .. } => {}
+            Event::ActionFailed { .. } => {
+                // A job whose action failed before it began (a hand-over
+                // whose etcd write failed, say) is not running: the core
+                // must not wait for it to finish.
+                if std::mem::take(&mut self.starts_job) {
+                    self.job = None;
+                }
+            }
             Event::Request(r) => {
                 self.request = Some(r);
                 self.wake(now);
@@ -289,6 +300,7 @@ impl Core {
             Action::Publish => self.end_pass(),
             _ => {}
         }
+        self.starts_job = step.action.job(self.major).is_some();
         if let Some(kind) = step.action.job(self.major) {
             self.job = Some(kind);
         }
@@ -299,6 +311,7 @@ impl Core {
     /// middle of another action (a renewal stuck in an etcd timeout, say).
     pub fn poll_urgent(&mut self) -> Option<Step> {
         let step = self.urgent.pop_front()?;
+        self.starts_job = step.action.job(self.major).is_some();
         if let Some(kind) = step.action.job(self.major) {
             self.job = Some(kind);
         }
