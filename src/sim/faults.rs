@@ -231,6 +231,14 @@ impl World {
                     OperatorRequest::Reload,
                     OperatorRequest::Reinit,
                 ]);
+                // An operator reinitializes a replica only while another
+                // member leads and runs (reinit of the best data when
+                // nobody leads is an operator's mistake, not a fault).
+                let leader = self.etcd.leader().and_then(|l| self.member_by_name(l));
+                let sane = leader.is_some_and(|l| l != i && self.members[l].pg.writable());
+                if req == OperatorRequest::Reinit && !sane {
+                    return;
+                }
                 if let Some(a) = self.members[i].agent.as_mut() {
                     a.requests.push_back(req);
                     self.trace(Some(i), || format!("OPERATOR {req:?}"));

@@ -78,6 +78,8 @@ pub struct World {
     pub pair_cut: BTreeMap<(usize, usize), Duration>,
     pub mutation: Option<Mutation>,
     pub failure: Option<String>,
+    /// Known limitations met (not failures), see check.rs.
+    pub known: Vec<String>,
     pub trace: trace::Trace,
     queue: BinaryHeap<Reverse<(Duration, u64, Ev)>>,
     seq: u64,
@@ -95,6 +97,7 @@ pub struct World {
 pub struct Outcome {
     pub seed: u64,
     pub failure: Option<String>,
+    pub known: Vec<String>,
     pub trace: Vec<String>,
     pub steps: u64,
     pub writes: u64,
@@ -129,6 +132,7 @@ impl World {
             pair_cut: BTreeMap::new(),
             mutation,
             failure: None,
+            known: Vec::new(),
             trace: trace::Trace {
                 on: trace_keep.is_some(),
                 keep: trace_keep.unwrap_or(0),
@@ -389,6 +393,7 @@ impl World {
         Outcome {
             seed,
             failure: self.failure.clone(),
+            known: self.known.clone(),
             trace: self.trace.lines.iter().cloned().collect(),
             steps: self.steps,
             writes: self.writes,

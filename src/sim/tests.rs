@@ -20,6 +20,10 @@ const REGRESSIONS: &[(u64, &str)] = &[
         1,
         "after edit-config raised ttl and loop_wait, the lease kept the TTL it was granted with and expired under a healthy leader",
     ),
+    (
+        691,
+        "a hand-over whose etcd write failed left the core waiting forever for a stop job that never started; the leader held the lease with PostgreSQL down",
+    ),
 ];
 
 fn env_u64(name: &str) -> Option<u64> {
