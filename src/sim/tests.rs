@@ -1,6 +1,7 @@
 use super::faults::{Plan, NAMED_TIMINGS};
 use super::{run_plan, run_seed, Outcome};
 use crate::ha::Mutation;
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -53,14 +54,22 @@ fn sweep(count: u64, mutation: Option<Mutation>) -> (Option<Outcome>, u64) {
     let stop = AtomicBool::new(false);
     let ran = AtomicU64::new(0);
     let found = std::sync::Mutex::new(None::<u64>);
+    let known = std::sync::Mutex::new(BTreeMap::<String, u64>::new());
     std::thread::scope(|s| {
         for t in 0..THREADS {
-            let (stop, ran, found) = (&stop, &ran, &found);
+            let (stop, ran, found, known) = (&stop, &ran, &found, &known);
             s.spawn(move || {
                 let mut seed = t;
                 while seed < count && !stop.load(Ordering::Relaxed) {
                     let o = run_seed(seed, mutation, None);
                     ran.fetch_add(1, Ordering::Relaxed);
+                    if !o.known.is_empty() {
+                        let mut k = known.lock().unwrap_or_else(|e| e.into_inner());
+                        for what in &o.known {
+                            let kind = what.split_once(": ").map_or(what.as_str(), |x| x.1);
+                            *k.entry(kind.to_string()).or_default() += 1;
+                        }
+                    }
                     if o.failure.is_some() {
                         let mut f = found.lock().unwrap_or_else(|e| e.into_inner());
                         if f.is_none_or(|x| seed < x) {
@@ -73,6 +82,11 @@ fn sweep(count: u64, mutation: Option<Mutation>) -> (Option<Outcome>, u64) {
             });
         }
     });
+    if mutation.is_none() {
+        for (what, n) in known.into_inner().unwrap_or_else(|e| e.into_inner()) {
+            println!("simulator: expected or known outcome {n}x: {what}");
+        }
+    }
     let seed = found.into_inner().unwrap_or_else(|e| e.into_inner());
     // The replay with a trace is exact: the run depends on the seed alone.
     let failing = seed.map(|s| run_seed(s, mutation, Some(TRACE_TAIL)));
@@ -197,7 +211,7 @@ fn mutant_old_freshness_rule_is_caught() {
 fn survey() {
     let count = env_u64("PGWARDEN_SIM_SCHEDULES").unwrap_or(500);
     let started = Instant::now();
-    let mut kinds: std::collections::BTreeMap<String, Vec<u64>> = Default::default();
+    let mut kinds: BTreeMap<String, Vec<u64>> = Default::default();
     let mut steps = 0;
     for seed in 0..count {
         let o = run_seed(seed, None, None);
