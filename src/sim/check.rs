@@ -281,6 +281,7 @@ impl World {
         if log.len() > 1 {
             let changes: Vec<String> = log
                 .iter()
+                .take(6)
                 .map(|(t, l)| {
                     format!(
                         "{:.3}s {}",

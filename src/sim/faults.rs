@@ -164,11 +164,9 @@ impl World {
                 self.members[i].server_up = false;
                 self.schedule(back, Ev::ServerUp { m: i });
             }
-            14..=19 => {
-                if self.members[i].pg.postmaster_alive() {
-                    self.trace(Some(i), || "FAULT PostgreSQL crashes".into());
-                    self.members[i].pg.kill();
-                }
+            14..=19 if self.members[i].pg.postmaster_alive() => {
+                self.trace(Some(i), || "FAULT PostgreSQL crashes".into());
+                self.members[i].pg.kill();
             }
             20..=27 if !protected => {
                 let until = self.until(100, 2 * ttl_ms);
@@ -245,12 +243,10 @@ impl World {
                     self.poke(i);
                 }
             }
-            80..=84 => {
-                if !self.config().pause {
-                    self.set_pause(true);
-                    let until = self.until(1000, 3 * ttl_ms);
-                    self.schedule(until, Ev::Resume);
-                }
+            80..=84 if !self.config().pause => {
+                self.set_pause(true);
+                let until = self.until(1000, 3 * ttl_ms);
+                self.schedule(until, Ev::Resume);
             }
             85..=92 => self.edit_timings(),
             _ => {}
