@@ -558,6 +558,15 @@ impl Core {
             self.fence_at = None;
             self.demoting = false;
             self.serving = false;
+            // The rest of the pass was decided on a lease that may be gone
+            // (a renewal answered after a stall, say): starting or
+            // promoting PostgreSQL after the fence would undo it.
+            self.queue.retain(|s| {
+                !matches!(
+                    s.action,
+                    Action::StartPrimary | Action::Promote | Action::Restart
+                )
+            });
             self.push_urgent(
                 Action::Fence,
                 "the leader lease may expire within a second and has not been renewed: stopping PostgreSQL immediately",
