@@ -25,6 +25,10 @@ const REGRESSIONS: &[(u64, &str)] = &[
         691,
         "a hand-over whose etcd write failed left the core waiting forever for a stop job that never started; the leader held the lease with PostgreSQL down",
     ),
+    (
+        2888,
+        "a renewal answered after the loop had hung past the lease: the fence fired but the rest of the pass still started PostgreSQL as primary",
+    ),
 ];
 
 fn env_u64(name: &str) -> Option<u64> {
