@@ -191,11 +191,14 @@ impl Dcs {
 
     async fn lease_id(&mut self, ttl: u64) -> Result<i64, DcsError> {
         // A keep-alive extends a lease by the TTL it was granted with, not
-        // by the ttl of the config now: after an edit of ttl the old lease
-        // would expire sooner (or later) than the policy counts. A new lease
-        // takes the new ttl; the keys move onto it as they are renewed
-        // (leader) and republished (member), and the old one runs out.
-        if let Some(id) = self.lease.filter(|_| self.lease_ttl == ttl) {
+        // by the ttl of the config now. After ttl grew, that lease would
+        // expire before the policy counts: a new lease takes the new ttl,
+        // the keys move onto it as they are renewed (leader) and
+        // republished (member), and the old one runs out. After ttl shrank
+        // the longer lease stays: the policy counts the shorter ttl, and
+        // moving the leader key onto a shorter lease would let it expire
+        // before a fence deadline armed with the longer one.
+        if let Some(id) = self.lease.filter(|_| self.lease_ttl >= ttl) {
             return Ok(id);
         }
         let resp = with_timeout(self.timeout, self.client.lease_grant(ttl as i64, None)).await?;
