@@ -81,7 +81,7 @@ pub struct Agent {
     pub requests: VecDeque<OperatorRequest>,
     pub lease: Option<i64>,
     /// The TTL `lease` was granted with (`Dcs::lease_id` re-grants when
-    /// the config's ttl differs).
+    /// the config's ttl grew beyond it).
     pub lease_ttl: u64,
     /// Local time the last successful keep-alive started.
     pub lease_kept_at: Option<Duration>,
@@ -393,7 +393,7 @@ impl World {
     /// `Dcs::lease_id`: grant a lease once, with the ttl of that moment.
     fn lease_id(&mut self, i: usize, elapsed: &mut Duration, ttl: u64) -> Result<i64, String> {
         let a = self.agent(i);
-        if let Some(id) = a.lease.filter(|_| a.lease_ttl == ttl) {
+        if let Some(id) = a.lease.filter(|_| a.lease_ttl >= ttl) {
             return Ok(id);
         }
         let id = self.etcd_call(i, elapsed, |e, now| e.grant(ttl, now))?;

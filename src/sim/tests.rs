@@ -29,6 +29,10 @@ const REGRESSIONS: &[(u64, &str)] = &[
         2888,
         "a renewal answered after the loop had hung past the lease: the fence fired but the rest of the pass still started PostgreSQL as primary",
     ),
+    (
+        14655,
+        "the first lease fix moved the leader key onto a new, shorter lease after ttl shrank, while the fence was still armed for the longer one; the loop hung: writable without the key",
+    ),
 ];
 
 fn env_u64(name: &str) -> Option<u64> {
