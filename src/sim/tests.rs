@@ -10,6 +10,8 @@ const CI_SCHEDULES: u64 = 10_000;
 /// Trace lines printed with a failing seed.
 const TRACE_TAIL: usize = 300;
 const THREADS: u64 = 2;
+/// A long run reports its progress this often.
+const PROGRESS_EVERY: u64 = 50_000;
 
 /// Seeds that once failed, and what each found. Replayed on every run.
 const REGRESSIONS: &[(u64, &str)] = &[
@@ -32,6 +34,10 @@ const REGRESSIONS: &[(u64, &str)] = &[
     (
         14655,
         "the first lease fix moved the leader key onto a new, shorter lease after ttl shrank, while the fence was still armed for the longer one; the loop hung: writable without the key",
+    ),
+    (
+        265550,
+        "a bootstrap claim whose first renewal failed was released by primary_start_timeout (leader key only): the empty initialize claim stayed on a live lease and nobody ever bootstrapped",
     ),
 ];
 
@@ -63,6 +69,8 @@ fn sweep(count: u64, mutation: Option<Mutation>) -> (Option<Outcome>, u64) {
     let ran = AtomicU64::new(0);
     let found = std::sync::Mutex::new(None::<u64>);
     let known = std::sync::Mutex::new(BTreeMap::<String, u64>::new());
+    let started = Instant::now();
+    let started = &started;
     std::thread::scope(|s| {
         for t in 0..THREADS {
             let (stop, ran, found, known) = (&stop, &ran, &found, &known);
@@ -70,7 +78,13 @@ fn sweep(count: u64, mutation: Option<Mutation>) -> (Option<Outcome>, u64) {
                 let mut seed = t;
                 while seed < count && !stop.load(Ordering::Relaxed) {
                     let o = run_seed(seed, mutation, None);
-                    ran.fetch_add(1, Ordering::Relaxed);
+                    let done = ran.fetch_add(1, Ordering::Relaxed) + 1;
+                    if done % PROGRESS_EVERY == 0 {
+                        println!(
+                            "simulator: {done} schedules after {:.0}s",
+                            started.elapsed().as_secs_f64()
+                        );
+                    }
                     if !o.known.is_empty() {
                         let mut k = known.lock().unwrap_or_else(|e| e.into_inner());
                         for what in &o.known {
