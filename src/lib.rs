@@ -10,3 +10,5 @@ pub mod demo;
 pub mod ha;
 pub mod haproxy;
 pub mod postgres;
+#[cfg(test)]
+mod sim;

@@ -166,6 +166,11 @@ impl Dcs {
         Err(last)
     }
 
+    /// The lease our keys live on, if one was granted.
+    pub fn lease(&self) -> Option<i64> {
+        self.lease
+    }
+
     pub fn has_alternatives(&self) -> bool {
         self.endpoints.len() > 1
     }
@@ -230,17 +235,20 @@ impl Dcs {
 
     async fn lease_id(&mut self, ttl: u64) -> Result<i64, DcsError> {
         if let Some(id) = self.lease {
-            if self.lease_ttl == ttl {
+            // A keep-alive extends a lease by the TTL it was granted with,
+            // not by the ttl of the config now. After ttl shrank the longer
+            // lease stays: the policy counts the shorter ttl, and moving the
+            // leader key onto a shorter lease would let it expire before a
+            // fence deadline armed with the longer one.
+            if self.lease_ttl >= ttl {
                 return Ok(id);
             }
-            // ttl was edited: the old lease would still expire on the old
-            // schedule while the agent counts with the new one (a shorter
-            // real lease than the agent believes is a split brain). A new
-            // lease; our keys move onto it as they are next written (the
-            // renewal moves `leader` by comparing its value), and the old
-            // one runs out empty.
+            // After ttl grew the old lease would expire before the policy
+            // counts: a new lease takes the new ttl, the keys move onto it
+            // as they are renewed (leader) and republished (member), and the
+            // old one runs out empty.
             tracing::info!(
-                "ttl changed from {}s to {ttl}s: taking a new etcd lease",
+                "ttl grew from {}s to {ttl}s: taking a new etcd lease",
                 self.lease_ttl
             );
             self.previous_lease = Some(id);

@@ -163,6 +163,9 @@ pub struct Core {
     fence_at: Option<Duration>,
     /// A demotion for failed renewals was started and not yet resolved.
     demoting: bool,
+    /// The step handed out last starts a background job: if it fails
+    /// (`Event::ActionFailed`), the job never started.
+    starts_job: bool,
 
     decision: Decision,
     #[cfg(test)]
@@ -216,6 +219,7 @@ impl Core {
             renew_failing_since: None,
             fence_at: None,
             demoting: false,
+            starts_job: false,
             decision: Decision::default(),
             #[cfg(test)]
             mutation: None,
@@ -258,7 +262,14 @@ impl Core {
                 }
                 self.wake(now);
             }
-            Event::ActionFailed { .. } => {}
+            Event::ActionFailed { .. } => {
+                // A job whose action failed before it began (a hand-over
+                // whose etcd write failed, say) is not running: the core
+                // must not wait for it to finish.
+                if std::mem::take(&mut self.starts_job) {
+                    self.job = None;
+                }
+            }
             Event::Request(r) => {
                 self.request = Some(r);
                 self.wake(now);
@@ -295,6 +306,7 @@ impl Core {
             Action::Publish => self.end_pass(),
             _ => {}
         }
+        self.starts_job = step.action.job(self.major).is_some();
         if let Some(kind) = step.action.job(self.major) {
             self.job = Some(kind);
         }
@@ -305,6 +317,7 @@ impl Core {
     /// middle of another action (a renewal stuck in an etcd timeout, say).
     pub fn poll_urgent(&mut self) -> Option<Step> {
         let step = self.urgent.pop_front()?;
+        self.starts_job = step.action.job(self.major).is_some();
         if let Some(kind) = step.action.job(self.major) {
             self.job = Some(kind);
         }
@@ -561,6 +574,15 @@ impl Core {
             self.fence_at = None;
             self.demoting = false;
             self.serving = false;
+            // The rest of the pass was decided on a lease that may be gone
+            // (a renewal answered after a stall, say): starting or
+            // promoting PostgreSQL after the fence would undo it.
+            self.queue.retain(|s| {
+                !matches!(
+                    s.action,
+                    Action::StartPrimary | Action::Promote | Action::Restart
+                )
+            });
             self.push_urgent(
                 Action::Fence,
                 "the leader lease may expire within a second and has not been renewed: stopping PostgreSQL immediately",

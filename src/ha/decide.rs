@@ -41,9 +41,18 @@ pub fn decide(cluster: &ClusterView, local: &LocalView, now: Duration) -> Decisi
         return d;
     }
 
-    if i_lead && !local.pg.is_primary() {
+    // Not while a job runs: a start (or promotion) in flight may still make
+    // PostgreSQL writable, which must not happen after the key is gone. The
+    // job ends (pg_ctl has its own timeout) and the next pass decides.
+    // Not without data either: a bootstrap claim is retried or withdrawn
+    // with the `initialize` key by `decide_empty`; releasing only the
+    // leader key would leave the claim on our live lease for good.
+    let has_data = !matches!(local.data, DataDir::Empty);
+    if i_lead && has_data && !local.pg.is_primary() && local.job.is_none() {
         if let Some(since) = local.primary_down_since {
             if now.saturating_sub(since) >= Duration::from_secs(cfg.primary_start_timeout) {
+                // Rule 7: a postmaster that does not answer may still take
+                // writes: `release_leader` stops it before the key goes.
                 release_leader(
                     local,
                     &mut d,
