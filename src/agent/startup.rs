@@ -77,15 +77,13 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         }
     }
 
-    let listener = tokio::net::TcpListener::bind(cfg.api.listen)
-        .await
-        .map_err(|e| {
-            ConfigError::key(
-                &path,
-                "api.listen",
-                format!("cannot listen on {}: {e}", cfg.api.listen),
-            )
-        })?;
+    let listener = crate::api::bind(cfg.api.listen).map_err(|e| {
+        ConfigError::key(
+            &path,
+            "api.listen",
+            format!("cannot listen on {}: {e}", cfg.api.listen),
+        )
+    })?;
     tracing::info!(
         "pgwarden agent {} for member {} of cluster {} (PostgreSQL {major} in {}, API on {})",
         env!("CARGO_PKG_VERSION"),

@@ -22,7 +22,7 @@ mod tests;
 
 pub use auth::Credentials;
 pub use operator::{ApiOptions, MemberCommand, BODY_LIMIT};
-pub use server::{BODY_TIMEOUT, HEADER_TIMEOUT, TLS_HANDSHAKE_TIMEOUT};
+pub use server::{bind, BODY_TIMEOUT, HEADER_TIMEOUT, TLS_HANDSHAKE_TIMEOUT};
 pub use state::{ApiSnapshot, SharedState};
 pub use tls::client_builder;
 
