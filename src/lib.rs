@@ -7,6 +7,7 @@ pub mod cli;
 pub mod config;
 pub mod dcs;
 pub mod demo;
+pub mod fdlimit;
 pub mod ha;
 pub mod haproxy;
 pub mod postgres;

@@ -12,6 +12,8 @@ use tokio::sync::Notify;
 /// Runs the agent until SIGTERM or SIGINT. Config problems are returned as
 /// `ConfigError` before anything is written to disk or etcd.
 pub async fn run(cfg: Config) -> anyhow::Result<()> {
+    // Before the API's connection budget is computed from it.
+    crate::fdlimit::raise_nofile();
     let path = cfg.source.clone();
     let user = OsUser::resolve(&cfg.postgresql.os_user)
         .map_err(|m| ConfigError::key(&path, "postgresql.os_user", m))?;
@@ -99,15 +101,13 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         }
     }
 
-    let listener = tokio::net::TcpListener::bind(cfg.api.listen)
-        .await
-        .map_err(|e| {
-            ConfigError::key(
-                &path,
-                "api.listen",
-                format!("cannot listen on {}: {e}", cfg.api.listen),
-            )
-        })?;
+    let listener = crate::api::bind(cfg.api.listen).map_err(|e| {
+        ConfigError::key(
+            &path,
+            "api.listen",
+            format!("cannot listen on {}: {e}", cfg.api.listen),
+        )
+    })?;
     tracing::info!(
         "pgwarden agent {} for member {} of cluster {} (PostgreSQL {major} in {}, API on {})",
         env!("CARGO_PKG_VERSION"),

@@ -12,6 +12,7 @@ mod health;
 mod metrics;
 mod operator;
 pub mod requests;
+mod server;
 mod state;
 pub mod tls;
 mod views;
@@ -21,6 +22,7 @@ mod tests;
 
 pub use auth::Credentials;
 pub use operator::{ApiOptions, MemberCommand, BODY_LIMIT};
+pub use server::{bind, BODY_TIMEOUT, HEADER_TIMEOUT, TLS_HANDSHAKE_TIMEOUT};
 pub use state::{ApiSnapshot, SharedState};
 pub use tls::client_builder;
 
@@ -28,12 +30,11 @@ use axum::extract::State;
 use axum::http::Uri;
 use axum::response::Response;
 use axum::routing::{get, post, MethodRouter};
-use axum::serve::ListenerExt;
 use axum::Router;
 use operator::{AppState, Ops};
 use std::future::Future;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 use tokio::sync::mpsc;
 
 /// Every route of the DESIGN.md "HTTP API" contract. Unknown paths get a JSON
@@ -86,12 +87,13 @@ pub fn router(
 
 /// Serves `router(state, options, commands)` (over HTTPS when `options`
 /// carry a TLS config) until `shutdown` completes, then lets in-flight
-/// requests finish.
+/// requests finish. At most `options.max_connections` connections are open
+/// at once, and slow or silent clients are dropped (`server.rs`).
 ///
 /// # Errors
 ///
-/// Only what the accept loop reports; transient accept errors (too many
-/// open files, aborted connections) are retried inside it, not returned.
+/// None so far: accept errors (too many open files, aborted connections)
+/// are handled inside the loop, not returned.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: SharedState,
@@ -100,38 +102,9 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let tls = options.tls.clone();
+    let max_connections = options.max_connections;
     let app = router(state, options, commands);
-    match tls {
-        None => {
-            // Responses are one small write; Nagle would only add latency
-            // to probes.
-            let listener = listener.tap_io(|tcp| {
-                if let Err(e) = tcp.set_nodelay(true) {
-                    tracing::debug!(error = %e, "could not set TCP_NODELAY on API connection");
-                }
-            });
-            axum::serve(listener, app)
-                .with_graceful_shutdown(shutdown)
-                .await
-        }
-        Some(tls) => {
-            let handle = axum_server::Handle::<std::net::SocketAddr>::new();
-            let stopper = handle.clone();
-            tokio::spawn(async move {
-                shutdown.await;
-                stopper.graceful_shutdown(Some(Duration::from_secs(10)));
-            });
-            // The default acceptor under TLS sets TCP_NODELAY itself.
-            let acceptor = axum_server::tls_rustls::RustlsAcceptor::new(
-                axum_server::tls_rustls::RustlsConfig::from_config(tls),
-            );
-            axum_server::Server::from_listener(listener)
-                .acceptor(acceptor)
-                .handle(handle)
-                .serve(app.into_make_service())
-                .await
-        }
-    }
+    server::run(listener, app, tls, max_connections, shutdown).await
 }
 
 /// GET (and so HEAD, whose body axum strips) and OPTIONS, which HAProxy's

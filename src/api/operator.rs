@@ -70,6 +70,9 @@ pub struct ApiOptions {
     /// The member's bootstrap config: the base of a PATCH before the
     /// cluster stored one.
     pub(crate) defaults: DynamicConfig,
+    /// Connections the API holds open at once (`api.max_connections`,
+    /// lowered to what the open-file limit leaves).
+    pub(crate) max_connections: usize,
 }
 
 impl ApiOptions {
@@ -88,6 +91,7 @@ impl ApiOptions {
             keys: Keys::new(cfg.key_prefix()),
             etcd_timeout: Duration::from_secs(cfg.etcd.dial_timeout.max(1)),
             defaults: cfg.bootstrap.dcs.clone(),
+            max_connections: connection_budget(cfg.api.max_connections),
         })
     }
 
@@ -106,8 +110,24 @@ impl ApiOptions {
             keys: Keys::new(prefix),
             etcd_timeout: Duration::from_secs(2),
             defaults: DynamicConfig::default(),
+            max_connections: crate::config::DEFAULT_API_MAX_CONNECTIONS,
         }
     }
+}
+
+/// `api.max_connections`, lowered (with a warning) so that the API's
+/// connections and the HA loop's reserve fit in the open-file limit.
+fn connection_budget(configured: usize) -> usize {
+    let soft = crate::fdlimit::soft_nofile();
+    let allowed = crate::fdlimit::api_connections(configured, soft);
+    if allowed < configured {
+        tracing::warn!(
+            "api.max_connections = {configured} lowered to {allowed}: the open-file limit is {} and {} descriptors are kept for etcd, PostgreSQL and the programs the agent runs (raise the hard limit, e.g. LimitNOFILE= in the systemd unit, to allow more)",
+            soft.unwrap_or(0),
+            crate::fdlimit::RESERVED
+        );
+    }
+    allowed
 }
 
 /// The router's state: the loop's snapshot plus the operator side.
@@ -198,10 +218,20 @@ async fn admit(ops: &Ops, headers: &HeaderMap, body: Body) -> Result<Bytes, Resp
         return Err(too_large());
     }
     // Without a Content-Length (chunked) the limit applies while reading;
-    // a client that vanishes mid-body gets this answer too, unseen.
-    axum::body::to_bytes(body, BODY_LIMIT)
-        .await
-        .map_err(|_| too_large())
+    // a client that vanishes mid-body gets this answer too, unseen. A
+    // client that trickles its body holds a connection the limit counts as
+    // busy: it gets BODY_TIMEOUT in all, not per byte.
+    match tokio::time::timeout(super::BODY_TIMEOUT, axum::body::to_bytes(body, BODY_LIMIT)).await {
+        Ok(Ok(bytes)) => Ok(bytes),
+        Ok(Err(_)) => Err(too_large()),
+        Err(_) => Err(error_response(
+            StatusCode::REQUEST_TIMEOUT,
+            format!(
+                "request body not received within {} s",
+                super::BODY_TIMEOUT.as_secs()
+            ),
+        )),
+    }
 }
 
 #[derive(Serialize)]

@@ -1125,3 +1125,222 @@ fn tls_file_problems_name_the_key() {
     }
     assert!(tls::server_config(cfg, &other_cert, &other_key).is_ok());
 }
+
+// --- connection limits and timeouts (server.rs) ---
+
+/// Reads until the server closes the connection (EOF or reset) or
+/// `within` passes: what was read and when it ended (None: still open).
+async fn read_until_closed(
+    stream: &mut tokio::net::TcpStream,
+    within: Duration,
+) -> (Vec<u8>, Option<Duration>) {
+    let start = Instant::now();
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let left = within.saturating_sub(start.elapsed());
+        match tokio::time::timeout(left, stream.read(&mut buf)).await {
+            Err(_) => return (out, None),
+            Ok(Ok(0)) | Ok(Err(_)) => return (out, Some(start.elapsed())),
+            Ok(Ok(n)) => out.extend_from_slice(&buf[..n]),
+        }
+    }
+}
+
+async fn limited_server(snap: ApiSnapshot, max_connections: usize) -> Server {
+    let mut opts = options(None);
+    opts.max_connections = max_connections;
+    Server::start_with(snap, opts).await.0
+}
+
+/// One HAProxy-style check on a fresh connection; its status line and how
+/// long it took.
+async fn probe(addr: std::net::SocketAddr, path: &str) -> (String, Duration) {
+    let start = Instant::now();
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let (out, _) = read_until_closed(&mut s, Duration::from_secs(5)).await;
+    let text = String::from_utf8_lossy(&out);
+    (
+        text.lines().next().unwrap_or("").to_string(),
+        start.elapsed(),
+    )
+}
+
+#[tokio::test]
+async fn an_idle_flood_neither_piles_up_nor_locks_checks_out() {
+    let server = limited_server(primary(), 8).await;
+    let mut flood = Vec::new();
+    for _ in 0..200 {
+        flood.push(tokio::net::TcpStream::connect(server.addr).await.unwrap());
+    }
+    // Every check still answers at once: idle connections make room.
+    for _ in 0..20 {
+        let (status, took) = probe(server.addr, "/primary").await;
+        assert_eq!(status, "HTTP/1.0 200 OK");
+        assert!(took < Duration::from_secs(1), "check took {took:?}");
+    }
+    // All but at most 8 of the flood were closed by the server, and not
+    // after a wait: at once (refused or made room for a later one).
+    let mut closed = 0;
+    for s in &mut flood {
+        let (bytes, ended) = read_until_closed(s, Duration::from_millis(50)).await;
+        assert!(bytes.is_empty(), "an idle connection got an answer");
+        closed += usize::from(ended.is_some());
+    }
+    assert!(closed >= 200 - 8, "only {closed} of 200 closed");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn silent_and_slow_header_clients_are_dropped() {
+    let server = limited_server(primary(), 8).await;
+    let mut silent = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    let mut slow = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    let addr = server.addr;
+    let trickle = tokio::spawn(async move {
+        // One header byte a second, like a slowloris client.
+        let mut ended = None;
+        let start = Instant::now();
+        for b in b"GET /primary HTTP/1.1\r\nHost: x\r\nX-Slow: yes\r\n\r\n" {
+            if slow.write_all(&[*b]).await.is_err() {
+                break;
+            }
+            let mut buf = [0u8; 64];
+            match tokio::time::timeout(Duration::from_secs(1), slow.read(&mut buf)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => {
+                    ended = Some(start.elapsed());
+                    break;
+                }
+                Ok(Ok(_)) => panic!("a slow header was answered"),
+                Err(_) => {}
+            }
+        }
+        ended
+    });
+    let (bytes, ended) = read_until_closed(&mut silent, HEADER_TIMEOUT * 2).await;
+    let ended = ended.expect("a silent connection stays open");
+    assert!(
+        !bytes.starts_with(b"HTTP/1.1 200"),
+        "a silent client got an answer"
+    );
+    assert!(
+        ended >= HEADER_TIMEOUT - Duration::from_millis(500) && ended < HEADER_TIMEOUT * 2,
+        "silent connection closed after {ended:?}"
+    );
+    let slow_ended = trickle
+        .await
+        .unwrap()
+        .expect("the slow header was never cut");
+    assert!(
+        slow_ended < HEADER_TIMEOUT + Duration::from_secs(2),
+        "slow header cut after {slow_ended:?}"
+    );
+    // Meanwhile checks were unaffected.
+    assert_eq!(probe(addr, "/primary").await.0, "HTTP/1.0 200 OK");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn an_idle_keep_alive_connection_is_closed() {
+    let server = limited_server(primary(), 8).await;
+    let mut s = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    s.write_all(b"GET /primary HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = [0u8; 4096];
+    let n = s.read(&mut buf).await.unwrap();
+    assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+    let (_, ended) = read_until_closed(&mut s, HEADER_TIMEOUT * 2).await;
+    let ended = ended.expect("an idle keep-alive connection stays open");
+    assert!(ended < HEADER_TIMEOUT + Duration::from_secs(2), "{ended:?}");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_trickled_body_gets_408_after_the_body_timeout() {
+    let (server, _rx) = Server::start_with(primary(), options(Some(CREDS))).await;
+    let mut s = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    use base64::Engine;
+    let auth = base64::engine::general_purpose::STANDARD.encode(format!("{}:{}", CREDS.0, CREDS.1));
+    let head = format!(
+        "POST /switchover HTTP/1.1\r\nHost: x\r\nAuthorization: Basic {auth}\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{{"
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    let start = Instant::now();
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    // A byte every second: each arrives well within any per-read timeout.
+    while start.elapsed() < BODY_TIMEOUT * 2 {
+        match tokio::time::timeout(Duration::from_secs(1), s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => break,
+            Ok(Ok(n)) => {
+                out.extend_from_slice(&buf[..n]);
+                break;
+            }
+            Err(_) => {
+                let _ = s.write_all(b" ").await;
+            }
+        }
+    }
+    let took = start.elapsed();
+    let text = String::from_utf8_lossy(&out);
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+    assert!(
+        took >= BODY_TIMEOUT - Duration::from_millis(500)
+            && took < BODY_TIMEOUT + Duration::from_secs(3),
+        "{took:?}"
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn the_tls_listener_has_the_same_limits() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = self_signed(dir.path());
+    let mut opts = options(None);
+    opts.tls = Some(tls::server_config(&dir.path().join("p.toml"), &cert, &key).unwrap());
+    opts.max_connections = 4;
+    let (server, _rx) = Server::start_with(replica(), opts).await;
+    // Connections that never start their handshake.
+    let mut flood = Vec::new();
+    for _ in 0..50 {
+        flood.push(tokio::net::TcpStream::connect(server.addr).await.unwrap());
+    }
+    let root = reqwest::Certificate::from_pem(&std::fs::read(&cert).unwrap()).unwrap();
+    let client = reqwest::Client::builder()
+        .add_root_certificate(root)
+        .pool_max_idle_per_host(0)
+        .timeout(Duration::from_secs(1))
+        .build()
+        .unwrap();
+    for _ in 0..10 {
+        let resp = client
+            .get(format!("https://127.0.0.1:{}/replica", server.addr.port()))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+    }
+    let mut closed = 0;
+    for s in &mut flood {
+        closed += usize::from(
+            read_until_closed(s, Duration::from_millis(50))
+                .await
+                .1
+                .is_some(),
+        );
+    }
+    assert!(closed >= 50 - 4, "only {closed} of 50 closed");
+    // A lone silent client is cut after the handshake timeout.
+    let mut silent = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    let (_, ended) = read_until_closed(&mut silent, TLS_HANDSHAKE_TIMEOUT * 2).await;
+    let ended = ended.expect("a silent TLS client stays connected");
+    assert!(
+        ended < TLS_HANDSHAKE_TIMEOUT + Duration::from_secs(2),
+        "{ended:?}"
+    );
+    server.stop().await;
+}

@@ -66,7 +66,9 @@ fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, String> {
 /// the agent (asking peers for their positions) share it.
 pub fn client_builder(cfg: &crate::config::Config) -> anyhow::Result<reqwest::ClientBuilder> {
     use anyhow::{bail, Context};
-    let mut builder = reqwest::Client::builder();
+    // A pooled connection is dropped before the server's idle timeout
+    // closes it, so a request never goes out on one the server is closing.
+    let mut builder = reqwest::Client::builder().pool_idle_timeout(super::HEADER_TIMEOUT / 2);
     let roots = cfg.api.cafile.as_ref().map(|f| ("api.cafile", f)).or(cfg
         .api
         .certfile

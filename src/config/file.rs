@@ -68,6 +68,9 @@ pub struct ApiConfig {
     /// (default: `certfile` itself, right for a shared or self-signed one).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cafile: Option<PathBuf>,
+    /// Connections the API holds open at once; the agent lowers it at start
+    /// when the open-file limit leaves less room (see `crate::fdlimit`).
+    pub max_connections: usize,
 }
 
 /// `[api]` as written in the file, before the pairs are checked.
@@ -86,6 +89,16 @@ pub struct RawApiConfig {
     keyfile: Option<PathBuf>,
     #[serde(default, deserialize_with = "non_empty_path")]
     cafile: Option<PathBuf>,
+    #[serde(default = "default_max_connections")]
+    max_connections: usize,
+}
+
+/// Well below systemd's default soft limit of 1,024 descriptors, and far
+/// above what HAProxy's checks, peers and operators need at once.
+pub const DEFAULT_API_MAX_CONNECTIONS: usize = 256;
+
+fn default_max_connections() -> usize {
+    DEFAULT_API_MAX_CONNECTIONS
 }
 
 impl TryFrom<RawApiConfig> for ApiConfig {
@@ -113,6 +126,7 @@ impl TryFrom<RawApiConfig> for ApiConfig {
             certfile: raw.certfile,
             keyfile: raw.keyfile,
             cafile: raw.cafile,
+            max_connections: raw.max_connections,
         })
     }
 }
@@ -131,6 +145,7 @@ impl std::fmt::Debug for ApiConfig {
             .field("certfile", &self.certfile)
             .field("keyfile", &self.keyfile)
             .field("cafile", &self.cafile)
+            .field("max_connections", &self.max_connections)
             .finish()
     }
 }
@@ -145,6 +160,7 @@ impl std::fmt::Debug for RawApiConfig {
             .field("certfile", &self.certfile)
             .field("keyfile", &self.keyfile)
             .field("cafile", &self.cafile)
+            .field("max_connections", &self.max_connections)
             .finish()
     }
 }

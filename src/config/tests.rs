@@ -80,6 +80,7 @@ fn minimal_config_parses_with_documented_defaults() {
     assert_eq!(cfg.api.listen, "127.0.0.1:8008".parse().unwrap());
     assert_eq!(cfg.api.connect_address, None);
     assert_eq!(cfg.api_connect_address(), "127.0.0.1:8008");
+    assert_eq!(cfg.api.max_connections, 256);
 
     let pg = &cfg.postgresql;
     assert_eq!(pg.data_dir, Path::new("/var/lib/pgwarden/pg1"));
@@ -648,6 +649,16 @@ fn bad_configs_are_rejected_with_one_line_naming_the_key() {
             "api.listen on port 0",
             edit("listen = \"127.0.0.1:8008\"", "listen = \"127.0.0.1:0\""),
             Key("api.listen", "port must be between 1 and 65535"),
+        ),
+        (
+            "api.max_connections = 0",
+            edit("listen = \"127.0.0.1:8008\"", "listen = \"127.0.0.1:8008\"\nmax_connections = 0"),
+            Key("api.max_connections", "must be at least 1"),
+        ),
+        (
+            "negative api.max_connections",
+            edit("listen = \"127.0.0.1:8008\"", "listen = \"127.0.0.1:8008\"\nmax_connections = -5"),
+            Key("api.max_connections", "invalid value: integer `-5`, expected usize"),
         ),
         (
             "postgresql.listen on port 0",

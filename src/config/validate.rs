@@ -59,6 +59,13 @@ pub fn validate_static(cfg: &Config) -> Result<(), ConfigError> {
         ));
     }
     check_listen(p, "api.listen", cfg.api.listen)?;
+    if cfg.api.max_connections == 0 {
+        return Err(ConfigError::key(
+            p,
+            "api.max_connections",
+            "must be at least 1",
+        ));
+    }
     check_listen(p, "postgresql.listen", cfg.postgresql.listen)?;
     if cfg.api.listen == cfg.postgresql.listen {
         return Err(ConfigError::key(

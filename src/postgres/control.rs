@@ -3,9 +3,14 @@ use super::conf::{render_conf, ConfInputs, INCLUDE_LINE, MANAGED_CONF};
 use super::observe::{self, Observed};
 use crate::config::Credentials;
 use anyhow::{bail, Context};
+use nix::errno::Errno;
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio_postgres::Client;
 
@@ -19,9 +24,18 @@ pub struct Instance {
     pub replication: Credentials,
     pub start_timeout: Duration,
     client: Option<Client>,
+    /// The postmaster's PID as last read from postmaster.pid (0: none),
+    /// shared by every `detached` handle: the fence timer's handle must
+    /// know it when the file can no longer be read (no descriptor left).
+    postmaster: Arc<AtomicI32>,
 }
 
 const SHORT: Duration = Duration::from_secs(30);
+/// How long an immediate shutdown sent directly (SIGQUIT) may take: what
+/// `pg_ctl stop -m immediate -t 10` allows.
+const IMMEDIATE_STOP_WAIT: Duration = Duration::from_secs(10);
+/// How long a fast shutdown sent directly (SIGINT) may take, as pg_ctl's.
+const FAST_STOP_WAIT: Duration = Duration::from_secs(60);
 
 impl Instance {
     pub fn new(
@@ -42,6 +56,7 @@ impl Instance {
             replication,
             start_timeout,
             client: None,
+            postmaster: Arc::new(AtomicI32::new(0)),
         }
     }
 
@@ -67,37 +82,72 @@ impl Instance {
     }
 
     /// PID of a live postmaster of this data directory, per postmaster.pid
-    /// (None: none runs). Err when that cannot be told: "unknown", never
-    /// "stopped".
+    /// (None: none runs), remembered for when the file cannot be read. Err
+    /// when that cannot be told: "unknown", never "stopped".
     pub fn postmaster(&self) -> std::io::Result<Option<i32>> {
         let text = match std::fs::read_to_string(self.data_dir.join("postmaster.pid")) {
             Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                self.postmaster.store(0, Ordering::Relaxed);
+                return Ok(None);
+            }
             Err(e) => return Err(e),
         };
-        let Some(pid) = text
-            .lines()
-            .next()
-            .and_then(|l| l.trim().parse::<i32>().ok())
-        else {
+        let Some(pid) = parse_postmaster_pid(&text) else {
             // Being written by a starting postmaster, or damaged.
             return Err(std::io::Error::new(
                 std::io::ErrorKind::InvalidData,
                 "postmaster.pid has no PID on its first line",
             ));
         };
-        match nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None) {
-            Ok(()) | Err(nix::errno::Errno::EPERM) => Ok(Some(pid)),
-            Err(nix::errno::Errno::ESRCH) => Ok(None),
-            Err(e) => Err(std::io::Error::from(e)),
+        let live = match kill(Pid::from_raw(pid), None) {
+            Ok(()) | Err(Errno::EPERM) => true,
+            Err(Errno::ESRCH) => false,
+            Err(e) => return Err(std::io::Error::from(e)),
+        };
+        self.postmaster
+            .store(if live { pid } else { 0 }, Ordering::Relaxed);
+        Ok(live.then_some(pid))
+    }
+
+    /// PID of a live postmaster for stopping it: when postmaster.pid cannot
+    /// be read (no descriptor left, say), the PID last read answers if that
+    /// process still lives — fencing needs it exactly then.
+    pub fn postmaster_pid(&self) -> Option<i32> {
+        match self.postmaster() {
+            Ok(pid) => pid,
+            Err(e) => {
+                let pid = self.postmaster.load(Ordering::Relaxed);
+                let live = pid > 0 && alive(pid);
+                tracing::debug!(
+                    "cannot read postmaster.pid ({e}); the postmaster last read, PID {pid}, is {}",
+                    if live { "alive" } else { "gone" }
+                );
+                live.then_some(pid)
+            }
         }
     }
 
-    /// PID of a live postmaster, treating "cannot tell" as "none": only for
-    /// callers to whom a wrong "none" costs nothing (a stop that would find
-    /// nothing to stop, a log line).
-    pub fn postmaster_pid(&self) -> Option<i32> {
-        self.postmaster().ok().flatten()
+    /// Sends `signal` to the postmaster itself and waits up to `wait` for
+    /// it to exit: no descriptor, no process, so it works when spawning
+    /// pg_ctl does not (EMFILE). Ok when no postmaster is alive.
+    pub async fn signal_postmaster(&self, signal: Signal, wait: Duration) -> anyhow::Result<()> {
+        let Some(pid) = self.postmaster_pid() else {
+            return Ok(());
+        };
+        match kill(Pid::from_raw(pid), signal) {
+            Ok(()) => {}
+            Err(Errno::ESRCH) => return Ok(()),
+            Err(e) => bail!("cannot send {signal} to the postmaster (PID {pid}): {e}"),
+        }
+        let deadline = tokio::time::Instant::now() + wait;
+        while alive(pid) {
+            if tokio::time::Instant::now() >= deadline {
+                bail!("the postmaster (PID {pid}) still runs {wait:?} after {signal}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(())
     }
 
     /// Major version of the installed binaries.
@@ -403,6 +453,9 @@ impl Instance {
         )
         .await
         .map_err(|e| self.with_log_tail(e))?;
+        // Remembered now, for a fence that may come when the file can no
+        // longer be read.
+        let _ = self.postmaster_pid();
         Ok(())
     }
 
@@ -420,16 +473,25 @@ impl Instance {
             return Ok(());
         }
         let dir = self.data_dir.to_string_lossy().to_string();
-        run(
+        let stopped = run(
             &self.bin_dir,
             "pg_ctl",
             ["stop", "-D", dir.as_str(), "-m", "fast", "-w", "-t", "60"],
             self.user,
             &[],
-            Duration::from_secs(65),
+            FAST_STOP_WAIT + Duration::from_secs(5),
         )
-        .await?;
-        Ok(())
+        .await;
+        match stopped {
+            Ok(_) => Ok(()),
+            Err(e) if signal_instead(&e) => {
+                tracing::warn!("{e}: sending SIGINT (fast shutdown) to the postmaster itself");
+                self.signal_postmaster(Signal::SIGINT, FAST_STOP_WAIT)
+                    .await
+                    .with_context(|| e.to_string())
+            }
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// Rewinds this (stopped) data directory to the source's timeline. On
@@ -507,10 +569,12 @@ impl Instance {
     }
 
     /// Immediate shutdown: no checkpoint, clients cut at once (fencing).
+    /// When pg_ctl cannot be run (no descriptor or process left), the
+    /// postmaster gets the SIGQUIT pg_ctl would have sent it.
     pub async fn stop_immediate(&mut self) -> anyhow::Result<()> {
         self.client = None;
         let dir = self.data_dir.to_string_lossy().to_string();
-        run(
+        let stopped = run(
             &self.bin_dir,
             "pg_ctl",
             [
@@ -525,10 +589,21 @@ impl Instance {
             ],
             self.user,
             &[],
-            Duration::from_secs(15),
+            IMMEDIATE_STOP_WAIT + Duration::from_secs(5),
         )
-        .await?;
-        Ok(())
+        .await;
+        match stopped {
+            Ok(_) => Ok(()),
+            Err(e) if signal_instead(&e) => {
+                tracing::warn!(
+                    "{e}: sending SIGQUIT (immediate shutdown) to the postmaster itself"
+                );
+                self.signal_postmaster(Signal::SIGQUIT, IMMEDIATE_STOP_WAIT)
+                    .await
+                    .with_context(|| e.to_string())
+            }
+            Err(e) => Err(e.into()),
+        }
     }
 
     pub async fn promote(&mut self) -> anyhow::Result<()> {
@@ -689,6 +764,30 @@ impl ControlData {
     }
 }
 
+/// The PID on postmaster.pid's first line. A standalone backend writes
+/// its PID negated; 0, 1 and our own PID are never a postmaster's, and
+/// signalling them would hit the wrong processes (0: our process group).
+fn parse_postmaster_pid(text: &str) -> Option<i32> {
+    let pid: i32 = text.lines().next()?.trim().parse().ok()?;
+    let ours = i32::try_from(std::process::id()).ok();
+    (pid > 1 && Some(pid) != ours).then_some(pid)
+}
+
+fn alive(pid: i32) -> bool {
+    kill(Pid::from_raw(pid), None).is_ok()
+}
+
+/// Whether a failed pg_ctl stop leaves signalling the postmaster to us:
+/// when pg_ctl could not be started (EMFILE, EAGAIN, ENOMEM) or hung, it
+/// may never have sent its signal; when it ran and reported a failure, it
+/// did, and sending the same signal again would change nothing.
+fn signal_instead(e: &PgCommandError) -> bool {
+    match e {
+        PgCommandError::Spawn { .. } | PgCommandError::Timeout { .. } => true,
+        PgCommandError::Failed { .. } => false,
+    }
+}
+
 fn conninfo_escape(s: &str) -> String {
     s.replace('\\', "\\\\").replace('\'', "\\'")
 }
@@ -713,11 +812,144 @@ impl Instance {
             replication: self.replication.clone(),
             start_timeout: self.start_timeout,
             client: None,
+            postmaster: self.postmaster.clone(),
         }
     }
 
     /// Forget the cached connection (after a restart, say).
     pub fn disconnect(&mut self) {
         self.client = None;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::process::{Child, Command};
+
+    fn instance(data_dir: &Path, bin_dir: &Path) -> Instance {
+        let creds = Credentials {
+            username: "postgres".into(),
+            password: "pw".into(),
+        };
+        Instance::new(
+            bin_dir.to_path_buf(),
+            data_dir.to_path_buf(),
+            "127.0.0.1:5432".parse().expect("address"),
+            None,
+            creds.clone(),
+            creds,
+            Duration::from_secs(5),
+        )
+    }
+
+    /// A process standing in for the postmaster, and a thread that reaps
+    /// it when it dies (it is our child: unreaped, it would look alive).
+    fn stand_in() -> (i32, std::thread::JoinHandle<std::process::ExitStatus>) {
+        let mut child: Child = Command::new("sleep").arg("60").spawn().expect("sleep");
+        let pid = i32::try_from(child.id()).expect("pid");
+        (pid, std::thread::spawn(move || child.wait().expect("wait")))
+    }
+
+    #[test]
+    fn the_pid_is_the_first_line_and_never_a_dangerous_one() {
+        assert_eq!(
+            parse_postmaster_pid("4242\n/var/lib/pg\n1700000000\n5432\n"),
+            Some(4242)
+        );
+        assert_eq!(parse_postmaster_pid("  4242  \n"), Some(4242));
+        assert_eq!(parse_postmaster_pid("4242"), Some(4242));
+        // A standalone backend, nothing, garbage.
+        assert_eq!(parse_postmaster_pid("-4242\n"), None);
+        assert_eq!(parse_postmaster_pid(""), None);
+        assert_eq!(parse_postmaster_pid("\n4242\n"), None);
+        assert_eq!(parse_postmaster_pid("pid\n"), None);
+        assert_eq!(parse_postmaster_pid("99999999999\n"), None);
+        // kill(0) is our process group, kill(1) init, and we are not it.
+        assert_eq!(parse_postmaster_pid("0\n"), None);
+        assert_eq!(parse_postmaster_pid("1\n"), None);
+        let ours = std::process::id().to_string();
+        assert_eq!(parse_postmaster_pid(&ours), None);
+    }
+
+    #[test]
+    fn only_a_pg_ctl_that_never_ran_or_hung_is_replaced_by_a_signal() {
+        let emfile = PgCommandError::Spawn {
+            program: "pg_ctl".into(),
+            error: std::io::Error::from_raw_os_error(libc::EMFILE),
+        };
+        assert!(signal_instead(&emfile));
+        assert!(signal_instead(&PgCommandError::Timeout {
+            program: "pg_ctl".into(),
+            timeout: Duration::from_secs(15),
+        }));
+        assert!(!signal_instead(&PgCommandError::Failed {
+            program: "pg_ctl".into(),
+            status: "exit status: 1".into(),
+            output: "pg_ctl: server does not shut down".into(),
+        }));
+    }
+
+    #[test]
+    fn the_pid_is_remembered_for_when_the_file_cannot_be_read() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pg = instance(dir.path(), Path::new("/nonexistent"));
+        let fence = pg.detached();
+        let file = dir.path().join("postmaster.pid");
+        let (pid, reaper) = stand_in();
+        std::fs::write(&file, format!("{pid}\n{}\n", dir.path().display())).expect("write");
+        assert_eq!(pg.postmaster_pid(), Some(pid));
+        // Unreadable (a directory in its place reads as EISDIR, as EMFILE
+        // would fail the open): the PID read before answers, in every
+        // handle.
+        std::fs::remove_file(&file).expect("rm");
+        std::fs::create_dir(&file).expect("mkdir");
+        assert_eq!(fence.postmaster_pid(), Some(pid));
+        assert_eq!(pg.postmaster_pid(), Some(pid));
+        // Gone: absent is absent, and forgotten.
+        std::fs::remove_dir(&file).expect("rmdir");
+        assert_eq!(pg.postmaster_pid(), None);
+        std::fs::create_dir(&file).expect("mkdir");
+        assert_eq!(fence.postmaster_pid(), None);
+        // A dead process is not remembered as alive either.
+        std::fs::remove_dir(&file).expect("rmdir");
+        std::fs::write(&file, format!("{pid}\n")).expect("write");
+        assert_eq!(pg.postmaster_pid(), Some(pid));
+        kill(Pid::from_raw(pid), Signal::SIGKILL).expect("kill");
+        reaper.join().expect("reaped");
+        std::fs::remove_file(&file).expect("rm");
+        std::fs::create_dir(&file).expect("mkdir");
+        assert_eq!(fence.postmaster_pid(), None);
+    }
+
+    #[tokio::test]
+    async fn stop_immediate_sends_sigquit_itself_when_pg_ctl_cannot_run() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        // No pg_ctl there: spawning it fails, as it does with EMFILE.
+        let pg = instance(dir.path(), Path::new("/nonexistent"));
+        let mut fence = pg.detached();
+        let file = dir.path().join("postmaster.pid");
+        let (pid, reaper) = stand_in();
+        std::fs::write(&file, format!("{pid}\n")).expect("write");
+        assert_eq!(pg.postmaster_pid(), Some(pid));
+        std::fs::remove_file(&file).expect("rm");
+        std::fs::create_dir(&file).expect("mkdir");
+        fence.stop_immediate().await.expect("stopped by signal");
+        let status = reaper.join().expect("reaped");
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(status.signal(), Some(libc::SIGQUIT));
+        // Nothing left to stop: still Ok.
+        fence.stop_immediate().await.expect("nothing to stop");
+    }
+
+    #[tokio::test]
+    async fn stop_falls_back_to_sigint() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut pg = instance(dir.path(), Path::new("/nonexistent"));
+        let (pid, reaper) = stand_in();
+        std::fs::write(dir.path().join("postmaster.pid"), format!("{pid}\n")).expect("write");
+        pg.stop().await.expect("stopped by signal");
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(reaper.join().expect("reaped").signal(), Some(libc::SIGINT));
     }
 }

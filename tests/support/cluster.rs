@@ -20,6 +20,9 @@ pub struct MemberOptions {
     pub host: Option<String>,
     /// Extra lines inside [api] (e.g. `username = "..."` and `password`).
     pub api_extra: String,
+    /// The agent's open-file limit (soft, hard), as systemd's
+    /// `LimitNOFILE=` would set it; None: the test process's.
+    pub nofile: Option<(u64, u64)>,
 }
 
 #[derive(Clone)]
@@ -60,6 +63,8 @@ pub struct Member {
     pub api_port: u16,
     /// Address PostgreSQL and the API listen on.
     pub host: String,
+    /// The agent's open-file limit (soft, hard), when set.
+    pub nofile: Option<(u64, u64)>,
     agent: Option<Child>,
 }
 
@@ -160,6 +165,7 @@ retry_timeout = {retry}
                 pg_port,
                 api_port,
                 host,
+                nofile: m.nofile,
                 agent: None,
             });
         }
@@ -185,14 +191,26 @@ retry_timeout = {retry}
     }
 
     pub fn start_agent(&mut self, i: usize) {
-        let m = &mut self.members[i];
+        let m = &self.members[i];
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(m.dir.join("agent.log"))
             .expect("agent log");
         let err = log.try_clone().expect("log clone");
-        let child = Command::new(pgwarden_bin())
+        // prlimit(1) sets the limits and execs the agent: same PID.
+        let mut cmd = match m.nofile {
+            Some((soft, hard)) => {
+                let mut c = Command::new("prlimit");
+                c.arg(format!("--nofile={soft}:{hard}"))
+                    .arg("--")
+                    .arg(pgwarden_bin());
+                c
+            }
+            None => Command::new(pgwarden_bin()),
+        };
+        let m = &mut self.members[i];
+        let child = cmd
             .args(["agent", "-c"])
             .arg(&m.config)
             .arg("--log-level=info,pgwarden=debug")
