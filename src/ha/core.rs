@@ -576,11 +576,13 @@ impl Core {
             self.serving = false;
             // The rest of the pass was decided on a lease that may be gone
             // (a renewal answered after a stall, say): starting or
-            // promoting PostgreSQL after the fence would undo it.
+            // promoting PostgreSQL would undo the fence, and writing
+            // `status` or slots as leader would speak for a lease we may
+            // no longer hold (simulator seeds 2888, 637709).
             self.queue.retain(|s| {
-                !matches!(
+                matches!(
                     s.action,
-                    Action::StartPrimary | Action::Promote | Action::Restart
+                    Action::Publish | Action::Observe | Action::AskPeers(_)
                 )
             });
             self.push_urgent(

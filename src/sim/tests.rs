@@ -39,6 +39,10 @@ const REGRESSIONS: &[(u64, &str)] = &[
         265550,
         "a bootstrap claim whose first renewal failed was released by primary_start_timeout (leader key only): the empty initialize claim stayed on a live lease and nobody ever bootstrapped",
     ),
+    (
+        637709,
+        "a renewal answered after a hang fired the fence, but the rest of the pass still wrote `status` as leader: a replica that had checked its lag against the older status promoted 117 KiB behind the new one",
+    ),
 ];
 
 fn env_u64(name: &str) -> Option<u64> {
