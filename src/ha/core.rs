@@ -560,11 +560,16 @@ impl Core {
             self.serving = false;
             // The rest of the pass was decided on a lease that may be gone
             // (a renewal answered after a stall, say): starting or
-            // promoting PostgreSQL after the fence would undo it.
+            // promoting PostgreSQL after the fence would undo it, and a
+            // deposed bootstrapper's system identifier would overwrite the
+            // claim of the member bootstrapping now.
             self.queue.retain(|s| {
                 !matches!(
                     s.action,
-                    Action::StartPrimary | Action::Promote | Action::Restart
+                    Action::StartPrimary
+                        | Action::Promote
+                        | Action::Restart
+                        | Action::PublishSystemId(_)
                 )
             });
             self.push_urgent(
