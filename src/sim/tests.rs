@@ -39,6 +39,10 @@ const REGRESSIONS: &[(u64, &str)] = &[
         265550,
         "a bootstrap claim whose first renewal failed was released by primary_start_timeout (leader key only): the empty initialize claim stayed on a live lease and nobody ever bootstrapped",
     ),
+    (
+        371801,
+        "a deposed bootstrapper's late renewal fired its fence, but its queued PublishSystemId still overwrote the new bootstrapper's claim; that one then released the leader key with its primary running",
+    ),
 ];
 
 fn env_u64(name: &str) -> Option<u64> {
