@@ -577,8 +577,9 @@ impl Core {
             // The rest of the pass was decided on a lease that may be gone
             // (a renewal answered after a stall, say): starting or
             // promoting PostgreSQL would undo the fence, and writing
-            // `status` or slots as leader would speak for a lease we may
-            // no longer hold (simulator seeds 2888, 637709).
+            // `status`, slots or the system identifier as leader would speak
+            // for a lease we may no longer hold (simulator seeds 2888,
+            // 371801, 637709).
             self.queue.retain(|s| {
                 matches!(
                     s.action,

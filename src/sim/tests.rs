@@ -43,6 +43,10 @@ const REGRESSIONS: &[(u64, &str)] = &[
         637709,
         "a renewal answered after a hang fired the fence, but the rest of the pass still wrote `status` as leader: a replica that had checked its lag against the older status promoted 117 KiB behind the new one",
     ),
+    (
+        371801,
+        "a deposed bootstrapper's late renewal fired its fence, but its queued PublishSystemId still overwrote the new bootstrapper's claim; that one then released the leader key with its primary running",
+    ),
 ];
 
 fn env_u64(name: &str) -> Option<u64> {
