@@ -788,18 +788,7 @@ pub(super) fn decode_cluster<'a>(
     defaults: &DynamicConfig,
     last_config: Option<&DynamicConfig>,
 ) -> Decoded {
-    let mut view = ClusterView {
-        initialize: Initialize::Absent,
-        leader: None,
-        members: Vec::new(),
-        config: defaults.clone(),
-        config_stored: false,
-        status: None,
-        history: Vec::new(),
-        failover: None,
-        config_revision: 0,
-        problems: Vec::new(),
-    };
+    let mut view = ClusterView::empty(defaults.clone());
     let mut config_decoded = false;
     for kv in kvs {
         let key = String::from_utf8_lossy(kv.key).to_string();

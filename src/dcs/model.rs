@@ -189,6 +189,21 @@ pub struct ClusterView {
 }
 
 impl ClusterView {
+    /// Nothing in etcd: no keys, `config` the given defaults.
+    pub fn empty(config: DynamicConfig) -> Self {
+        ClusterView {
+            initialize: Initialize::Absent,
+            leader: None,
+            members: Vec::new(),
+            config,
+            config_stored: false,
+            status: None,
+            history: Vec::new(),
+            failover: None,
+            config_revision: 0,
+            problems: Vec::new(),
+        }
+    }
     pub fn member(&self, name: &str) -> Option<&MemberStatus> {
         self.members.iter().find(|m| m.name == name)
     }

@@ -17,7 +17,7 @@
 use super::decide::decide;
 use super::view::*;
 use crate::config::{DynamicConfig, Tags};
-use crate::dcs::{slot_name, ClusterView, Initialize};
+use crate::dcs::{slot_name, ClusterView};
 use std::collections::{BTreeMap, VecDeque};
 use std::time::Duration;
 
@@ -175,18 +175,7 @@ pub struct Core {
 impl Core {
     /// A core that starts its first pass at `now`.
     pub fn new(id: Identity, now: Duration) -> Self {
-        let cluster = ClusterView {
-            initialize: Initialize::Absent,
-            leader: None,
-            members: Vec::new(),
-            config: id.bootstrap.clone(),
-            config_stored: false,
-            status: None,
-            history: Vec::new(),
-            failover: None,
-            config_revision: 0,
-            problems: Vec::new(),
-        };
+        let cluster = ClusterView::empty(id.bootstrap.clone());
         Core {
             id,
             phase: Phase::Idle,

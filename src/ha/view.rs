@@ -326,3 +326,42 @@ pub struct Decision {
     /// decision is taken again with the answers).
     pub need: Option<PeerQuery>,
 }
+
+/// The role and state a member publishes (member key, `/status`, `list`)
+/// for what it observed: one mapping for the agent and the simulator.
+pub fn published_role_state(
+    local: &LocalView,
+    i_lead: bool,
+) -> (crate::dcs::Role, crate::dcs::PgState) {
+    use crate::dcs::{PgState, Role};
+    let role = match &local.data {
+        DataDir::Empty if local.job != Some(JobKind::Bootstrap) => Role::Uninitialized,
+        _ if i_lead => Role::Leader,
+        _ => Role::Replica,
+    };
+    let state = match (&local.job, &local.pg) {
+        (Some(JobKind::Bootstrap), _) => PgState::Initializing,
+        (Some(JobKind::Clone { .. }), _) => PgState::CreatingReplica,
+        (Some(JobKind::Start), _) => PgState::Starting,
+        (Some(JobKind::Stop), _) => PgState::Stopping,
+        (Some(JobKind::Restart), _) => PgState::Restarting,
+        (Some(JobKind::Rewind { .. }), _) => PgState::Rewinding,
+        (Some(JobKind::RemoveData), _) => PgState::Stopped,
+        (Some(JobKind::Promote), _) => PgState::Promoting,
+        (None, PgRun::Running(pg)) if !pg.in_recovery => PgState::Running,
+        (None, PgRun::Running(pg)) if pg.streaming => PgState::Streaming,
+        (None, PgRun::Running(_)) => PgState::InRecovery,
+        (None, PgRun::Unresponsive) => PgState::Starting,
+        (None, PgRun::Unknown(_)) => PgState::Unknown,
+        (None, PgRun::Stopped) => match &local.last_failure {
+            Some(f) => match f.kind {
+                JobKind::Bootstrap => PgState::BootstrapFailed,
+                JobKind::Clone { .. } => PgState::CloneFailed,
+                JobKind::Rewind { .. } => PgState::RewindFailed,
+                _ => PgState::StartFailed,
+            },
+            None => PgState::Stopped,
+        },
+    };
+    (role, state)
+}

@@ -209,18 +209,7 @@ impl Etcd {
     // ------------------------------------------- the client's operations
 
     pub fn read_cluster(&self, defaults: &DynamicConfig) -> ClusterView {
-        let mut view = ClusterView {
-            initialize: Initialize::Absent,
-            leader: None,
-            members: Vec::new(),
-            config: defaults.clone(),
-            config_stored: false,
-            status: None,
-            history: Vec::new(),
-            failover: None,
-            config_revision: 0,
-            problems: Vec::new(),
-        };
+        let mut view = ClusterView::empty(defaults.clone());
         for (key, kv) in &self.kv {
             match (key.as_str(), &kv.value) {
                 (LEADER, Value::Text(s)) => view.leader = Some(s.clone()),

@@ -13,7 +13,7 @@ use super::etcd::{self, Etcd, EtcdError};
 use super::postgres::{Data, Pg, Run};
 use super::World;
 use crate::config::Tags;
-use crate::dcs::{ClusterStatus, ClusterView, HistoryEntry, MemberStatus, PgState, Role};
+use crate::dcs::{ClusterStatus, ClusterView, HistoryEntry, MemberStatus};
 use crate::ha::{
     Action, ControlInfo, Core, DataDir, Event, Identity, JobKind, LeaseOutcome, LocalView,
     Observation, OperatorRequest, PeerQuery, PgRun, PgRunning, Step,
@@ -1145,37 +1145,11 @@ impl World {
     /// `Agent::member_status`.
     fn member_status(&self, i: usize, cluster: &ClusterView, local: &LocalView) -> MemberStatus {
         let m = &self.members[i];
-        let i_lead = cluster.leader.as_deref() == Some(m.name.as_str());
         let running = local.pg.running();
-        let role = match (&local.data, running) {
-            (DataDir::Empty, _) if local.job != Some(JobKind::Bootstrap) => Role::Uninitialized,
-            _ if i_lead => Role::Leader,
-            _ => Role::Replica,
-        };
-        let state = match (&local.job, &local.pg) {
-            (Some(JobKind::Bootstrap), _) => PgState::Initializing,
-            (Some(JobKind::Clone { .. }), _) => PgState::CreatingReplica,
-            (Some(JobKind::Start), _) => PgState::Starting,
-            (Some(JobKind::Stop), _) => PgState::Stopping,
-            (Some(JobKind::Restart), _) => PgState::Restarting,
-            (Some(JobKind::Rewind { .. }), _) => PgState::Rewinding,
-            (Some(JobKind::RemoveData), _) => PgState::Stopped,
-            (Some(JobKind::Promote), _) => PgState::Promoting,
-            (None, PgRun::Running(pg)) if !pg.in_recovery => PgState::Running,
-            (None, PgRun::Running(pg)) if pg.streaming => PgState::Streaming,
-            (None, PgRun::Running(_)) => PgState::InRecovery,
-            (None, PgRun::Unresponsive) => PgState::Starting,
-            (None, PgRun::Unknown(_)) => PgState::Unknown,
-            (None, PgRun::Stopped) => match &local.last_failure {
-                Some(f) => match f.kind {
-                    JobKind::Bootstrap => PgState::BootstrapFailed,
-                    JobKind::Clone { .. } => PgState::CloneFailed,
-                    JobKind::Rewind { .. } => PgState::RewindFailed,
-                    _ => PgState::StartFailed,
-                },
-                None => PgState::Stopped,
-            },
-        };
+        let (role, state) = crate::ha::published_role_state(
+            local,
+            cluster.leader.as_deref() == Some(m.name.as_str()),
+        );
         let upstream = running.and_then(|pg| pg.upstream.clone()).and_then(|addr| {
             cluster
                 .members
