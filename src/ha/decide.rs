@@ -363,6 +363,19 @@ fn decide_replica(
 ) {
     match cluster.leader.as_deref() {
         Some(l) if l == local.name => {
+            // Rule 3 again, on this pass's `status`: the election may have
+            // judged an older one (another leader came and went while we
+            // asked our peers). An operator's named candidate is exempt.
+            let named = cluster
+                .failover
+                .as_ref()
+                .is_some_and(|f| f.candidate.as_deref() == Some(local.name.as_str()));
+            if !named {
+                if let Some(reason) = lag_too_big(cluster, local, pg) {
+                    d.push(Action::ReleaseLeader, format!("not promoting: {reason}"));
+                    return;
+                }
+            }
             d.push(Action::RenewLeader, "holding the leader lease");
             // Slots first (a standby can hold physical slots): replicas
             // re-point at us as soon as they see the new leader key, and

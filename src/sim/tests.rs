@@ -47,6 +47,10 @@ const REGRESSIONS: &[(u64, &str)] = &[
         371801,
         "a deposed bootstrapper's late renewal fired its fence, but its queued PublishSystemId still overwrote the new bootstrapper's claim; that one then released the leader key with its primary running",
     ),
+    (
+        637709,
+        "a candidate judged maximum lag on a status read before a 1.5 s peer ask; the old leader came back, wrote a newer status and went; the candidate then took the key and promoted 119 KB behind it",
+    ),
 ];
 
 fn env_u64(name: &str) -> Option<u64> {
