@@ -175,14 +175,17 @@ impl Agent {
                     let position = running
                         .then(|| lsn("receive_lsn").max(lsn("wal_lsn")))
                         .flatten();
-                    Some((position, primary))
+                    let system_id = v
+                        .get("database_system_identifier")
+                        .and_then(|x| x.as_str())
+                        .map(str::to_string);
+                    Some(PeerPosition {
+                        running_primary: primary,
+                        ..m.answered_with_data(position, system_id)
+                    })
                 }
                 .await;
-                match answer {
-                    Some((lsn, true)) => m.answered_as_primary(lsn),
-                    Some((lsn, false)) => m.answered(lsn),
-                    None => m.unanswered(),
-                }
+                answer.unwrap_or_else(|| m.unanswered())
             });
         }
         let mut out = Vec::new();

@@ -1,7 +1,7 @@
 use super::Agent;
 use crate::api::ApiSnapshot;
 use crate::dcs::{ClusterView, MemberStatus};
-use crate::ha::LocalView;
+use crate::ha::{DataDir, LocalView};
 use std::time::{Duration, Instant};
 
 impl Agent {
@@ -109,6 +109,10 @@ impl Agent {
             ttl,
             paused: cluster.config.pause,
             postmaster_start: running.map(|pg| pg.postmaster_start.clone()),
+            system_id: match &local.data {
+                DataDir::Initialized { system_id } => Some(system_id.clone()),
+                DataDir::Empty | DataDir::Unknown(_) => None,
+            },
             cluster: Some(cluster.clone()),
             member: status,
         }

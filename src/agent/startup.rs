@@ -358,5 +358,6 @@ fn initial_snapshot(cfg: &Config) -> ApiSnapshot {
         ttl: Duration::from_secs(cfg.bootstrap.dcs.ttl),
         paused: false,
         postmaster_start: None,
+        system_id: None,
     }
 }

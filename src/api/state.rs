@@ -31,6 +31,10 @@ pub struct ApiSnapshot {
     pub paused: bool,
     /// `pg_postmaster_start_time()` as last observed, when running.
     pub postmaster_start: Option<String>,
+    /// The data directory's system identifier, when it could be read.
+    /// Peers use it to tell a member holding another cluster's data from
+    /// a candidate.
+    pub system_id: Option<String>,
 }
 
 /// Shared between the loop (writer) and the HTTP handlers (readers).

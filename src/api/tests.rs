@@ -82,6 +82,7 @@ fn primary() -> ApiSnapshot {
         ttl: Duration::from_secs(30),
         paused: false,
         postmaster_start: Some("120".into()),
+        system_id: Some("7300000000000000001".into()),
     }
 }
 

@@ -31,6 +31,9 @@ pub(crate) struct StatusBody<'a> {
     loop_age_seconds: f64,
     #[serde(skip_serializing_if = "Option::is_none")]
     postmaster_start: Option<&'a str>,
+    /// Named as in Patroni's `/patroni`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    database_system_identifier: Option<&'a str>,
     /// etcd keys the last cluster read could not decode (see
     /// `ClusterView::problems`); empty when all is well.
     dcs_problems: &'a [String],
@@ -51,6 +54,7 @@ impl<'a> StatusBody<'a> {
             lag_bytes: snap.lag_bytes,
             loop_age_seconds: now.saturating_duration_since(snap.last_loop).as_secs_f64(),
             postmaster_start: snap.postmaster_start.as_deref(),
+            database_system_identifier: snap.system_id.as_deref(),
             dcs_problems: dcs_problems(snap),
         }
     }

@@ -420,7 +420,7 @@ fn decide_replica(
                 d.waiting = Some("no leader: asking the other members how far they are".into());
                 return;
             };
-            if let Some(better) = better_candidate(local, peers, pg) {
+            if let Some(better) = better_candidate(cluster, local, peers, pg) {
                 d.waiting = Some(format!(
                     "no leader, but {better} is a better failover candidate: leaving the lease to it"
                 ));
@@ -678,20 +678,33 @@ fn forked_after(cluster: &ClusterView, ours: &ControlInfo, leader_timeline: Opti
 
 /// Rule 3: another reachable candidate further ahead (ties: higher
 /// failover_priority, then the smaller name) gets the lease instead.
-fn better_candidate(local: &LocalView, peers: &[PeerPosition], pg: &PgRunning) -> Option<String> {
+fn better_candidate(
+    cluster: &ClusterView,
+    local: &LocalView,
+    peers: &[PeerPosition],
+    pg: &PgRunning,
+) -> Option<String> {
     let ours = pg.receive_lsn.max(pg.wal_lsn).unwrap_or(0);
     let our_prio = local.tags.failover_priority;
+    // A member holding another cluster's data refuses to lead; standing
+    // back for it would leave the lease to nobody, for good.
+    let ours_cluster = |p: &&PeerPosition| match (&cluster.initialize, &p.system_id) {
+        (Initialize::SystemId(c), Some(id)) => c == id,
+        _ => true,
+    };
+    let others = || {
+        peers
+            .iter()
+            .filter(|p| p.name != local.name)
+            .filter(ours_cluster)
+    };
     // A peer already running as primary takes the lease without a new
     // timeline: electing a replica instead would rewind a healthy primary.
-    if let Some(p) = peers
-        .iter()
-        .find(|p| p.running_primary && p.name != local.name)
-    {
+    if let Some(p) = others().find(|p| p.running_primary) {
         return Some(p.name.clone());
     }
-    peers
-        .iter()
-        .filter(|p| p.name != local.name && !p.nofailover)
+    others()
+        .filter(|p| !p.nofailover)
         .find(|p| match p.wal_lsn {
             Some(lsn) if lsn > ours => true,
             Some(lsn) if lsn == ours => {

@@ -19,6 +19,7 @@ const ME: &str = "node1";
 const N2: &str = "node2";
 const N3: &str = "node3";
 const SYSID: &str = "7301234567890123456";
+const OTHER_SYSID: &str = "7309999999999999999";
 const FOREIGN: &str = "7309999999999999999";
 /// The agent's monotonic clock at the decision, in seconds.
 const NOW: u64 = 10_000;
@@ -333,6 +334,7 @@ impl Local {
                 nofailover,
                 failover_priority: prio,
                 running_primary: false,
+                system_id: None,
             });
         self
     }
@@ -347,6 +349,22 @@ impl Local {
                 nofailover: false,
                 failover_priority: 1,
                 running_primary: true,
+                system_id: None,
+            });
+        self
+    }
+    /// A peer whose data directory has system identifier `id`.
+    fn peer_data(mut self, name: &str, lsn: u64, id: &str, running_primary: bool) -> Self {
+        self.0
+            .peers
+            .get_or_insert_with(Vec::new)
+            .push(PeerPosition {
+                name: name.to_string(),
+                wal_lsn: Some(lsn),
+                nofailover: false,
+                failover_priority: 1,
+                running_primary,
+                system_id: Some(id.to_string()),
             });
         self
     }
@@ -881,6 +899,48 @@ fn running_primary() {
         row("no leader, nofailover: a running primary still takes the lease",
             cluster().initialized(SYSID), local().data(SYSID).pg_primary(&[]).nofailover(), NOW,
             vec![AcquireLeader]),
+    ]);
+}
+
+#[test]
+fn a_member_holding_another_clusters_data_is_no_candidate() {
+    use Action::*;
+    // It refuses to lead ("belongs to another cluster") but still answers
+    // the position ask: standing back for it would leave the lease to
+    // nobody, for good (simulator seed 725551).
+    let wiped = || cluster().initialized(SYSID).replica(N2);
+    check(vec![
+        row(
+            "a foreign replica further ahead: take the lease",
+            wiped(),
+            local()
+                .data(SYSID)
+                .pg_replica(Some(addr(N2)), LSN)
+                .peer_data(N2, LSN + 1000, OTHER_SYSID, false),
+            NOW,
+            vec![AcquireLeader],
+        ),
+        row(
+            "a foreign running primary: take the lease",
+            wiped(),
+            local()
+                .data(SYSID)
+                .pg_replica(Some(addr(N2)), LSN)
+                .peer_data(N2, LSN, OTHER_SYSID, true),
+            NOW,
+            vec![AcquireLeader],
+        ),
+        row(
+            "the same peer with this cluster's data: leave the lease to it",
+            wiped(),
+            local()
+                .data(SYSID)
+                .pg_replica(Some(addr(N2)), LSN)
+                .peer_data(N2, LSN + 1000, SYSID, false),
+            NOW,
+            vec![],
+        )
+        .waiting("node2 is a better failover candidate"),
     ]);
 }
 

@@ -78,6 +78,10 @@ pub struct PeerPosition {
     /// It runs as a primary already (etcd lost its keys, say): it takes
     /// the lease without a promotion, so it beats any replica.
     pub running_primary: bool,
+    /// The system identifier of its data directory, as it answered (None:
+    /// not answered or not readable there). A member holding another
+    /// cluster's data cannot lead this one, however far ahead it is.
+    pub system_id: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -262,12 +266,17 @@ impl PeerAddress {
             nofailover: self.nofailover,
             failover_priority: self.failover_priority,
             running_primary: false,
+            system_id: None,
         }
     }
-    /// Its answer when it runs as a primary.
-    pub fn answered_as_primary(&self, wal_lsn: Option<u64>) -> PeerPosition {
+    /// Its answer naming its data directory's system identifier.
+    pub fn answered_with_data(
+        &self,
+        wal_lsn: Option<u64>,
+        system_id: Option<String>,
+    ) -> PeerPosition {
         PeerPosition {
-            running_primary: true,
+            system_id,
             ..self.answered(wal_lsn)
         }
     }

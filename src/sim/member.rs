@@ -35,6 +35,9 @@ const KEEP_ALIVE_REUSE: Duration = Duration::from_millis(200);
 #[derive(Debug, Clone, Default)]
 pub struct ApiAnswer {
     pub pg_running: bool,
+    /// Running and not in recovery.
+    pub primary: bool,
+    pub system_id: Option<String>,
     pub wal_lsn: Option<u64>,
     pub receive_lsn: Option<u64>,
 }
@@ -1074,22 +1077,23 @@ impl World {
                 for p in list {
                     let answer = match self.member_by_name(&p.name) {
                         Some(j) if self.reachable(i, j) => match &self.members[j].api {
-                            Some(api) => api
-                                .pg_running
-                                .then(|| api.receive_lsn.max(api.wal_lsn))
-                                .flatten(),
-                            None => None,
+                            Some(api) => crate::ha::PeerPosition {
+                                running_primary: api.pg_running && api.primary,
+                                ..p.answered_with_data(
+                                    api.pg_running
+                                        .then(|| api.receive_lsn.max(api.wal_lsn))
+                                        .flatten(),
+                                    api.system_id.clone(),
+                                )
+                            },
+                            None => p.unanswered(),
                         },
-                        Some(j) if self.members[j].server_up => {
-                            longest = longest.max(PEER_TIMEOUT);
-                            None
-                        }
                         _ => {
                             longest = longest.max(PEER_TIMEOUT);
-                            None
+                            p.unanswered()
                         }
                     };
-                    out.push(p.answered(answer));
+                    out.push(answer);
                 }
                 out.sort_by(|a, b| a.name.cmp(&b.name));
                 *elapsed += longest;
@@ -1112,6 +1116,11 @@ impl World {
         let status = self.member_status(i, &cluster, &local);
         self.members[i].api = Some(ApiAnswer {
             pg_running: local.pg.running().is_some(),
+            primary: local.pg.is_primary(),
+            system_id: match &local.data {
+                crate::ha::DataDir::Initialized { system_id } => Some(system_id.clone()),
+                _ => None,
+            },
             wal_lsn: status.wal_lsn,
             receive_lsn: status.receive_lsn,
         });

@@ -40,6 +40,10 @@ const REGRESSIONS: &[(u64, &str)] = &[
         "a bootstrap claim whose first renewal failed was released by primary_start_timeout (leader key only): the empty initialize claim stayed on a live lease and nobody ever bootstrapped",
     ),
     (
+        725551,
+        "after three lost bootstrap claims one member held an abandoned bootstrap's data; it refused to lead but, furthest ahead, still answered the position ask, and the one healthy replica left the lease to it for good",
+    ),
+    (
         637709,
         "a renewal answered after a hang fired the fence, but the rest of the pass still wrote `status` as leader: a replica that had checked its lag against the older status promoted 117 KiB behind the new one",
     ),
