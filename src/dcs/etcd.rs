@@ -57,11 +57,13 @@ pub struct Dcs {
     /// The TTL `lease` was granted with: etcd keeps it for the lease's
     /// lifetime, whatever the dynamic config says later.
     lease_ttl: u64,
-    /// A lease of our own that keys may still be on: our previous life (an
+    /// Leases of our own that keys may still be on: our previous life (an
     /// agent restarted on the same instance, recognised at start by its
-    /// member key) or the lease before a ttl change. Keys on it are ours to
-    /// move; a key on any other lease is not ours, whatever name it holds.
-    previous_lease: Option<i64>,
+    /// member key) or the lease before a ttl change. Keys on them are ours
+    /// to move; a key on any other lease is not ours, whatever name it
+    /// holds. Several: a previous life killed between moving its member
+    /// key and its leader key onto a new lease left them on two leases.
+    previous_leases: Vec<i64>,
     /// A write on `lease` found it gone; `keep_alive` reports that before
     /// granting a new one (see [`Dcs::on_lease`]).
     lease_gone: bool,
@@ -124,7 +126,7 @@ impl Dcs {
                         lease: None,
                         lease_gone: false,
                         lease_ttl: 0,
-                        previous_lease: None,
+                        previous_leases: Vec::new(),
                         keeper: None,
                         endpoints: endpoints.to_vec(),
                         current: i,
@@ -251,7 +253,7 @@ impl Dcs {
                 "ttl grew from {}s to {ttl}s: taking a new etcd lease",
                 self.lease_ttl
             );
-            self.previous_lease = Some(id);
+            self.remember_lease(id);
         }
         let resp = with_timeout(self.timeout, self.client.lease_grant(ttl as i64, None)).await?;
         self.lease_ttl = ttl;
@@ -359,8 +361,8 @@ impl Dcs {
             Compare::lease(key.clone(), CompareOp::Equal, id),
             Compare::create_revision(key.clone(), CompareOp::Equal, 0),
         ];
-        if let Some(prev) = self.previous_lease {
-            owners.push(Compare::lease(key.clone(), CompareOp::Equal, prev));
+        for prev in &self.previous_leases {
+            owners.push(Compare::lease(key.clone(), CompareOp::Equal, *prev));
         }
         for owner in owners {
             let txn = Txn::new().when([owner]).and_then([put.clone()]);
@@ -372,7 +374,7 @@ impl Dcs {
         // then): adopt its lease and try once more.
         let (holder, lease) = self.member_key(&status.name).await?;
         if holder.as_ref().is_some_and(|m| same_instance(m, status)) && lease != 0 {
-            self.previous_lease = Some(lease);
+            self.remember_lease(lease);
             let txn = Txn::new()
                 .when([Compare::lease(key, CompareOp::Equal, lease)])
                 .and_then([put]);
@@ -410,10 +412,30 @@ impl Dcs {
         let same =
             holder.api_url == api_url && format!("{}:{}", holder.host, holder.port) == address;
         if same && lease != 0 {
-            self.previous_lease = Some(lease);
+            self.remember_lease(lease);
+            // With our own member key alive, a leader key naming us is our
+            // previous life's too: no other agent could have claimed the
+            // name while that key existed.
+            let resp =
+                with_timeout(self.timeout, self.client.get(self.keys.leader(), None)).await?;
+            if let Some(kv) = resp.kvs().first() {
+                if kv.value() == name.as_bytes() && kv.lease() != 0 {
+                    self.remember_lease(kv.lease());
+                }
+            }
             return Ok(());
         }
         Err(name_taken_by(name, Some(&holder)))
+    }
+
+    fn remember_lease(&mut self, id: i64) {
+        if !self.previous_leases.contains(&id) {
+            self.previous_leases.push(id);
+        }
+        // Only the latest few can still hold keys: older ones expired.
+        if self.previous_leases.len() > 4 {
+            self.previous_leases.remove(0);
+        }
     }
 
     /// Bootstrap claim: atomically creates `initialize` (empty: bootstrap
@@ -509,26 +531,33 @@ impl Dcs {
         // Move the key onto our lease only from a lease of our own (a
         // restarted agent, a ttl change): a key that merely holds our name
         // on another agent's lease is that agent's.
-        let Some(prev) = self.previous_lease else {
-            return Ok(LeaderOutcome::Lost);
-        };
-        let txn = Txn::new()
-            .when([
-                Compare::value(key.clone(), CompareOp::Equal, name),
-                Compare::lease(key.clone(), CompareOp::Equal, prev),
-            ])
-            .and_then([TxnOp::put(
-                key,
-                name,
-                Some(PutOptions::new().with_lease(id)),
-            )]);
-        self.run_lease_txn(txn).await
+        for prev in self.previous_leases.clone() {
+            let txn = Txn::new()
+                .when([
+                    Compare::value(key.clone(), CompareOp::Equal, name),
+                    Compare::lease(key.clone(), CompareOp::Equal, prev),
+                ])
+                .and_then([TxnOp::put(
+                    key.clone(),
+                    name,
+                    Some(PutOptions::new().with_lease(id)),
+                )]);
+            if self.run_lease_txn(txn).await? == LeaderOutcome::Won {
+                return Ok(LeaderOutcome::Won);
+            }
+        }
+        Ok(LeaderOutcome::Lost)
     }
 
     /// Deletes `leader` if it is ours: our name on one of our leases.
     pub async fn release_leader(&mut self, name: &str) -> Result<LeaderOutcome, DcsError> {
         let key = self.keys.leader();
-        for lease in [self.lease, self.previous_lease].into_iter().flatten() {
+        let ours: Vec<i64> = self
+            .lease
+            .into_iter()
+            .chain(self.previous_leases.iter().copied())
+            .collect();
+        for lease in ours {
             let txn = Txn::new()
                 .when([
                     Compare::value(key.clone(), CompareOp::Equal, name),

@@ -145,6 +145,14 @@ pub struct Core {
     slot_last_seen: BTreeMap<String, Duration>,
     primary_down_since: Option<Duration>,
     peers: Option<Vec<PeerPosition>>,
+    /// The other members as last seen in etcd, kept while etcd holds none
+    /// (wiped, or every lease expired): who may hold data.
+    known_members: Vec<crate::dcs::MemberStatus>,
+    /// Since when etcd holds no `initialize` key (as observed).
+    no_cluster_since: Option<Duration>,
+    /// The last lease operation found the leader key naming us on a lease
+    /// that is not ours to renew: it will run out unrenewed.
+    leader_key_not_ours: bool,
 
     /// Start of the last successful renewal (or acquisition) of the lease.
     last_renew: Option<Duration>,
@@ -202,6 +210,9 @@ impl Core {
             slot_last_seen: BTreeMap::new(),
             primary_down_since: None,
             peers: None,
+            known_members: Vec::new(),
+            no_cluster_since: None,
+            leader_key_not_ours: false,
             last_renew: None,
             renewed_ttl: Duration::ZERO,
             serving: false,
@@ -349,6 +360,9 @@ impl Core {
             slot_last_seen: self.slot_last_seen.clone(),
             control: self.control.clone(),
             peers: self.peers.clone(),
+            known_members: self.known_members.clone(),
+            no_cluster_since: self.no_cluster_since,
+            leader_key_not_ours: self.leader_key_not_ours,
             primary_down_since: self.primary_down_since,
             reclone_on_rewind_failure: self.id.reclone_on_rewind_failure,
             wall_clock: self.wall_clock,
@@ -447,6 +461,10 @@ impl Core {
         self.dcs_ok = obs.cluster.is_some();
         if let Some(c) = obs.cluster {
             self.cluster = c;
+            if !self.i_lead() {
+                self.leader_key_not_ours = false;
+            }
+            self.track_membership(now);
         } else if self.i_lead() || self.last_renew.is_some() {
             // A failed read is a failed renewal as far as fencing goes.
             self.renew_failing_since.get_or_insert(self.pass_started);
@@ -476,6 +494,24 @@ impl Core {
         self.track_slots(now);
         self.track_primary_down(now);
         self.run_policy(now);
+    }
+
+    fn track_membership(&mut self, now: Duration) {
+        let others: Vec<_> = self
+            .cluster
+            .members
+            .iter()
+            .filter(|m| m.name != self.id.name)
+            .cloned()
+            .collect();
+        if !others.is_empty() {
+            self.known_members = others;
+        }
+        if self.cluster.initialize == crate::dcs::Initialize::Absent {
+            self.no_cluster_since.get_or_insert(now);
+        } else {
+            self.no_cluster_since = None;
+        }
     }
 
     fn run_policy(&mut self, now: Duration) {
@@ -514,8 +550,10 @@ impl Core {
                 self.fence_at = Some((started + self.ttl()).saturating_sub(FENCE_MARGIN));
                 self.demoting = false;
                 self.serving = true;
+                self.leader_key_not_ours = false;
             }
             LeaseOutcome::NotHeld => {
+                self.leader_key_not_ours = self.i_lead();
                 if self.last_renew.is_some() || self.serving {
                     self.again = true;
                 }
@@ -690,6 +728,9 @@ impl Core {
         core.slot_last_seen = local.slot_last_seen.clone();
         core.control = local.control.clone();
         core.primary_down_since = local.primary_down_since;
+        core.known_members = local.known_members.clone();
+        core.no_cluster_since = local.no_cluster_since;
+        core.leader_key_not_ours = local.leader_key_not_ours;
         core.request = local.request;
         core.mutation = local.mutation;
         core

@@ -108,16 +108,12 @@ pub fn decide(cluster: &ClusterView, local: &LocalView, now: Duration) -> Decisi
             }
         },
         DataDir::Initialized { system_id } => {
-            if let Initialize::SystemId(cluster_id) = &cluster.initialize {
-                if cluster_id != system_id {
-                    d.problem = Some(format!(
-                        "data directory belongs to another cluster (system identifier {system_id}, cluster's is {cluster_id}): not starting it"
-                    ));
-                    if i_lead {
-                        release_leader(local, &mut d, "our data is not this cluster's");
-                    }
-                    return d;
+            if let Some(problem) = foreign_data(cluster, local) {
+                d.problem = Some(problem);
+                if i_lead {
+                    release_leader(local, &mut d, "our data is not this cluster's");
                 }
+                return d;
             }
             match &local.pg {
                 PgRun::Stopped => decide_stopped(cluster, local, now, &mut d),
@@ -140,6 +136,19 @@ pub fn decide(cluster: &ClusterView, local: &LocalView, now: Duration) -> Decisi
         }
     }
     d
+}
+
+/// Our data directory holds another cluster's data (its system identifier
+/// is not the one in `initialize`): what to report, or None.
+fn foreign_data(cluster: &ClusterView, local: &LocalView) -> Option<String> {
+    let (DataDir::Initialized { system_id }, Initialize::SystemId(cluster_id)) =
+        (&local.data, &cluster.initialize)
+    else {
+        return None;
+    };
+    (cluster_id != system_id).then(|| format!(
+        "data directory belongs to another cluster (system identifier {system_id}, cluster's is {cluster_id}): not starting it"
+    ))
 }
 
 /// etcd could not be read: the view is the last one seen. A leader keeps
@@ -179,7 +188,7 @@ fn decide_empty(cluster: &ClusterView, local: &LocalView, now: Duration, d: &mut
                     "our bootstrap failed: leaving the next attempt to another member for now"
                         .into(),
                 );
-            } else {
+            } else if nobody_holds_data(cluster, local, now, d) {
                 d.push(
                     Action::ClaimBootstrap,
                     "no cluster in etcd yet and no data directory: claiming the bootstrap",
@@ -246,6 +255,79 @@ fn decide_empty(cluster: &ClusterView, local: &LocalView, now: Duration, d: &mut
     }
 }
 
+/// Before initdb under an empty etcd: no other member may hold data. An
+/// etcd wiped (or restored empty) under a running cluster looks exactly like
+/// a new one; initdb there would start a new, empty cluster over it.
+fn nobody_holds_data(
+    cluster: &ClusterView,
+    local: &LocalView,
+    now: Duration,
+    d: &mut Decision,
+) -> bool {
+    let others = || cluster.members.iter().filter(|m| m.name != local.name);
+    if let Some(m) = others().find(|m| m.role != Role::Uninitialized) {
+        d.waiting = Some(format!(
+            "etcd holds no cluster, but {} has a data directory: leaving the cluster to it, not running initdb",
+            m.name
+        ));
+        return false;
+    }
+    // After a wipe, members re-publish their keys at their next pass or
+    // the one after (their keep-alive finds the lease gone first).
+    let grace = Duration::from_secs(2 * cluster.config.loop_wait + 2);
+    let since = local.no_cluster_since.unwrap_or(now);
+    if now < since + grace {
+        d.waiting = Some(format!(
+            "etcd holds no cluster: waiting {}s for members with data to announce themselves before running initdb",
+            (since + grace - now).as_secs_f64().ceil()
+        ));
+        return false;
+    }
+    // Members seen before etcd emptied may hold data and not be back yet.
+    let mut known: Vec<&crate::dcs::MemberStatus> = others().collect();
+    for m in local.known_members.iter().filter(|m| m.name != local.name) {
+        if !known.iter().any(|k| k.name == m.name) {
+            known.push(m);
+        }
+    }
+    if known.is_empty() {
+        return true;
+    }
+    let Some(peers) = local.peers.as_ref() else {
+        d.need = Some(PeerQuery::Positions(
+            known.iter().map(|m| peer_address(m)).collect(),
+        ));
+        d.waiting =
+            Some("asking the other members whether any holds data before running initdb".into());
+        return false;
+    };
+    for m in known {
+        let answer = peers.iter().find(|p| p.name == m.name);
+        match answer {
+            Some(p) if p.system_id.is_some() => {
+                d.waiting = Some(format!(
+                    "etcd holds no cluster, but {} has a data directory (system identifier {}): not running initdb",
+                    m.name,
+                    p.system_id.as_deref().unwrap_or_default()
+                ));
+                return false;
+            }
+            Some(p) if p.answered => {}
+            // Unknown is not absent: a member that had data and does not
+            // answer may still have it.
+            _ if m.role != Role::Uninitialized => {
+                d.waiting = Some(format!(
+                    "etcd holds no cluster and {}, which had a data directory, does not answer: not running initdb while it may hold the cluster's data",
+                    m.name
+                ));
+                return false;
+            }
+            _ => {}
+        }
+    }
+    true
+}
+
 fn decide_stopped(cluster: &ClusterView, local: &LocalView, now: Duration, d: &mut Decision) {
     let leader = cluster.leader.as_deref();
     if backing_off(local, &JobKind::Start, cluster.config.loop_wait, now) {
@@ -283,10 +365,9 @@ fn decide_stopped(cluster: &ClusterView, local: &LocalView, now: Duration, d: &m
             }
         }
         Some(l) => rejoin(cluster, local, l, d),
-        None if cluster.initialize == Initialize::Absent => d.push(
-            Action::ClaimBootstrap,
-            "etcd holds no cluster but we have data: claiming the cluster for it",
-        ),
+        // With `initialize` missing too (etcd wiped), the same: the most
+        // advanced member is found by the election among running replicas,
+        // and the winner publishes its system identifier.
         None => d.push(
             Action::StartReplica { upstream: None },
             "PostgreSQL is stopped and there is no leader: starting it read-only",
@@ -307,6 +388,15 @@ fn decide_primary(
     match cluster.leader.as_deref() {
         Some(l) if l == local.name => {
             if local.last_renew.is_none() {
+                if local.leader_key_not_ours {
+                    // Nobody renews that key: when it expires another member
+                    // is elected while we would still accept writes.
+                    d.push(
+                        Action::Fence,
+                        "the leader key names us but is on a lease we cannot renew (another agent's with our name, or one we no longer know): stopping PostgreSQL immediately",
+                    );
+                    return;
+                }
                 // A restarted agent adopting its running primary: confirm the
                 // key is ours before treating the lease as held.
                 d.push(
@@ -445,14 +535,18 @@ fn peer_addresses(cluster: &ClusterView, me: &str) -> Vec<PeerAddress> {
         .members
         .iter()
         .filter(|m| m.name != me)
-        .map(|m| PeerAddress {
-            name: m.name.clone(),
-            api_url: m.api_url.clone(),
-            address: format!("{}:{}", m.host, m.port),
-            nofailover: m.tags.nofailover,
-            failover_priority: m.tags.failover_priority,
-        })
+        .map(peer_address)
         .collect()
+}
+
+fn peer_address(m: &crate::dcs::MemberStatus) -> PeerAddress {
+    PeerAddress {
+        name: m.name.clone(),
+        api_url: m.api_url.clone(),
+        address: format!("{}:{}", m.host, m.port),
+        nofailover: m.tags.nofailover,
+        failover_priority: m.tags.failover_priority,
+    }
 }
 
 /// A stopped member rejoins a cluster led by `leader`: as a plain replica
@@ -598,6 +692,14 @@ fn decide_paused(cluster: &ClusterView, local: &LocalView, now: Duration, d: &mu
     }
     if operator::member_request(cluster, local, d) {
         return;
+    }
+    // Hands off, but an operator's failover must not make another cluster's
+    // data the leader: its `status` would then judge every real candidate.
+    if let Some(problem) = foreign_data(cluster, local) {
+        d.problem = Some(problem);
+        if !i_lead {
+            return;
+        }
     }
     match &local.pg {
         PgRun::Running(pg) if !pg.in_recovery => match cluster.leader.as_deref() {

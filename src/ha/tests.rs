@@ -182,6 +182,10 @@ fn local() -> Local {
         slot_last_seen: BTreeMap::new(),
         control: None,
         peers: None,
+        known_members: vec![],
+        // etcd empty for long: any bootstrap grace has passed.
+        no_cluster_since: Some(Duration::ZERO),
+        leader_key_not_ours: false,
         primary_down_since: None,
         reclone_on_rewind_failure: false,
         wall_clock: 1_800_000_000,
@@ -192,6 +196,19 @@ fn local() -> Local {
 }
 
 impl Local {
+    /// Members seen in etcd before it emptied.
+    fn known(mut self, c: Cluster) -> Self {
+        self.0.known_members = c.0.members;
+        self
+    }
+    fn leader_key_not_ours(mut self) -> Self {
+        self.0.leader_key_not_ours = true;
+        self
+    }
+    fn no_cluster_since(mut self, t: u64) -> Self {
+        self.0.no_cluster_since = Some(secs(t));
+        self
+    }
     fn data_empty(mut self) -> Self {
         self.0.data = DataDir::Empty;
         self
@@ -334,6 +351,7 @@ impl Local {
                 nofailover,
                 failover_priority: prio,
                 running_primary: false,
+                answered: true,
                 system_id: None,
             });
         self
@@ -349,6 +367,7 @@ impl Local {
                 nofailover: false,
                 failover_priority: 1,
                 running_primary: true,
+                answered: true,
                 system_id: None,
             });
         self
@@ -364,6 +383,7 @@ impl Local {
                 nofailover: false,
                 failover_priority: 1,
                 running_primary,
+                answered: true,
                 system_id: Some(id.to_string()),
             });
         self
@@ -540,8 +560,23 @@ fn empty_data_dir() {
         row("no initialize, no leader: claim the bootstrap",
             cluster(), local().data_empty(), NOW,
             vec![ClaimBootstrap]),
-        row("no initialize, no leader, other members up: claim the bootstrap",
+        row("no initialize, no leader, another member has data: no initdb, leave the cluster to it",
             cluster().replica(N2), local().data_empty(), NOW,
+            vec![]).waiting("node2 has a data directory"),
+        row("no initialize, no leader, other members empty and say so: claim the bootstrap",
+            cluster().member(N2, Role::Uninitialized, PgState::Stopped), local().data_empty().peer(N2, None), NOW,
+            vec![ClaimBootstrap]),
+        row("no initialize for less than the grace: wait for members with data to re-publish",
+            cluster(), local().data_empty().no_cluster_since(NOW - 1), NOW,
+            vec![]).waiting("announce themselves"),
+        row("etcd emptied; a member seen before answers with data: no initdb",
+            cluster(), local().data_empty().known(cluster().replica(N2)).peer_data(N2, LSN, SYSID, false), NOW,
+            vec![]).waiting("node2 has a data directory (system identifier"),
+        row("etcd emptied; a member seen with data before does not answer: no initdb",
+            cluster(), local().data_empty().known(cluster().replica(N2)), NOW,
+            vec![]).waiting("does not answer"),
+        row("etcd emptied; a member seen empty before does not answer: claim the bootstrap",
+            cluster(), local().data_empty().known(cluster().member(N2, Role::Uninitialized, PgState::Stopped)), NOW,
             vec![ClaimBootstrap]),
         row("claimed and we lead: renew and bootstrap",
             cluster().claimed().leader(ME), local().data_empty().renewed_at(NOW - 1), NOW,
@@ -695,9 +730,9 @@ fn data_present_stopped() {
         row("stopped and the leader has not published itself: wait for its address",
             cluster().initialized(SYSID).leader(N2), local().data(SYSID).stopped(), NOW,
             vec![]).waiting("waiting for leader node2 to publish its address"),
-        row("stopped, no leader, no initialize: claim the cluster for our data",
+        row("stopped, no leader, no initialize: start read-only, the election picks the most advanced",
             cluster(), local().data(SYSID).stopped(), NOW,
-            vec![ClaimBootstrap]),
+            vec![StartReplica { upstream: None }]),
         row("stopped, no leader, initialized: start read-only without upstream",
             cluster().initialized(SYSID).replica(N2), local().data(SYSID).stopped(), NOW,
             vec![StartReplica { upstream: None }]),
@@ -836,6 +871,12 @@ fn running_primary() {
         row("we lead, all in order: renew, write status",
             mine().replica(N2), fresh().pg_primary(&[N2]).slot_seen(N2, NOW), NOW,
             vec![RenewLeader, WriteStatus]),
+        row("agent restarted over its running primary: confirm the key before serving",
+            mine(), local().data(SYSID).pg_primary(&[]), NOW,
+            vec![RenewLeader]),
+        row("agent restarted; the key names us on a lease not ours: nobody renews it, fence",
+            mine(), local().data(SYSID).pg_primary(&[]).leader_key_not_ours(), NOW,
+            vec![Fence]),
         row("we lead, lease renewed 3s ago (< retry_timeout): normal",
             mine(), local().data(SYSID).pg_primary(&[]).renewed_at(NOW - 3), NOW,
             vec![RenewLeader, WriteStatus]),
@@ -1253,6 +1294,16 @@ fn grid_clusters() -> Vec<ClusterView> {
             }
         }
     }
+    // A new cluster: everyone empty (the only place a bootstrap is due).
+    for n2 in [Role::Uninitialized, Role::Replica] {
+        out.push(
+            cluster()
+                .member(ME, Role::Uninitialized, PgState::Stopped)
+                .member(N2, n2, PgState::Stopped)
+                .config_not_stored()
+                .0,
+        );
+    }
     out
 }
 
@@ -1527,6 +1578,18 @@ fn safety_invariants_over_grid() {
                 && (c.leader.is_some() || c.initialize != Initialize::Absent)
             {
                 bad("ClaimBootstrap while the cluster is claimed or led");
+            }
+            // Rule 8: an empty etcd never starts a new cluster over data
+            // that some member reports or may still hold.
+            if has(&|a| *a == Action::ClaimBootstrap) {
+                let published = c
+                    .members
+                    .iter()
+                    .any(|m| m.name != ME && m.role != Role::Uninitialized);
+                let answered = l.peers.iter().flatten().any(|p| p.system_id.is_some());
+                if l.data != DataDir::Empty || published || answered {
+                    bad("rule 8: ClaimBootstrap while a member has data");
+                }
             }
             if has(&|a| *a == Action::Bootstrap)
                 && !(l.data == DataDir::Empty && c.initialize == Initialize::Claimed && i_lead)
@@ -1855,6 +1918,14 @@ fn maintenance_mode_is_hands_off() {
             NOW,
             vec![AcquireLeader],
         ),
+        row(
+            "paused replica with another cluster's data named by a manual failover: not taken (simulator seed 6832)",
+            paused().request(Failover, None, Some(ME)),
+            local().data(OTHER_SYSID).pg_replica(None, LSN),
+            NOW,
+            vec![],
+        )
+        .problem("belongs to another cluster"),
         row(
             "paused stopped replica: not started",
             paused().led_by(N2),

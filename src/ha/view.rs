@@ -29,6 +29,14 @@ pub struct LocalView {
     /// Other members' positions, as asked this pass because the policy
     /// needed them (`Decision::need`); None: not asked.
     pub peers: Option<Vec<PeerPosition>>,
+    /// The other members as last seen in etcd while it held any: after a
+    /// wipe, who may still hold this cluster's data.
+    pub known_members: Vec<crate::dcs::MemberStatus>,
+    /// Since when etcd holds no `initialize` key, as observed.
+    pub no_cluster_since: Option<Duration>,
+    /// Our last lease operation found the leader key naming us on a lease
+    /// that is not ours: nobody renews it, it will expire.
+    pub leader_key_not_ours: bool,
     /// Since when we hold the leader key without a running primary.
     pub primary_down_since: Option<Duration>,
     /// Wipe and re-clone when pg_rewind fails.
@@ -78,6 +86,8 @@ pub struct PeerPosition {
     /// It runs as a primary already (etcd lost its keys, say): it takes
     /// the lease without a promotion, so it beats any replica.
     pub running_primary: bool,
+    /// It answered at all (false: unreachable, timed out, garbled).
+    pub answered: bool,
     /// The system identifier of its data directory, as it answered (None:
     /// not answered or not readable there). A member holding another
     /// cluster's data cannot lead this one, however far ahead it is.
@@ -257,7 +267,10 @@ pub struct PeerAddress {
 impl PeerAddress {
     /// The answer recorded when the member did not answer.
     pub fn unanswered(&self) -> PeerPosition {
-        self.answered(None)
+        PeerPosition {
+            answered: false,
+            ..self.answered(None)
+        }
     }
     pub fn answered(&self, wal_lsn: Option<u64>) -> PeerPosition {
         PeerPosition {
@@ -266,6 +279,7 @@ impl PeerAddress {
             nofailover: self.nofailover,
             failover_priority: self.failover_priority,
             running_primary: false,
+            answered: true,
             system_id: None,
         }
     }

@@ -292,7 +292,7 @@ impl Etcd {
         &mut self,
         name: &str,
         lease: i64,
-        previous: Option<i64>,
+        previous: &[i64],
         now: Duration,
     ) -> Result<bool, EtcdError> {
         let on = |l: Option<i64>| self.kv.get(LEADER).is_some_and(|kv| Some(kv.lease) == l);
@@ -302,7 +302,7 @@ impl Etcd {
         if on(Some(lease)) {
             return Ok(true);
         }
-        if previous.is_none() || !on(previous) {
+        if !previous.iter().any(|p| on(Some(*p))) {
             return Ok(false);
         }
         self.put(LEADER, Value::Text(name.to_string()), lease, now)?;

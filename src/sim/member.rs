@@ -86,10 +86,10 @@ pub struct Agent {
     /// The TTL `lease` was granted with (`Dcs::lease_id` re-grants when
     /// the config's ttl grew beyond it).
     pub lease_ttl: u64,
-    /// `Dcs::previous_lease`: our own earlier lease (a restarted agent's
-    /// member key found at start, or the lease before ttl grew); keys on it
-    /// are ours to move.
-    pub previous_lease: Option<i64>,
+    /// `Dcs::previous_leases`: our own earlier leases (a restarted agent's
+    /// member key found at start and a leader key naming us, or the lease
+    /// before ttl grew); keys on them are ours to move.
+    pub previous_leases: Vec<i64>,
     /// Local time the last successful keep-alive started.
     pub lease_kept_at: Option<Duration>,
     pub last_published: Option<(MemberStatus, Option<i64>)>,
@@ -182,11 +182,18 @@ impl World {
         core.mutation = self.mutation;
         // `Dcs::claim_name`: our member key from a previous life (same
         // instance, so same addresses) gives the lease we may move keys from.
-        let previous_lease = self
+        let name = &self.members[i].name;
+        let mut previous_leases: Vec<i64> = self
             .etcd
-            .lease_of(&super::etcd::member_key(&self.members[i].name));
+            .lease_of(&super::etcd::member_key(name))
+            .into_iter()
+            .collect();
+        // ...and a leader key naming us, while that member key lives.
+        if !previous_leases.is_empty() && self.etcd.leader() == Some(name.as_str()) {
+            previous_leases.extend(self.etcd.lease_of(super::etcd::LEADER));
+        }
         self.members[i].agent = Some(Agent {
-            previous_lease,
+            previous_leases,
             core,
             epoch: self.now,
             token: 0,
@@ -411,8 +418,8 @@ impl World {
         }
         let old = a.lease;
         let id = self.etcd_call(i, elapsed, |e, now| e.grant(ttl, now))?;
-        if old.is_some() {
-            self.agent_mut(i).previous_lease = old;
+        if let Some(old) = old {
+            self.agent_mut(i).previous_leases.push(old);
         }
         self.agent_mut(i).lease = Some(id);
         self.agent_mut(i).lease_ttl = ttl;
@@ -474,15 +481,17 @@ impl World {
             Action::RenewLeader => {
                 self.keep_alive(i, elapsed, ttl)?;
                 let id = self.lease_id(i, elapsed, ttl)?;
-                let prev = self.agent(i).previous_lease;
+                let prev = self.agent(i).previous_leases.clone();
                 let r =
-                    self.etcd_call(i, elapsed, |e, now| e.renew_leader(&name, id, prev, now))?;
+                    self.etcd_call(i, elapsed, |e, now| e.renew_leader(&name, id, &prev, now))?;
                 r.map(held).map_err(lease_err)
             }
             Action::ReleaseLeader => {
-                let ours: Vec<i64> = [self.agent(i).lease, self.agent(i).previous_lease]
+                let a = self.agent(i);
+                let ours: Vec<i64> = a
+                    .lease
                     .into_iter()
-                    .flatten()
+                    .chain(a.previous_leases.iter().copied())
                     .collect();
                 self.etcd_call(i, elapsed, |e, now| e.release_leader(&name, &ours, now))?;
                 Ok(LeaseOutcome::NotHeld)

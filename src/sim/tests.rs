@@ -40,6 +40,18 @@ const REGRESSIONS: &[(u64, &str)] = &[
         "a bootstrap claim whose first renewal failed was released by primary_start_timeout (leader key only): the empty initialize claim stayed on a live lease and nobody ever bootstrapped",
     ),
     (
+        4725,
+        "an agent killed between moving its member key and its leader key onto a new lease (ttl grew) restarted, adopted only the member key's lease, and could neither renew nor fence: its primary stayed writable after the key expired",
+    ),
+    (
+        6832,
+        "while paused, an operator's failover made a member holding a lost bootstrap's data the leader; the status it wrote kept the real cluster's replica from ever being a candidate",
+    ),
+    (
+        15203,
+        "the same as 4725 after several ttl edits (found by the long run at f8a2dce)",
+    ),
+    (
         725551,
         "after three lost bootstrap claims one member held an abandoned bootstrap's data; it refused to lead but, furthest ahead, still answered the position ask, and the one healthy replica left the lease to it for good",
     ),
