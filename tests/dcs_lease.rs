@@ -359,3 +359,44 @@ async fn keys_on_another_agents_lease_are_not_ours_whatever_the_name() {
         .await
         .expect("publish");
 }
+
+/// An agent killed after ttl grew, between republishing its member key on
+/// the new lease and moving the leader key there: its two keys are on two
+/// leases of its own. Restarted, it must own both (found by the simulator,
+/// seeds 4725 and 15203: it could neither renew nor fence, and its primary
+/// stayed writable after the key expired).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_agent_owns_its_keys_left_on_two_leases() {
+    use pgwarden::dcs::LeaderOutcome::Won;
+    let root = support::temp_dir("pgwarden-lease-");
+    let etcd = Etcd::start(root.path());
+    let mut a = connect(&etcd, "split").await;
+    a.keep_alive(5).await.expect("keep-alive");
+    assert_eq!(a.acquire_leader("n1", 5).await.expect("acquire"), Won);
+    let leader_lease = a.current_lease();
+    // ttl grew: a new lease, the member key published on it first.
+    a.keep_alive(30).await.expect("keep-alive with the new ttl");
+    assert_ne!(a.current_lease(), leader_lease);
+    a.publish_member(&member("n1"), 30).await.expect("publish");
+    drop(a); // killed here: the leader key never moved
+
+    let mut again = connect(&etcd, "split").await;
+    again
+        .claim_name("n1", "http://127.0.0.1:8008", "127.0.0.1:5432")
+        .await
+        .expect("our own previous life");
+    again.keep_alive(30).await.expect("keep-alive");
+    assert_eq!(
+        again.renew_leader("n1", 30).await.expect("renew"),
+        Won,
+        "the leader key on our previous life's other lease is ours"
+    );
+    // Moved onto the new lease: it outlives the old 5 s one.
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    again.keep_alive(30).await.expect("keep-alive");
+    let view = again
+        .read_cluster(&DynamicConfig::default())
+        .await
+        .expect("read");
+    assert_eq!(view.leader.as_deref(), Some("n1"));
+}

@@ -208,6 +208,44 @@ impl Etcd {
         self.running.then(|| self.child.id())
     }
 
+    /// etcd's data lost: kill -9, its data directory removed, started again
+    /// empty on the same ports (single etcd from `start` only).
+    pub fn restart_empty(&mut self) {
+        assert_eq!(self.name, "t", "restart_empty is for the single test etcd");
+        self.kill9();
+        std::fs::remove_dir_all(&self.dir).expect("remove etcd's data");
+        let url = format!("http://127.0.0.1:{}", self.port);
+        let peer_url = format!("http://127.0.0.1:{}", self.peer_port);
+        let data = self.dir.to_string_lossy().to_string();
+        let args: Vec<String> = [
+            "--name",
+            "t",
+            "--data-dir",
+            &data,
+            "--listen-client-urls",
+            &url,
+            "--advertise-client-urls",
+            &url,
+            "--listen-peer-urls",
+            &peer_url,
+            "--initial-advertise-peer-urls",
+            &peer_url,
+            "--initial-cluster",
+            &format!("t={peer_url}"),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let log = self.dir.with_file_name("etcd-restarted.log");
+        self.child = spawn_logged("etcd", &args, &log);
+        self.running = true;
+        assert!(
+            wait_port(self.port, Duration::from_secs(20)),
+            "etcd did not listen again on {}",
+            self.port
+        );
+    }
+
     /// kill -9 this member (and reap it).
     pub fn kill9(&mut self) {
         let _ = self.child.kill();
