@@ -196,6 +196,7 @@ impl Agent {
             Action::Bootstrap => {
                 let mut pg = self.pg.detached();
                 let inputs = self.conf_inputs(cluster, None);
+                let gate = self.fence.gate();
                 self.spawn_job(JobKind::Bootstrap, async move {
                     // initdb cleans up after itself when it fails; what it
                     // made is ours to remove if a later step fails — never
@@ -203,6 +204,7 @@ impl Agent {
                     pg.initdb().await?;
                     let result = async {
                         pg.write_conf(&inputs)?;
+                        gate.check()?;
                         pg.start().await?;
                         pg.create_replication_user().await?;
                         anyhow::Ok(())
@@ -234,8 +236,10 @@ impl Agent {
             Action::StartPrimary => {
                 let mut pg = self.pg.detached();
                 let inputs = self.conf_inputs(cluster, None);
+                let gate = self.fence.gate();
                 self.spawn_job(JobKind::Start, async move {
                     pg.write_conf(&inputs)?;
+                    gate.check()?;
                     pg.start().await
                 });
             }
@@ -290,7 +294,9 @@ impl Agent {
                 });
                 let mut pg = self.pg.detached();
                 let inputs = self.conf_inputs(cluster, None);
+                let gate = self.fence.gate();
                 self.spawn_job(JobKind::Promote, async move {
+                    gate.check()?;
                     pg.promote().await?;
                     pg.write_conf(&inputs)?;
                     Ok(())
@@ -323,8 +329,10 @@ impl Agent {
             }
             Action::Restart => {
                 let mut pg = self.pg.detached();
+                let gate = self.fence.gate();
                 self.spawn_job(JobKind::Restart, async move {
                     pg.stop().await?;
+                    gate.check()?;
                     pg.start().await
                 });
             }

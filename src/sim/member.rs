@@ -266,6 +266,12 @@ impl World {
             });
             self.members[i].pg.kill();
         }
+        // `fence::KEEP_DOWN_EVERY`: until the deadline moves, PostgreSQL
+        // stays down.
+        self.schedule(
+            self.now + Duration::from_millis(200),
+            super::Ev::Fence { m: i, inc, token },
+        );
     }
 
     /// Something for the loop (wake, job done, request): run it now if idle.
@@ -926,6 +932,16 @@ impl World {
         primary: bool,
         upstream: Option<String>,
     ) -> Option<Result<(), String>> {
+        // `FenceGate::check`: a job that outlived the fence deadline does
+        // not start PostgreSQL writable.
+        let fenced = self
+            .agent(i)
+            .core
+            .fence_deadline()
+            .is_some_and(|d| self.local_now(i) >= d);
+        if primary && fenced {
+            return Some(Err("the fence deadline passed while this job ran".into()));
+        }
         let crashed = self.members[i]
             .pg
             .data

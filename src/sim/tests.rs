@@ -52,6 +52,10 @@ const REGRESSIONS: &[(u64, &str)] = &[
         "the same as 4725 after several ttl edits (found by the long run at f8a2dce)",
     ),
     (
+        66465,
+        "the bootstrapper's loop hung past its lease while initdb ran; the fence fired with nothing running, then the bootstrap job started PostgreSQL as primary anyway (found by the long run at 81a5bee)",
+    ),
+    (
         725551,
         "after three lost bootstrap claims one member held an abandoned bootstrap's data; it refused to lead but, furthest ahead, still answered the position ask, and the one healthy replica left the lease to it for good",
     ),
