@@ -23,6 +23,13 @@ impl Agent {
                 self.publish_pass().await;
                 return;
             }
+            Action::AskFailsafe(members) => {
+                self.log_step(&step);
+                let started = self.now();
+                let confirmed = self.ask_failsafe(members).await;
+                self.handle(Event::Failsafe { started, confirmed });
+                return;
+            }
             Action::Fence if self.pg.postmaster_pid().is_none() => {
                 tracing::debug!("fence deadline passed; PostgreSQL is already stopped");
                 return;
@@ -160,6 +167,7 @@ impl Agent {
         match action {
             Action::Observe
             | Action::AskPeers(_)
+            | Action::AskFailsafe(_)
             | Action::Publish
             | Action::ClaimBootstrap
             | Action::AcquireLeader
@@ -323,6 +331,9 @@ impl Agent {
                 // Keep the lease: it is handed over only once the candidate
                 // has the shutdown checkpoint.
                 self.spawn_job(JobKind::Stop, async move { pg.stop().await });
+            }
+            Action::WriteFailsafe(names) => {
+                self.dcs_mut()?.write_failsafe(names).await?;
             }
             Action::ClearFailover => {
                 self.dcs_mut()?.clear_failover().await?;

@@ -205,6 +205,62 @@ impl Agent {
     }
 }
 
+impl Agent {
+    /// `Action::AskFailsafe`: POST /failsafe to every member at once; true
+    /// when every one confirmed. A member that does not answer in time has
+    /// not confirmed.
+    pub(super) async fn ask_failsafe(&self, members: &[PeerAddress]) -> bool {
+        let mut set = tokio::task::JoinSet::new();
+        let body = serde_json::json!({
+            "leader": self.cfg.name,
+            "ttl": self.core.cluster().config.ttl,
+        });
+        // Within a renewal interval: a round must end before the next retry.
+        let timeout = std::time::Duration::from_millis(800);
+        for m in members.iter().cloned() {
+            let mut req = self
+                .http
+                .post(format!("{}/failsafe", m.api_url.trim_end_matches('/')))
+                .json(&body)
+                .timeout(timeout);
+            if let (Some(u), Some(p)) = (&self.cfg.api.username, &self.cfg.api.password) {
+                req = req.basic_auth(u, Some(p));
+            }
+            set.spawn(async move {
+                let answer = req.send().await;
+                match answer {
+                    Ok(r) if r.status().is_success() => None,
+                    Ok(r) => Some(format!("{}: {}", m.name, r.status())),
+                    Err(e) => Some(format!("{}: {e}", m.name)),
+                }
+            });
+        }
+        let mut refused = Vec::new();
+        let mut answered = 0;
+        while let Some(r) = set.join_next().await {
+            answered += 1;
+            match r {
+                Ok(None) => {}
+                Ok(Some(why)) => refused.push(why),
+                Err(e) => refused.push(format!("a request task failed: {e}")),
+            }
+        }
+        if answered < members.len() {
+            refused.push("not every member was asked".into());
+        }
+        if refused.is_empty() {
+            tracing::debug!(
+                "failsafe: all {} members confirm they cannot reach etcd either: staying primary",
+                members.len()
+            );
+            true
+        } else {
+            tracing::warn!("failsafe: not confirmed ({})", refused.join("; "));
+            false
+        }
+    }
+}
+
 /// Remembers `why` as the last failed read; true when it differs from
 /// the one before.
 fn failure_is_new(last: &mut Option<String>, why: &str) -> bool {

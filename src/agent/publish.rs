@@ -109,6 +109,7 @@ impl Agent {
             ttl,
             paused: cluster.config.pause,
             postmaster_start: running.map(|pg| pg.postmaster_start.clone()),
+            dcs_ok: local.dcs_ok,
             system_id: match &local.data {
                 DataDir::Initialized { system_id } => Some(system_id.clone()),
                 DataDir::Empty | DataDir::Unknown(_) => None,

@@ -234,11 +234,23 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                 agent.handle(ha::Event::Wake)
             }
             Woke::JobDone(result) => agent.job_finished(result).await,
-            Woke::Request(cmd) => agent.handle(ha::Event::Request(match cmd {
-                crate::api::MemberCommand::Restart => ha::OperatorRequest::Restart,
-                crate::api::MemberCommand::Reinit => ha::OperatorRequest::Reinit,
-                crate::api::MemberCommand::Reload => ha::OperatorRequest::Reload,
-            })),
+            Woke::Request(cmd) => agent.handle(match cmd {
+                crate::api::MemberCommand::Restart => {
+                    ha::Event::Request(ha::OperatorRequest::Restart)
+                }
+                crate::api::MemberCommand::Reinit => {
+                    ha::Event::Request(ha::OperatorRequest::Reinit)
+                }
+                crate::api::MemberCommand::Reload => {
+                    ha::Event::Request(ha::OperatorRequest::Reload)
+                }
+                crate::api::MemberCommand::Failsafe { leader, ttl } => {
+                    tracing::info!(
+                        "failsafe: confirmed {leader} as the primary while etcd is unreachable"
+                    );
+                    ha::Event::FailsafeGranted { leader, ttl }
+                }
+            }),
         }
     }
     watcher.abort();
@@ -359,5 +371,6 @@ fn initial_snapshot(cfg: &Config) -> ApiSnapshot {
         paused: false,
         postmaster_start: None,
         system_id: None,
+        dcs_ok: false,
     }
 }

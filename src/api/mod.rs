@@ -81,6 +81,7 @@ pub fn router(
         )
         .route("/reinitialize", mutating_post(operator::post_reinitialize))
         .route("/reload", mutating_post(operator::post_reload))
+        .route("/failsafe", mutating_post(operator::post_failsafe))
         .fallback(views::not_found)
         .with_state(app)
 }

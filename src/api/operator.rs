@@ -37,7 +37,7 @@ pub const BODY_LIMIT: usize = 64 * 1024;
 
 /// An operator's request to this member's agent, carried from the API to
 /// the agent's loop.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum MemberCommand {
     /// Restart PostgreSQL (in place, same role).
     Restart,
@@ -45,14 +45,18 @@ pub enum MemberCommand {
     Reinit,
     /// Reload PostgreSQL's configuration (SIGHUP).
     Reload,
+    /// Failsafe mode: we confirmed `leader` as the primary while neither of
+    /// us reaches etcd (`POST /failsafe`, sent by that primary's agent).
+    Failsafe { leader: String, ttl: u64 },
 }
 
 impl MemberCommand {
-    pub fn as_str(self) -> &'static str {
+    pub fn as_str(&self) -> &'static str {
         match self {
             MemberCommand::Restart => "restart",
             MemberCommand::Reinit => "reinitialize",
             MemberCommand::Reload => "reload",
+            MemberCommand::Failsafe { .. } => "failsafe",
         }
     }
 }
@@ -204,6 +208,11 @@ fn refuse(r: Refusal) -> Response {
 /// Credentials, then the body (at most [`BODY_LIMIT`] bytes).
 async fn admit(ops: &Ops, headers: &HeaderMap, body: Body) -> Result<Bytes, Response> {
     auth::authorize(ops.options.credentials.as_ref(), headers)?;
+    read_body(headers, body).await
+}
+
+/// The request body, within BODY_LIMIT and BODY_TIMEOUT.
+async fn read_body(headers: &HeaderMap, body: Body) -> Result<Bytes, Response> {
     let too_large = || {
         error_response(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -508,11 +517,9 @@ async fn member_command(
             "refusing to reinitialize the leader: switch over first",
         );
     }
+    let what = command.as_str();
     match ops.commands.try_send(command) {
-        Ok(()) => message(
-            StatusCode::ACCEPTED,
-            &format!("{} requested", command.as_str()),
-        ),
+        Ok(()) => message(StatusCode::ACCEPTED, &format!("{what} requested")),
         Err(mpsc::error::TrySendError::Full(_)) => error_response(
             StatusCode::SERVICE_UNAVAILABLE,
             "busy: earlier requests to this member are still queued, retry later",
@@ -538,6 +545,74 @@ pub(crate) async fn post_reinitialize(
     body: Body,
 ) -> Response {
     member_command(state, headers, body, MemberCommand::Reinit).await
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FailsafeBody {
+    leader: String,
+    /// The asking primary's ttl (its fence stands at that).
+    ttl: u64,
+}
+
+/// `POST /failsafe` (failsafe mode): a primary that cannot reach etcd asks
+/// whether we cannot either and accept it. Answered from the snapshot by
+/// `ha::failsafe_refusal`; a yes is also handed to the loop, which then
+/// takes no lease for ttl. Credentials are required only where configured:
+/// agents send theirs, and a yes only holds back an election that this
+/// member could not run anyway (it has no etcd).
+pub(crate) async fn post_failsafe(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let ops = &state.ops;
+    let bytes = if ops.options.credentials.is_some() {
+        match admit(ops, &headers, body).await {
+            Ok(b) => b,
+            Err(r) => return r,
+        }
+    } else {
+        match read_body(&headers, body).await {
+            Ok(b) => b,
+            Err(r) => return r,
+        }
+    };
+    let req = match parse_body::<FailsafeBody>(&bytes) {
+        Ok(b) => b,
+        Err(r) => return refuse(r),
+    };
+    let snap = state.snapshot.get();
+    let failsafe_mode = snap
+        .cluster
+        .as_ref()
+        .is_some_and(|c| c.config.failsafe_mode);
+    let runs_primary = snap.pg_running && !snap.in_recovery;
+    let leads = snap.member.role == crate::dcs::Role::Leader;
+    if let Some(why) = crate::ha::failsafe_refusal(failsafe_mode, snap.dcs_ok, runs_primary, leads)
+    {
+        return error_response(
+            StatusCode::CONFLICT,
+            format!("not confirming {}: {why}", req.leader),
+        );
+    }
+    // Queued before we say yes; the loop takes requests before its next
+    // pass, and the policy never promotes while a confirmation holds (an
+    // election won in the same instant is released, not promoted).
+    let cmd = MemberCommand::Failsafe {
+        leader: req.leader.clone(),
+        ttl: req.ttl,
+    };
+    match ops.commands.try_send(cmd) {
+        Ok(()) => message(
+            StatusCode::OK,
+            &format!("{} confirmed as the primary", req.leader),
+        ),
+        Err(_) => error_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the agent cannot take the confirmation now (requests queued, or shutting down)",
+        ),
+    }
 }
 
 pub(crate) async fn post_reload(

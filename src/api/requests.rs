@@ -501,6 +501,7 @@ mod tests {
             status: None,
             history: Vec::new(),
             failover: None,
+            failsafe: None,
             config_revision: 5,
             problems: vec![],
         }

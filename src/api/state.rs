@@ -35,6 +35,8 @@ pub struct ApiSnapshot {
     /// Peers use it to tell a member holding another cluster's data from
     /// a candidate.
     pub system_id: Option<String>,
+    /// The last pass read etcd.
+    pub dcs_ok: bool,
 }
 
 /// Shared between the loop (writer) and the HTTP handlers (readers).

@@ -181,6 +181,7 @@ mod tests {
             status: None,
             history: Vec::new(),
             failover: None,
+            failsafe: None,
             config_revision: 3,
             problems,
         }

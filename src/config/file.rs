@@ -386,6 +386,11 @@ pub struct DynamicConfig {
     pub primary_start_timeout: u64,
     #[serde(default)]
     pub synchronous_mode: bool,
+    /// While etcd is unreachable, a primary whose every last-known member
+    /// confirms over its API that it cannot reach etcd either keeps
+    /// running (Patroni's `failsafe_mode`); otherwise it stops as usual.
+    #[serde(default)]
+    pub failsafe_mode: bool,
     /// Maintenance mode: agents observe but act only on operator requests.
     #[serde(default)]
     pub pause: bool,
@@ -435,6 +440,7 @@ impl Default for DynamicConfig {
             member_slots_ttl: default_member_slots_ttl(),
             primary_start_timeout: default_primary_start_timeout(),
             synchronous_mode: false,
+            failsafe_mode: false,
             pause: false,
             postgresql: DynamicPostgres::default(),
         }

@@ -571,6 +571,17 @@ impl Dcs {
         Ok(LeaderOutcome::Lost)
     }
 
+    /// Failsafe mode: records the members the leader will ask.
+    pub async fn write_failsafe(&mut self, names: &[String]) -> Result<(), DcsError> {
+        let key = self.keys.failsafe();
+        let value = serde_json::to_vec(names).map_err(|source| DcsError::Decode {
+            key: key.clone(),
+            source,
+        })?;
+        with_timeout(self.timeout, self.client.put(key, value, None)).await?;
+        Ok(())
+    }
+
     pub async fn write_status(&mut self, status: &ClusterStatus) -> Result<(), DcsError> {
         let key = self.keys.status();
         let value = serde_json::to_vec(status).map_err(|source| DcsError::Decode {
@@ -855,6 +866,13 @@ pub(super) fn decode_cluster<'a>(
                     },
                 }
             }
+            "failsafe" => match serde_json::from_slice::<Vec<String>>(value) {
+                Ok(names) => {
+                    view.failsafe = Some(names);
+                    None
+                }
+                Err(e) => Some((e, "no failsafe topology is seen")),
+            },
             "failover" => match serde_json::from_slice(value) {
                 Ok(request) => {
                     view.failover = Some(request);
@@ -1054,7 +1072,7 @@ mod tests {
             ..DynamicConfig::default()
         };
         // A newer agent's field during a rolling upgrade.
-        let newer = r#"{"ttl":30,"loop_wait":10,"retry_timeout":10,"failsafe_mode":true}"#;
+        let newer = r#"{"ttl":30,"loop_wait":10,"retry_timeout":10,"check_timeline":true}"#;
         let d = decode_cluster(
             PREFIX,
             [kv("/service/c/config", newer, 9)],
@@ -1067,7 +1085,7 @@ mod tests {
         assert_eq!(d.view.problems.len(), 1);
         let p = &d.view.problems[0];
         assert!(p.contains("/service/c/config"), "{p}");
-        assert!(p.contains("unknown field `failsafe_mode`"), "{p}");
+        assert!(p.contains("unknown field `check_timeline`"), "{p}");
         assert!(p.ends_with("using the last config read from it"), "{p}");
     }
 

@@ -52,6 +52,10 @@ impl Keys {
     pub fn history(&self) -> String {
         format!("{}history", self.prefix)
     }
+    /// Failsafe mode: the members the leader asks while etcd is away.
+    pub fn failsafe(&self) -> String {
+        format!("{}failsafe", self.prefix)
+    }
     pub fn failover(&self) -> String {
         format!("{}failover", self.prefix)
     }

@@ -180,6 +180,9 @@ pub struct ClusterView {
     pub history: Vec<HistoryEntry>,
     /// A pending switchover or failover request.
     pub failover: Option<FailoverRequest>,
+    /// Failsafe mode: the member names the leader recorded as those it asks
+    /// to confirm it while etcd is unreachable (None: not recorded).
+    pub failsafe: Option<Vec<String>>,
     /// etcd revision of `config` (0: absent), for compare-and-swap edits.
     pub config_revision: i64,
     /// Keys that held something this agent cannot decode, one line each
@@ -200,6 +203,7 @@ impl ClusterView {
             status: None,
             history: Vec::new(),
             failover: None,
+            failsafe: None,
             config_revision: 0,
             problems: Vec::new(),
         }

@@ -42,6 +42,21 @@ pub enum Event {
     Observed(Box<Observation>),
     /// Answers to `Action::AskPeers` (an unreachable member has no position).
     Peers(Vec<PeerPosition>),
+    /// Answers to `Action::AskFailsafe`: `confirmed` when every member
+    /// asked confirmed us. `started`: when the asking began (members
+    /// confirmed after it, so none takes the lease before `started + ttl`).
+    Failsafe {
+        started: Duration,
+        confirmed: bool,
+    },
+    /// Failsafe mode, member side: we confirmed `leader` as the primary
+    /// over the API (`ha::failsafe_refusal` said yes).
+    FailsafeGranted {
+        leader: String,
+        /// The asking primary's ttl: its fence stands at its own ttl, which
+        /// an edit it could not see may have made longer than ours.
+        ttl: u64,
+    },
     /// Outcome of a lease operation (`Action::is_lease_op`). `started` is
     /// when the keep-alive that preceded it started: the lease cannot
     /// expire before `started + ttl`.
@@ -153,6 +168,15 @@ pub struct Core {
     /// The last lease operation found the leader key naming us on a lease
     /// that is not ours to renew: it will run out unrenewed.
     leader_key_not_ours: bool,
+    /// Failsafe mode: start of the last round of confirmations from every
+    /// member while etcd was unreachable. It counts as a renewal for
+    /// fencing, demotion and `/primary`.
+    failsafe_at: Option<Duration>,
+    /// Failsafe mode, member side: the primary we confirmed, and until
+    /// when we take no lease.
+    failsafe_granted: Option<(String, Duration)>,
+    /// An etcd read has succeeded since this agent started.
+    cluster_seen: bool,
 
     /// Start of the last successful renewal (or acquisition) of the lease.
     last_renew: Option<Duration>,
@@ -213,6 +237,9 @@ impl Core {
             known_members: Vec::new(),
             no_cluster_since: None,
             leader_key_not_ours: false,
+            failsafe_at: None,
+            failsafe_granted: None,
+            cluster_seen: false,
             last_renew: None,
             renewed_ttl: Duration::ZERO,
             serving: false,
@@ -240,6 +267,11 @@ impl Core {
                 }
             }
             Event::Lease { started, outcome } => self.on_lease(started, outcome, now),
+            Event::Failsafe { started, confirmed } => self.on_failsafe(started, confirmed),
+            Event::FailsafeGranted { leader, ttl } => {
+                let ttl = ttl.max(self.cluster.config.ttl);
+                self.failsafe_granted = Some((leader, now + Duration::from_secs(ttl)));
+            }
             Event::JobFinished { kind, result } => {
                 self.job = None;
                 if !matches!(kind, JobKind::Start | JobKind::Stop) {
@@ -304,6 +336,15 @@ impl Core {
             }
             Action::AckRequest => self.request = None,
             Action::Publish => self.end_pass(),
+            Action::WriteFailsafe(names) => {
+                // From now on etcd may hold either list (the write's outcome
+                // may never be known): whoever either names must be asked.
+                let mut all = self.cluster.failsafe.clone().unwrap_or_default();
+                all.extend(names.iter().cloned());
+                all.sort();
+                all.dedup();
+                self.cluster.failsafe = Some(all);
+            }
             _ => {}
         }
         self.starts_job = step.action.job(self.major).is_some();
@@ -341,6 +382,11 @@ impl Core {
 
     // ------------------------------------------------------ what it shows
 
+    /// An etcd read has succeeded since this agent started.
+    pub fn cluster_seen(&self) -> bool {
+        self.cluster_seen
+    }
+
     /// The cluster as last read (or the bootstrap defaults before that).
     pub fn cluster(&self) -> &ClusterView {
         &self.cluster
@@ -363,6 +409,7 @@ impl Core {
             known_members: self.known_members.clone(),
             no_cluster_since: self.no_cluster_since,
             leader_key_not_ours: self.leader_key_not_ours,
+            failsafe_granted: self.failsafe_granted.clone(),
             primary_down_since: self.primary_down_since,
             reclone_on_rewind_failure: self.id.reclone_on_rewind_failure,
             wall_clock: self.wall_clock,
@@ -376,8 +423,12 @@ impl Core {
     /// Until when `/primary` may answer 200: the lease cannot have expired
     /// before. None while we do not serve as the leader.
     pub fn lease_valid_until(&self) -> Option<Duration> {
+        let from = match (self.last_renew, self.failsafe_at) {
+            (Some(r), Some(f)) => Some(r.max(f)),
+            (r, f) => r.or(f),
+        };
         self.serving
-            .then_some(self.last_renew)
+            .then_some(from)
             .flatten()
             .map(|t| t + self.renewed_ttl)
     }
@@ -460,7 +511,16 @@ impl Core {
         }
         self.dcs_ok = obs.cluster.is_some();
         if let Some(c) = obs.cluster {
+            // A restarted agent cannot know whether it confirmed a primary
+            // in failsafe mode before: it takes no lease for a ttl.
+            if !self.cluster_seen && c.config.failsafe_mode {
+                self.failsafe_granted = Some((
+                    "a primary confirmed before this agent restarted".into(),
+                    now + Duration::from_secs(c.config.ttl),
+                ));
+            }
             self.cluster = c;
+            self.cluster_seen = true;
             if !self.i_lead() {
                 self.leader_key_not_ours = false;
             }
@@ -551,6 +611,7 @@ impl Core {
                 self.demoting = false;
                 self.serving = true;
                 self.leader_key_not_ours = false;
+                self.failsafe_at = None;
             }
             LeaseOutcome::NotHeld => {
                 self.leader_key_not_ours = self.i_lead();
@@ -562,6 +623,7 @@ impl Core {
                 self.last_renew = None;
                 self.renew_failing_since = None;
                 self.serving = false;
+                self.failsafe_at = None;
                 self.drop_rest_of_pass();
             }
             LeaseOutcome::Failed(_) => {
@@ -572,10 +634,34 @@ impl Core {
         }
     }
 
+    /// Every member confirmed us while etcd was unreachable: none takes the
+    /// lease before `started + ttl`, so until shortly before then we may
+    /// stay writable, as if renewed at `started`.
+    fn on_failsafe(&mut self, started: Duration, confirmed: bool) {
+        if !confirmed {
+            // A round refused after we relied on the failsafe: demote now,
+            // the fence still stands at the last confirmed round's ttl.
+            if self.failsafe_at.take().is_some() {
+                self.renew_failing_since = Some(Duration::ZERO);
+            }
+            return;
+        }
+        if self.demoting || !self.serving {
+            return;
+        }
+        let Some(fence_at) = self.fence_at else {
+            return;
+        };
+        self.failsafe_at = Some(self.failsafe_at.map_or(started, |t| t.max(started)));
+        self.renew_failing_since = None;
+        self.fence_at = Some(fence_at.max((started + self.ttl()).saturating_sub(FENCE_MARGIN)));
+    }
+
     /// The rest of the pass was decided on the premise of a lease we do not
     /// hold: drop it, but still publish.
     fn drop_rest_of_pass(&mut self) {
-        self.queue.retain(|s| s.action == Action::Publish);
+        self.queue
+            .retain(|s| matches!(s.action, Action::Publish | Action::AskFailsafe(_)));
         if self.phase == Phase::Acting && self.queue.is_empty() {
             self.queue.push_back(Step {
                 action: Action::Publish,
@@ -601,6 +687,7 @@ impl Core {
             self.fence_at = None;
             self.demoting = false;
             self.serving = false;
+            self.failsafe_at = None;
             // The rest of the pass was decided on a lease that may be gone
             // (a renewal answered after a stall, say): starting or
             // promoting PostgreSQL would undo the fence, and writing
@@ -620,7 +707,13 @@ impl Core {
             return;
         }
         let failing_for = self.renew_failing_since.map(|s| now.saturating_sub(s));
-        if self.demoting || failing_for.is_none_or(|f| f < self.retry_timeout()) {
+        // Confirmed by every member: a refused round demotes (above), the
+        // fence stands at the last round's ttl; a round takes as long as
+        // two etcd timeouts, longer than retry_timeout.
+        if self.demoting
+            || self.failsafe_at.is_some()
+            || failing_for.is_none_or(|f| f < self.retry_timeout())
+        {
             return;
         }
         self.demoting = true;
@@ -731,6 +824,8 @@ impl Core {
         core.known_members = local.known_members.clone();
         core.no_cluster_since = local.no_cluster_since;
         core.leader_key_not_ours = local.leader_key_not_ours;
+        core.failsafe_granted = local.failsafe_granted.clone();
+        core.cluster_seen = true;
         core.request = local.request;
         core.mutation = local.mutation;
         core

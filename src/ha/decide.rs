@@ -158,6 +158,12 @@ fn foreign_data(cluster: &ClusterView, local: &LocalView) -> Option<String> {
 fn decide_without_dcs(cluster: &ClusterView, local: &LocalView, d: &mut Decision) {
     let i_lead = cluster.leader.as_deref() == Some(local.name.as_str());
     if i_lead || local.last_renew.is_some() {
+        if let Some(members) = failsafe_members(cluster, local).filter(|_| local.pg.is_primary()) {
+            d.push(
+                Action::AskFailsafe(members),
+                "failsafe mode: asking every member to confirm that it cannot reach etcd either",
+            );
+        }
         d.push(
             Action::RenewLeader,
             "cannot read the cluster from etcd: trying to renew the leader lease anyway",
@@ -176,6 +182,74 @@ fn decide_without_dcs(cluster: &ClusterView, local: &LocalView, d: &mut Decision
     } else {
         d.waiting = Some("etcd is unreachable".into());
     }
+}
+
+/// Failsafe mode: the members to ask are exactly those recorded in etcd
+/// (`failsafe`), which is what keeps every other member from running for
+/// leader. Nothing recorded (or a member whose address we never saw):
+/// no failsafe, the usual demotion.
+fn failsafe_members(cluster: &ClusterView, local: &LocalView) -> Option<Vec<PeerAddress>> {
+    if !cluster.config.failsafe_mode {
+        return None;
+    }
+    let names = cluster.failsafe.as_ref()?;
+    if !names.contains(&local.name) {
+        return None;
+    }
+    let mut out = Vec::new();
+    for name in names.iter().filter(|n| **n != local.name) {
+        let m = cluster
+            .members
+            .iter()
+            .chain(&local.known_members)
+            .find(|m| &m.name == name)?;
+        out.push(peer_address(m));
+    }
+    Some(out)
+}
+
+/// Failsafe mode, what the leader records: every member it sees, and
+/// itself, by name in order.
+fn failsafe_topology(cluster: &ClusterView, local: &LocalView) -> Vec<String> {
+    let mut names: Vec<String> = cluster.members.iter().map(|m| m.name.clone()).collect();
+    names.push(local.name.clone());
+    names.sort();
+    names.dedup();
+    names
+}
+
+/// Failsafe mode: a member the last leader did not record would not be
+/// asked by it, so that leader may still run as primary unaware of us.
+fn outside_failsafe_topology(cluster: &ClusterView, local: &LocalView) -> Option<String> {
+    let names = cluster
+        .failsafe
+        .as_ref()
+        .filter(|_| cluster.config.failsafe_mode)?;
+    (!names.contains(&local.name)).then(|| {
+        "failsafe: the last leader did not record us among the members it asks while etcd is away, so it may still run as primary without our consent: not a candidate".to_string()
+    })
+}
+
+/// Failsafe mode: why we may not take the lease now, if so.
+fn failsafe_keeps_us_out(
+    cluster: &ClusterView,
+    local: &LocalView,
+    now: Duration,
+) -> Option<String> {
+    failsafe_holds_us(local, now).or_else(|| outside_failsafe_topology(cluster, local))
+}
+
+/// We confirmed another primary in failsafe mode less than ttl ago: it may
+/// still run, writable, counting on us not to take the lease.
+fn failsafe_holds_us(local: &LocalView, now: Duration) -> Option<String> {
+    let (leader, until) = local.failsafe_granted.as_ref()?;
+    let until = *until;
+    (leader != &local.name && now < until).then(|| {
+        format!(
+            "failsafe: we confirmed {leader} as the primary while etcd was unreachable; not taking the lease for another {:.0}s",
+            (until - now).as_secs_f64().ceil()
+        )
+    })
 }
 
 fn decide_empty(cluster: &ClusterView, local: &LocalView, now: Duration, d: &mut Decision) {
@@ -430,6 +504,15 @@ fn decide_primary(
             }
             manage_slots(cluster, local, pg, now, d);
             d.push(Action::WriteStatus, "publishing the primary's WAL position");
+            if cluster.config.failsafe_mode {
+                let topology = failsafe_topology(cluster, local);
+                if cluster.failsafe.as_ref() != Some(&topology) {
+                    d.push(
+                        Action::WriteFailsafe(topology),
+                        "failsafe mode: recording the members we would ask while etcd is away",
+                    );
+                }
+            }
             reload_if_outdated(local, d);
             operator::leader_handles_request(cluster, local, pg, d);
         }
@@ -453,6 +536,20 @@ fn decide_replica(
 ) {
     match cluster.leader.as_deref() {
         Some(l) if l == local.name => {
+            // An election won in the instant we confirmed another primary
+            // in failsafe mode: that primary may still be writable.
+            // Holding the key is safe, promoting is not; releasing could
+            // leave a promotion already signalled (by this agent before a
+            // restart) to finish without the key.
+            if let Some(reason) = failsafe_holds_us(local, now) {
+                d.push(Action::RenewLeader, "holding the leader lease");
+                d.waiting = Some(format!("not promoting yet: {reason}"));
+                return;
+            }
+            if let Some(reason) = outside_failsafe_topology(cluster, local) {
+                d.push(Action::ReleaseLeader, format!("not promoting: {reason}"));
+                return;
+            }
             // Rule 3 again, on this pass's `status`: the election may have
             // judged an older one (another leader came and went while we
             // asked our peers). An operator's named candidate is exempt.
@@ -486,6 +583,10 @@ fn decide_replica(
             None => d.waiting = Some(format!("leader {l} has not published its address")),
         },
         None => {
+            if let Some(reason) = failsafe_keeps_us_out(cluster, local, now) {
+                d.waiting = Some(reason);
+                return;
+            }
             match operator::replica_verdict(cluster, local) {
                 Some(ReplicaVerdict::TakeLease(reason)) => {
                     d.push(Action::AcquireLeader, reason);
@@ -738,7 +839,12 @@ fn decide_paused(cluster: &ClusterView, local: &LocalView, now: Duration, d: &mu
                 }
             }
             None => match operator::replica_verdict(cluster, local) {
-                Some(ReplicaVerdict::TakeLease(reason)) => d.push(Action::AcquireLeader, reason),
+                Some(ReplicaVerdict::TakeLease(reason)) => {
+                    match failsafe_keeps_us_out(cluster, local, now) {
+                        Some(why) => d.waiting = Some(why),
+                        None => d.push(Action::AcquireLeader, reason),
+                    }
+                }
                 _ => {
                     d.waiting = Some(
                         "paused: no leader, and no automatic failover in maintenance mode".into(),
@@ -794,11 +900,17 @@ fn better_candidate(
         (Initialize::SystemId(c), Some(id)) => c == id,
         _ => true,
     };
+    // Nor for one that failsafe mode keeps from running.
+    let in_topology = |p: &&PeerPosition| match &cluster.failsafe {
+        Some(names) if cluster.config.failsafe_mode => names.contains(&p.name),
+        _ => true,
+    };
     let others = || {
         peers
             .iter()
             .filter(|p| p.name != local.name)
             .filter(ours_cluster)
+            .filter(in_topology)
     };
     // A peer already running as primary takes the lease without a new
     // timeline: electing a replica instead would rewind a healthy primary.

@@ -65,6 +65,7 @@ fn cluster() -> Cluster {
         status: None,
         history: vec![],
         failover: None,
+        failsafe: None,
         config_revision: 1,
         problems: vec![],
     })
@@ -186,6 +187,7 @@ fn local() -> Local {
         // etcd empty for long: any bootstrap grace has passed.
         no_cluster_since: Some(Duration::ZERO),
         leader_key_not_ours: false,
+        failsafe_granted: None,
         primary_down_since: None,
         reclone_on_rewind_failure: false,
         wall_clock: 1_800_000_000,
@@ -2025,9 +2027,19 @@ struct World {
     job_duration: Duration,
     cluster: ClusterView,
     handed_out: Vec<(Duration, Action)>,
+    /// Failsafe mode: whether every member confirms when asked.
+    failsafe_confirms: bool,
 }
 
 impl World {
+    /// A leader in failsafe mode with its topology (us and node2) recorded.
+    fn failsafe_leader(ttl: u64, loop_wait: u64, retry_timeout: u64) -> World {
+        let mut w = World::leader(ttl, loop_wait, retry_timeout);
+        w.cluster.config.failsafe_mode = true;
+        w.cluster.failsafe = Some(vec![ME.to_string(), N2.to_string()]);
+        w
+    }
+
     fn leader(ttl: u64, loop_wait: u64, retry_timeout: u64) -> World {
         let mut cluster = cluster().initialized(SYSID).led_by(ME).replica(N2).0;
         cluster.config.ttl = ttl;
@@ -2046,6 +2058,7 @@ impl World {
             job_duration: secs(1),
             cluster,
             handed_out: Vec::new(),
+            failsafe_confirms: false,
         }
     }
 
@@ -2067,6 +2080,13 @@ impl World {
                     self.core.handle(Event::Observed(Box::new(obs)), self.now);
                 }
                 Action::AskPeers(_) => self.core.handle(Event::Peers(vec![]), self.now),
+                Action::AskFailsafe(_) => {
+                    let started = self.now;
+                    self.now += Duration::from_millis(5);
+                    let confirmed = self.failsafe_confirms;
+                    self.core
+                        .handle(Event::Failsafe { started, confirmed }, self.now);
+                }
                 a if a.is_lease_op() => {
                     let started = self.now;
                     self.now += if self.etcd_up { io } else { timeout };
@@ -2199,6 +2219,88 @@ fn a_leader_cut_from_etcd_stops_before_its_lease_may_expire() {
         assert!(matches!(w.pg, PgRun::Stopped), "ttl {ttl}: still running");
         assert!(w.core.lease_valid_until().is_none());
     }
+}
+
+/// Failsafe mode: etcd gone for three leases, every member confirming each
+/// round: no demotion, `/primary` stays valid. Once a confirmation is
+/// missing, the usual rule: stopped before the last confirmed round's ttl.
+#[test]
+fn a_failsafe_leader_stays_primary_only_while_every_member_confirms() {
+    for (ttl, lw, rt) in TIMINGS {
+        let mut w = World::failsafe_leader(ttl, lw, rt);
+        w.run_until(secs(100));
+        w.etcd_up = false;
+        w.failsafe_confirms = true;
+        let cut = w.now;
+        w.run_until(cut + secs(3 * ttl));
+        assert!(
+            w.demotions().is_empty(),
+            "ttl {ttl}/{lw}/{rt}: demoted although every member confirmed: {:?}",
+            w.demotions()
+        );
+        assert!(w.core.lease_valid_until().is_some_and(|t| t > w.now));
+        let last_round = w
+            .handed_out
+            .iter()
+            .rev()
+            .find(|(_, a)| matches!(a, Action::AskFailsafe(_)))
+            .map(|(t, _)| *t)
+            .unwrap_or_else(|| panic!("ttl {ttl}: never asked"));
+        w.failsafe_confirms = false;
+        let refused = w.now;
+        w.run_until(refused + secs(2 * ttl));
+        let stop = w
+            .handed_out
+            .iter()
+            .find(|(t, a)| *t >= refused && matches!(a, Action::Stop | Action::Fence))
+            .map(|(t, _)| *t)
+            .unwrap_or_else(|| panic!("ttl {ttl}/{lw}/{rt}: never stopped"));
+        assert!(
+            stop < last_round + secs(ttl),
+            "ttl {ttl}/{lw}/{rt}: stopped at {stop:?}, members may elect from {:?}",
+            last_round + secs(ttl)
+        );
+    }
+}
+
+#[test]
+fn failsafe_mode_decisions() {
+    use Action::*;
+    let failsafe = |topology: Option<&[&str]>| {
+        let mut c = cluster().initialized(SYSID).replica(N2);
+        c.0.config.failsafe_mode = true;
+        c.0.failsafe = topology.map(|t| t.iter().map(|s| s.to_string()).collect());
+        c
+    };
+    let n2 = PeerAddress {
+        name: N2.into(),
+        api_url: "http://node2.db:8008".into(),
+        address: addr(N2),
+        nofailover: false,
+        failover_priority: 1,
+    };
+    let mut granted = local().data(SYSID).pg_replica(Some(addr(N2)), LSN);
+    granted.0.failsafe_granted = Some((N2.into(), secs(NOW + 5)));
+    check(vec![
+        row("leader without etcd, members recorded: ask them, then try to renew",
+            failsafe(Some(&[ME, N2])).led_by(ME), local().data(SYSID).pg_primary(&[N2]).renewed_at(NOW - 1).dcs_down(), NOW,
+            vec![AskFailsafe(vec![n2.clone()]), RenewLeader]).waiting("etcd is unreachable"),
+        row("leader without etcd, nothing recorded: no failsafe, the usual rule",
+            failsafe(None).led_by(ME), local().data(SYSID).pg_primary(&[N2]).renewed_at(NOW - 1).dcs_down(), NOW,
+            vec![RenewLeader]).waiting("etcd is unreachable"),
+        row("healthy leader: records the members it would ask",
+            failsafe(Some(&[ME])).led_by(ME), local().data(SYSID).pg_primary(&[N2]).slot_seen(N2, NOW).renewed_at(NOW - 1), NOW,
+            vec![RenewLeader, WriteStatus, WriteFailsafe(vec![ME.into(), N2.into()])]),
+        row("replica that confirmed a failsafe primary: no election until the confirmation runs out",
+            failsafe(Some(&[ME, N2])), granted.clone(), NOW,
+            vec![]).waiting("we confirmed node2"),
+        row("replica left out of the recorded members: never a candidate",
+            failsafe(Some(&[N2])), local().data(SYSID).pg_replica(Some(addr(N2)), LSN), NOW,
+            vec![]).waiting("not a candidate"),
+        row("replica holding the key while a confirmation runs: holds it, does not promote",
+            failsafe(Some(&[ME, N2])).led_by(ME), granted, NOW,
+            vec![RenewLeader]).waiting("not promoting yet"),
+    ]);
 }
 
 #[test]

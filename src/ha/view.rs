@@ -37,6 +37,9 @@ pub struct LocalView {
     /// Our last lease operation found the leader key naming us on a lease
     /// that is not ours: nobody renews it, it will expire.
     pub leader_key_not_ours: bool,
+    /// Failsafe: the primary we confirmed (over the API) while etcd was
+    /// unreachable, and until when we take no lease (its ttl from then).
+    pub failsafe_granted: Option<(String, Duration)>,
     /// Since when we hold the leader key without a running primary.
     pub primary_down_since: Option<Duration>,
     /// Wipe and re-clone when pg_rewind fails.
@@ -243,6 +246,12 @@ pub enum Action {
     DropSlots(Vec<String>),
     /// Publish the leader's WAL position in `status`.
     WriteStatus,
+    /// Failsafe mode, etcd unreachable: ask every last-known member to
+    /// confirm that it cannot reach etcd either and accepts us as the
+    /// primary; report `Event::Failsafe`.
+    AskFailsafe(Vec<PeerAddress>),
+    /// Failsafe mode: record in etcd the members we would ask (us included).
+    WriteFailsafe(Vec<String>),
 }
 
 /// What the policy needs to know about other members before it can decide.
@@ -352,6 +361,30 @@ pub struct Decision {
 
 /// The role and state a member publishes (member key, `/status`, `list`)
 /// for what it observed: one mapping for the agent and the simulator.
+/// Failsafe mode, the member side: whether to confirm a primary that asks
+/// (`POST /failsafe`), from this member's last pass. Only a member that
+/// cannot reach etcd either may: one that can would see the lease expire
+/// and could elect another primary. None: confirm; Some: why not.
+pub fn failsafe_refusal(
+    failsafe_mode: bool,
+    dcs_ok: bool,
+    runs_primary: bool,
+    holds_leader_key: bool,
+) -> Option<String> {
+    if !failsafe_mode {
+        Some("failsafe_mode is off".into())
+    } else if dcs_ok {
+        Some("this member reaches etcd: it follows the leader key, not the failsafe".into())
+    } else if runs_primary {
+        Some("this member runs as a primary itself".into())
+    } else if holds_leader_key {
+        // It won the lease and may be promoting right now.
+        Some("this member holds the leader key".into())
+    } else {
+        None
+    }
+}
+
 pub fn published_role_state(
     local: &LocalView,
     i_lead: bool,

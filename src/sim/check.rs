@@ -40,11 +40,44 @@ impl World {
                     let l = l.to_string();
                     self.fail(format!("{name} is writable but {l} holds the leader key"));
                 }
+                None if self.failsafe_covers(i) => {}
                 None => self.fail(format!(
                     "{name} is writable but no leader key exists (its lease expired or was never taken)"
                 )),
             }
         }
+    }
+
+    /// Failsafe mode: a primary may stay writable without the key while no
+    /// other member could take the lease: each running agent has confirmed
+    /// a primary less than its ttl ago (an agent that is down takes none;
+    /// a restarted one waits a ttl first).
+    fn failsafe_covers(&self, i: usize) -> bool {
+        if !self.plan.failsafe {
+            return false;
+        }
+        (0..self.members.len()).filter(|&j| j != i).all(|j| {
+            let Some(a) = self.members[j].agent.as_ref() else {
+                return true;
+            };
+            // Its first view starts a ttl without lease (restarted agent).
+            if !a.core.cluster_seen() {
+                return true;
+            }
+            // Left out of the recorded topology: never a candidate (it
+            // must read etcd, and so the topology, to take the lease; and
+            // with no leader key nobody rewrites the topology).
+            let name = &self.members[j].name;
+            if let Some(Value::Names(t)) = self.etcd.get(etcd::FAILSAFE) {
+                if !t.contains(name) {
+                    return true;
+                }
+            }
+            a.core
+                .local_view()
+                .failsafe_granted
+                .is_some_and(|(_, until)| self.local_now(j) < until)
+        })
     }
 
     /// Rule 3: nobody promotes beyond maximum_lag_on_failover of the last

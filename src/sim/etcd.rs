@@ -19,6 +19,7 @@ pub enum Value {
     Status(ClusterStatus),
     History(Vec<HistoryEntry>),
     Failover(FailoverRequest),
+    Names(Vec<String>),
 }
 
 #[derive(Debug, Clone)]
@@ -50,6 +51,7 @@ pub const CONFIG: &str = "config";
 pub const STATUS: &str = "status";
 pub const HISTORY: &str = "history";
 pub const FAILOVER: &str = "failover";
+pub const FAILSAFE: &str = "failsafe";
 
 pub fn member_key(name: &str) -> String {
     format!("members/{name}")
@@ -226,6 +228,7 @@ impl Etcd {
                     view.config_revision = kv.mod_rev;
                 }
                 (FAILOVER, Value::Failover(f)) => view.failover = Some(f.clone()),
+                (FAILSAFE, Value::Names(n)) => view.failsafe = Some(n.clone()),
                 (STATUS, Value::Status(s)) => view.status = Some(s.clone()),
                 (HISTORY, Value::History(h)) => view.history = h.clone(),
                 (_, Value::Member(m)) => view.members.push((**m).clone()),

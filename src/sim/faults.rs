@@ -29,6 +29,8 @@ pub struct Plan {
     pub timing: (u64, u64, u64),
     pub max_lag: u64,
     pub primary_start_timeout: u64,
+    /// `failsafe_mode` in the bootstrap config.
+    pub failsafe: bool,
     /// Whether faults are injected at all (a quiet run checks that no
     /// leader ever changes).
     pub faults: bool,
@@ -56,6 +58,7 @@ impl Plan {
             timing,
             max_lag: *rng.pick(&[64 << 10, 256 << 10, 1 << 20]),
             primary_start_timeout: *rng.pick(&[10, 10, 30]),
+            failsafe: false,
             faults,
             fault_from,
             fault_until: fault_from + span,
@@ -78,6 +81,7 @@ impl Plan {
             timing,
             max_lag: 1 << 20,
             primary_start_timeout: 10,
+            failsafe: false,
             faults: false,
             fault_from: length,
             fault_until: length,
@@ -93,6 +97,7 @@ impl Plan {
             retry_timeout: self.timing.2,
             maximum_lag_on_failover: self.max_lag,
             primary_start_timeout: self.primary_start_timeout,
+            failsafe_mode: self.failsafe,
             ..DynamicConfig::default()
         }
     }

@@ -26,6 +26,8 @@ pub const MAJOR: u32 = 15;
 /// How long asking an unreachable peer's API takes (the agent's HTTP
 /// client timeout).
 const PEER_TIMEOUT: Duration = Duration::from_millis(1500);
+/// `Agent::ask_failsafe`'s per-request timeout.
+const FAILSAFE_TIMEOUT: Duration = Duration::from_millis(800);
 /// `remote_receive_lsn`'s timeout.
 const SQL_TIMEOUT: Duration = Duration::from_secs(2);
 /// The runtime skips a keep-alive when the last one is this recent.
@@ -35,6 +37,12 @@ const KEEP_ALIVE_REUSE: Duration = Duration::from_millis(200);
 #[derive(Debug, Clone, Default)]
 pub struct ApiAnswer {
     pub pg_running: bool,
+    /// Its last pass read etcd.
+    pub dcs_ok: bool,
+    /// `failsafe_mode` as it last saw the config.
+    pub failsafe_mode: bool,
+    /// Its member key says leader (it holds the key in its last view).
+    pub leads: bool,
     /// Running and not in recovery.
     pub primary: bool,
     pub system_id: Option<String>,
@@ -535,6 +543,11 @@ impl World {
                 self.publish(i, &mut elapsed);
                 return (elapsed, Vec::new());
             }
+            Action::AskFailsafe(list) => {
+                let started = self.local_now(i);
+                let confirmed = self.ask_failsafe(i, list, &mut elapsed);
+                return (elapsed, vec![Event::Failsafe { started, confirmed }]);
+            }
             _ => {}
         }
         if step.action.is_lease_op() {
@@ -570,6 +583,7 @@ impl World {
         match action {
             Action::Observe
             | Action::AskPeers(_)
+            | Action::AskFailsafe(_)
             | Action::Publish
             | Action::ClaimBootstrap
             | Action::AcquireLeader
@@ -585,6 +599,11 @@ impl World {
             Action::PublishSystemId(id) => {
                 let id = id.clone();
                 self.etcd_call(i, elapsed, |e, now| e.set_initialize(&id, now))?;
+            }
+            Action::WriteFailsafe(names) => {
+                let v = etcd::Value::Names(names.clone());
+                self.etcd_call(i, elapsed, |e, now| e.put(etcd::FAILSAFE, v, 0, now))?
+                    .map_err(|e| format!("etcd: {e:?}"))?;
             }
             Action::InitConfig => {
                 let defaults = self.plan.bootstrap_config();
@@ -1127,6 +1146,52 @@ impl World {
         }
     }
 
+    /// `Agent::ask_failsafe` and each member's `POST /failsafe`: a member
+    /// confirms from its last snapshot (`ha::failsafe_refusal`) and its loop
+    /// records the confirmation at once.
+    fn ask_failsafe(
+        &mut self,
+        i: usize,
+        list: &[crate::ha::PeerAddress],
+        elapsed: &mut Duration,
+    ) -> bool {
+        let mut longest = self.rng.millis(1, 5);
+        let mut all = true;
+        let leader = self.members[i].name.clone();
+        let ttl = self.agent(i).core.cluster().config.ttl;
+        for p in list {
+            let j = self.member_by_name(&p.name);
+            let yes = match j {
+                Some(j) if self.reachable(i, j) => match &self.members[j].api {
+                    Some(api) if self.members[j].agent.is_some() => crate::ha::failsafe_refusal(
+                        api.failsafe_mode,
+                        api.dcs_ok,
+                        api.pg_running && api.primary,
+                        api.leads,
+                    )
+                    .is_none(),
+                    _ => false,
+                },
+                _ => {
+                    longest = longest.max(FAILSAFE_TIMEOUT);
+                    false
+                }
+            };
+            if let (true, Some(j)) = (yes, j) {
+                self.handle(
+                    j,
+                    Event::FailsafeGranted {
+                        leader: leader.clone(),
+                        ttl,
+                    },
+                );
+            }
+            all &= yes;
+        }
+        *elapsed += longest;
+        all
+    }
+
     // ----------------------------------------------------------- publish
 
     fn publish(&mut self, i: usize, elapsed: &mut Duration) {
@@ -1141,6 +1206,9 @@ impl World {
         let status = self.member_status(i, &cluster, &local);
         self.members[i].api = Some(ApiAnswer {
             pg_running: local.pg.running().is_some(),
+            dcs_ok,
+            failsafe_mode: cluster.config.failsafe_mode,
+            leads: status.role == crate::dcs::Role::Leader,
             primary: local.pg.is_primary(),
             system_id: match &local.data {
                 crate::ha::DataDir::Initialized { system_id } => Some(system_id.clone()),

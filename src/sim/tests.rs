@@ -56,6 +56,34 @@ const REGRESSIONS: &[(u64, &str)] = &[
         "the bootstrapper's loop hung past its lease while initdb ran; the fence fired with nothing running, then the bootstrap job started PostgreSQL as primary anyway (found by the long run at 81a5bee)",
     ),
     (
+        1786,
+        "failsafe: a member that was down when etcd went away came back and counted as able to take the lease; a restarted agent now waits a ttl, and the leader asks exactly the members it recorded",
+    ),
+    (
+        2706,
+        "failsafe: a restarted agent that had not read etcd yet was taken for a possible candidate",
+    ),
+    (
+        4482,
+        "failsafe: the topology recorded while two members were away left them out; they are no candidates while it stands",
+    ),
+    (
+        554,
+        "failsafe, paused: an operator's failover gave the lease to a member outside the recorded topology while the failsafe primary still ran",
+    ),
+    (
+        5954,
+        "failsafe: a ttl edit the cut-off primary could not see shortened the confirming member's wait below the primary's own fence",
+    ),
+    (
+        11554,
+        "failsafe: the leader's topology write landed but its view did not have it; it asked fewer members than etcd named",
+    ),
+    (
+        12450,
+        "failsafe: a restarted agent holding the key released it with a promotion already signalled by its previous life; the promotion finished without the key",
+    ),
+    (
         725551,
         "after three lost bootstrap claims one member held an abandoned bootstrap's data; it refused to lead but, furthest ahead, still answered the position ask, and the one healthy replica left the lease to it for good",
     ),
