@@ -615,7 +615,9 @@ impl Core {
             }
             LeaseOutcome::NotHeld => {
                 self.leader_key_not_ours = self.i_lead();
-                if self.last_renew.is_some() || self.serving {
+                // A key naming us that we cannot renew expires on its own:
+                // the next pass fences at once, not a loop_wait later.
+                if self.last_renew.is_some() || self.serving || self.leader_key_not_ours {
                     self.again = true;
                 }
                 // fence_at stays: PostgreSQL may still run as primary under

@@ -84,6 +84,10 @@ const REGRESSIONS: &[(u64, &str)] = &[
         "failsafe: a restarted agent holding the key released it with a promotion already signalled by its previous life; the promotion finished without the key",
     ),
     (
+        249608,
+        "a restarted agent found the leader key naming it on a lease it could not adopt (its member key had expired); the fence for that came a loop_wait later, after the key expired (found by the long run at 8051014)",
+    ),
+    (
         725551,
         "after three lost bootstrap claims one member held an abandoned bootstrap's data; it refused to lead but, furthest ahead, still answered the position ask, and the one healthy replica left the lease to it for good",
     ),
