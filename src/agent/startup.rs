@@ -359,5 +359,8 @@ fn initial_snapshot(cfg: &Config) -> ApiSnapshot {
         paused: false,
         postmaster_start: None,
         system_id: None,
+        data_dir_free_bytes: None,
+        wal_dir_free_bytes: None,
+        failover_candidate: false,
     }
 }
