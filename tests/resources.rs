@@ -79,6 +79,53 @@ async fn a_deleted_data_directory_is_noticed_and_the_replica_streams_again_withi
     eprintln!("streaming again {took:?} after the data directory was deleted");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_primary_whose_data_directory_is_deleted_fails_over_and_rejoins_as_a_clone() {
+    let mut c = Cluster::start(&ClusterOptions::new(3));
+    let old = c.ready_with_haproxy().await;
+    let writer = Writer::start(c.rw_port, "w", Duration::from_millis(100)).await;
+    eventually("a first write", LONG, || async {
+        (!writer.acked_ids().is_empty()).then_some(())
+    })
+    .await;
+    let monitor = c.monitor();
+    let orphan = c.postmaster_pid(old).expect("the primary's postmaster");
+
+    std::fs::remove_dir_all(c.members[old].data_dir()).expect("delete the data directory");
+    let fault = Instant::now();
+    let new = eventually("a replica promoted", LONG, || async {
+        for (i, m) in c.members.iter().enumerate() {
+            if i != old && http_status("GET", &m.api("/primary")).await == 200 {
+                return Some(i);
+            }
+        }
+        None
+    })
+    .await;
+    let failover = fault.elapsed();
+    assert!(
+        !alive(orphan),
+        "the old primary's postmaster still runs on its deleted data directory"
+    );
+    eventually("writes resume through HAProxy", LONG, || async {
+        (writer.acked_after(fault) > 0).then_some(())
+    })
+    .await;
+    eventually("the old primary streams from the new one", LONG, || async {
+        (receiver_status(&c, old).await.as_deref() == Some("streaming")
+            && http_status("GET", &c.members[old].api("/replica")).await == 200)
+            .then_some(())
+    })
+    .await;
+    let rejoin = fault.elapsed();
+    assert_eq!(c.wait_single_primary(LONG).await, new);
+    writer.stop().await;
+    monitor.finish().await;
+    eprintln!(
+        "failover {failover:?}, streaming again {rejoin:?} after the data directory was deleted"
+    );
+}
+
 /// The number of times the agent's log says it is starting PostgreSQL.
 fn start_attempts(log: &str) -> usize {
     log.lines()
