@@ -269,6 +269,22 @@ fn decide_disk_full(
     if !i_lead {
         return true;
     }
+    // A key held without data would otherwise be held for good:
+    // primary_start_timeout counts only over a data directory.
+    if local.data == DataDir::Empty {
+        match cluster.initialize {
+            Initialize::Claimed => d.push(
+                Action::AbandonBootstrap,
+                format!("{full}: withdrawing our bootstrap claim so another member can bootstrap"),
+            ),
+            Initialize::SystemId(_) | Initialize::Absent => release_leader(
+                local,
+                d,
+                format!("{full}: we hold the leader key without a data directory"),
+            ),
+        }
+        return true;
+    }
     match healthy_replica(cluster, &local.name) {
         Some(r) => release_leader(
             local,
