@@ -1,8 +1,9 @@
 use super::Agent;
 use crate::dcs::{ClusterView, Dcs, Keys};
 use crate::ha::{
-    self, ControlInfo, DataDir, Observation, PeerAddress, PeerPosition, PeerQuery, PgRun,
+    self, ControlInfo, DataDir, DiskSpace, Observation, PeerAddress, PeerPosition, PeerQuery, PgRun,
 };
+use crate::postgres::Postmaster;
 use std::time::Duration;
 
 impl Agent {
@@ -19,9 +20,9 @@ impl Agent {
         // Every read below can fail (permissions, no descriptors left): a
         // failure is "unknown", never "stopped" or "empty".
         let postmaster = if job_running {
-            Ok(false)
+            Ok(Postmaster::None)
         } else {
-            self.pg.postmaster().map(|p| p.is_some())
+            self.pg.postmaster()
         };
         let mut control = None;
         let data = match self.pg.data_present() {
@@ -35,7 +36,7 @@ impl Agent {
                 // as a primary and on which timeline: what a rejoin depends
                 // on. While a job rewrites the data directory, what is on
                 // disk is not a finished state: keep what we knew.
-                let stopped = matches!(postmaster, Ok(false));
+                let stopped = matches!(postmaster, Ok(Postmaster::None));
                 let mut failure = None;
                 if !job_running && (stopped || self.system_id.is_none()) {
                     match self.pg.control_data().await {
@@ -75,8 +76,11 @@ impl Agent {
         let pg = match postmaster {
             _ if job_running => PgRun::Unresponsive,
             Err(e) => PgRun::Unknown(format!("cannot read postmaster.pid: {e}")),
-            Ok(false) => PgRun::Stopped,
-            Ok(true) => match self.pg.observe().await {
+            Ok(Postmaster::None) => PgRun::Stopped,
+            // It may still answer queries, from a directory that is gone:
+            // nothing it says is worth acting on.
+            Ok(Postmaster::Orphaned(_)) => PgRun::Orphaned,
+            Ok(Postmaster::Running(_)) => match self.pg.observe().await {
                 Ok(obs) => {
                     self.major = obs.major;
                     PgRun::Running(obs.state)
@@ -97,12 +101,17 @@ impl Agent {
                 None => false,
             }
         };
+        let (data_free, wal_free) = self.pg.free_space();
         Observation {
             cluster,
             data,
             pg,
             control,
             conf_outdated,
+            disk: DiskSpace {
+                data_free,
+                wal_free,
+            },
             major: self.major,
             wall_clock: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
@@ -181,6 +190,8 @@ impl Agent {
                         .map(str::to_string);
                     Some(PeerPosition {
                         running_primary: primary,
+                        // Older agents do not say: a candidate as before.
+                        candidate: flag("failover_candidate").unwrap_or(true),
                         ..m.answered_with_data(position, system_id)
                     })
                 }

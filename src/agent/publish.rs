@@ -114,6 +114,10 @@ impl Agent {
                 DataDir::Initialized { system_id } => Some(system_id.clone()),
                 DataDir::Empty | DataDir::Unknown(_) => None,
             },
+            data_dir_free_bytes: local.disk.data_free,
+            wal_dir_free_bytes: local.disk.wal_free,
+            failover_candidate: !local.tags.nofailover
+                && crate::ha::not_a_candidate(cluster, local, self.now()).is_none(),
             cluster: Some(cluster.clone()),
             member: status,
         }

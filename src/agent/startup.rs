@@ -372,5 +372,8 @@ fn initial_snapshot(cfg: &Config) -> ApiSnapshot {
         postmaster_start: None,
         system_id: None,
         dcs_ok: false,
+        data_dir_free_bytes: None,
+        wal_dir_free_bytes: None,
+        failover_candidate: false,
     }
 }

@@ -124,6 +124,27 @@ pub(crate) fn render(snap: &ApiSnapshot, now: Instant) -> String {
     );
     sample(
         &mut out,
+        "pgwarden_data_dir_free_bytes",
+        "Bytes available to PostgreSQL on the data directory's file system (absent: unknown).",
+        &labels,
+        snap.data_dir_free_bytes,
+    );
+    sample(
+        &mut out,
+        "pgwarden_wal_dir_free_bytes",
+        "Bytes available to PostgreSQL on the WAL directory's file system (absent: unknown).",
+        &labels,
+        snap.wal_dir_free_bytes,
+    );
+    sample(
+        &mut out,
+        "pgwarden_failover_candidate",
+        "1 if this member would take the leader lease in an election now (not nofailover, disk not full, no recent failed promotion).",
+        &labels,
+        Some(flag(snap.failover_candidate)),
+    );
+    sample(
+        &mut out,
         "pgwarden_loop_age_seconds",
         "Seconds since the agent's loop last completed.",
         &labels,

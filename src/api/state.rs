@@ -37,6 +37,16 @@ pub struct ApiSnapshot {
     pub system_id: Option<String>,
     /// The last pass read etcd.
     pub dcs_ok: bool,
+    /// Bytes available to PostgreSQL on the data directory's file system
+    /// (None: unknown).
+    pub data_dir_free_bytes: Option<u64>,
+    /// Bytes available on the WAL directory's file system (None: unknown).
+    pub wal_dir_free_bytes: Option<u64>,
+    /// Whether this member would take the leader lease in an election now,
+    /// whatever its position: false when tagged nofailover, when its disk
+    /// is full, or when its last promotion failed. Peers asking for
+    /// positions do not stand back for a member that would not stand.
+    pub failover_candidate: bool,
 }
 
 /// Shared between the loop (writer) and the HTTP handlers (readers).

@@ -85,6 +85,9 @@ fn primary() -> ApiSnapshot {
         postmaster_start: Some("120".into()),
         system_id: Some("7300000000000000001".into()),
         dcs_ok: true,
+        data_dir_free_bytes: Some(10 * 1024 * MB),
+        wal_dir_free_bytes: Some(10 * 1024 * MB),
+        failover_candidate: false,
     }
 }
 
@@ -669,6 +672,34 @@ async fn metrics_parse() {
         );
         server.stop().await;
     }
+}
+
+#[tokio::test]
+async fn free_space_is_a_gauge_and_unknown_is_no_sample() {
+    let full = ApiSnapshot {
+        member: member("pg3", Role::Replica, PgState::DiskFull, None),
+        data_dir_free_bytes: Some(4096),
+        wal_dir_free_bytes: None,
+        ..stopped()
+    };
+    let server = Server::start(full).await;
+    let (_, body, _) = server.call(Method::GET, "/metrics").await;
+    let samples = parse_metrics(&body);
+    assert_eq!(
+        metric(&samples, "pgwarden_data_dir_free_bytes"),
+        Some(4096.0)
+    );
+    // Unknown is not 0: the sample is left out, the metric stays declared.
+    assert_eq!(metric(&samples, "pgwarden_wal_dir_free_bytes"), None);
+    assert!(body.contains("# TYPE pgwarden_wal_dir_free_bytes gauge"));
+    assert_eq!(metric(&samples, "pgwarden_failover_candidate"), Some(0.0));
+    assert!(body.contains("state=\"disk full\""), "{body}");
+    let (_, v) = server.json("/status").await;
+    assert_eq!(v["state"], "disk full");
+    assert_eq!(v["data_dir_free_bytes"], 4096);
+    assert_eq!(v["wal_dir_free_bytes"], Value::Null);
+    assert_eq!(v["failover_candidate"], false);
+    server.stop().await;
 }
 
 #[tokio::test]

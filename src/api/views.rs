@@ -37,6 +37,12 @@ pub(crate) struct StatusBody<'a> {
     /// etcd keys the last cluster read could not decode (see
     /// `ClusterView::problems`); empty when all is well.
     dcs_problems: &'a [String],
+    /// Free space for the data and WAL directories (null: unknown).
+    data_dir_free_bytes: Option<u64>,
+    wal_dir_free_bytes: Option<u64>,
+    /// This member would take the leader lease in an election now
+    /// (`ApiSnapshot::failover_candidate`).
+    failover_candidate: bool,
 }
 
 impl<'a> StatusBody<'a> {
@@ -56,6 +62,9 @@ impl<'a> StatusBody<'a> {
             postmaster_start: snap.postmaster_start.as_deref(),
             database_system_identifier: snap.system_id.as_deref(),
             dcs_problems: dcs_problems(snap),
+            data_dir_free_bytes: snap.data_dir_free_bytes,
+            wal_dir_free_bytes: snap.wal_dir_free_bytes,
+            failover_candidate: snap.failover_candidate,
         }
     }
 }

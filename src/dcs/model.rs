@@ -77,6 +77,10 @@ pub enum PgState {
     Crashed,
     /// The agent cannot tell (an observation failed).
     Unknown,
+    /// Stopped, and its data or WAL file system has too little space left
+    /// to start: nothing is started until space is freed.
+    #[serde(rename = "disk full")]
+    DiskFull,
 }
 
 impl PgState {
@@ -99,6 +103,7 @@ impl PgState {
             PgState::RewindFailed => "rewind failed",
             PgState::Crashed => "crashed",
             PgState::Unknown => "unknown",
+            PgState::DiskFull => "disk full",
         }
     }
 }

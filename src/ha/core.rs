@@ -103,6 +103,8 @@ pub struct Observation {
     pub major: u32,
     /// Wall clock (Unix seconds), for scheduled requests only.
     pub wall_clock: u64,
+    /// Free space on the data and WAL file systems.
+    pub disk: DiskSpace,
 }
 
 /// The member's fixed identity and settings, from its config file.
@@ -152,6 +154,7 @@ pub struct Core {
     conf_outdated: bool,
     major: u32,
     wall_clock: u64,
+    disk: DiskSpace,
     observed: bool,
 
     job: Option<JobKind>,
@@ -227,6 +230,7 @@ impl Core {
             conf_outdated: false,
             major: 0,
             wall_clock: 0,
+            disk: DiskSpace::default(),
             observed: false,
             job: None,
             last_failure: None,
@@ -415,6 +419,7 @@ impl Core {
             wall_clock: self.wall_clock,
             conf_outdated: self.conf_outdated,
             request: self.request,
+            disk: self.disk,
             #[cfg(test)]
             mutation: self.mutation,
         }
@@ -540,11 +545,12 @@ impl Core {
         self.conf_outdated = obs.conf_outdated;
         self.major = obs.major;
         self.wall_clock = obs.wall_clock;
+        self.disk = obs.disk;
         self.observed = true;
         let not_writable = match &self.pg {
             PgRun::Stopped => true,
             PgRun::Running(r) => r.in_recovery,
-            PgRun::Unresponsive | PgRun::Unknown(_) => false,
+            PgRun::Unresponsive | PgRun::Unknown(_) | PgRun::Orphaned => false,
         };
         if self.job.is_none() && not_writable {
             // PostgreSQL is seen not to be writable: nothing to fence.
@@ -829,6 +835,7 @@ impl Core {
         core.failsafe_granted = local.failsafe_granted.clone();
         core.cluster_seen = true;
         core.request = local.request;
+        core.disk = local.disk;
         core.mutation = local.mutation;
         core
     }
@@ -843,6 +850,7 @@ impl Core {
             conf_outdated: local.conf_outdated,
             major: 15,
             wall_clock: local.wall_clock,
+            disk: local.disk,
         }
     }
 }

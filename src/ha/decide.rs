@@ -6,6 +6,46 @@ use std::time::Duration;
 /// Seconds between retries of a failed background job, in loop_waits.
 const RETRY_LOOPS: u64 = 5;
 
+/// Below this many free bytes on the data or WAL file system PostgreSQL
+/// cannot create its next WAL segment (16 MiB by default): a primary
+/// PANICs at its next segment switch, and crash recovery and promotion
+/// (which copies a segment onto the new timeline) fail the same way. Such
+/// a member is not started into that failure, nor put up for leader.
+pub const MIN_FREE_BYTES: u64 = 16 * 1024 * 1024;
+
+/// "disk full: …" when the data or WAL file system has less than
+/// `MIN_FREE_BYTES` available; None when there is room or it is unknown.
+pub fn disk_full(local: &LocalView) -> Option<String> {
+    let low = |free: Option<u64>| free.filter(|f| *f < MIN_FREE_BYTES);
+    let (what, free) = match (low(local.disk.data_free), low(local.disk.wal_free)) {
+        (Some(free), _) => ("data directory", free),
+        (None, Some(free)) => ("WAL directory", free),
+        (None, None) => return None,
+    };
+    Some(format!(
+        "disk full: {free} bytes free for the {what}, fewer than the {} MiB PostgreSQL needs to write its next WAL segment",
+        MIN_FREE_BYTES >> 20
+    ))
+}
+
+/// Why this member would not take the leader lease in an election now,
+/// however far ahead it is (None: it would, if it is the best). Its
+/// `/status` says so, so that peers do not stand back for it.
+pub fn not_a_candidate(cluster: &ClusterView, local: &LocalView, now: Duration) -> Option<String> {
+    if let Some(full) = disk_full(local) {
+        return Some(full);
+    }
+    let failed = local
+        .last_failure
+        .as_ref()
+        .filter(|_| backing_off(local, &JobKind::Promote, cluster.config.loop_wait, now))?;
+    Some(format!(
+        "our promotion failed {}s ago ({})",
+        now.saturating_sub(failed.at).as_secs(),
+        failed.message
+    ))
+}
+
 /// The HA policy. Pure: the same inputs give the same decision.
 pub fn decide(cluster: &ClusterView, local: &LocalView, now: Duration) -> Decision {
     let mut d = Decision::default();
@@ -17,6 +57,28 @@ pub fn decide(cluster: &ClusterView, local: &LocalView, now: Duration) -> Decisi
     // operator took the controls.
     if cfg.pause {
         decide_paused(cluster, local, now, &mut d);
+        return d;
+    }
+
+    // Whatever else holds, a postmaster whose data directory is gone has
+    // nothing left worth keeping: stop it now, rather than wait up to a
+    // minute for its own lock-file check, so the member can clone afresh
+    // (its port and shared memory are free again).
+    if local.pg == PgRun::Orphaned {
+        d.problem = Some(
+            "the data directory is gone under a running PostgreSQL: stopping it to clone afresh"
+                .into(),
+        );
+        d.push(
+            Action::Fence,
+            "the data directory is gone under a running PostgreSQL: stopping it immediately",
+        );
+        if i_lead || local.last_renew.is_some() {
+            d.push(
+                Action::RenewLeader,
+                "keeping the leader lease until PostgreSQL is down",
+            );
+        }
         return d;
     }
 
@@ -66,6 +128,43 @@ pub fn decide(cluster: &ClusterView, local: &LocalView, now: Duration) -> Decisi
         }
     }
 
+    // A promotion that failed is not retried under the lease (a WAL write
+    // that PANICs fails the same way every time): the lease goes at once
+    // to whoever else can take it. An operator's named candidate keeps
+    // trying, as asked.
+    if i_lead && !local.pg.is_primary() && local.job.is_none() && !named_candidate(cluster, local) {
+        let failed = local
+            .last_failure
+            .as_ref()
+            .filter(|_| backing_off(local, &JobKind::Promote, cfg.loop_wait, now));
+        if let Some(f) = failed {
+            let why = format!("promotion failed: {}", f.message);
+            d.problem = Some(match disk_full(local) {
+                Some(full) => format!("{why}; {full}"),
+                None => why.clone(),
+            });
+            if local.pg == PgRun::Stopped {
+                d.push(
+                    Action::ReleaseLeader,
+                    format!("{why}: releasing the leader lease so another member can take over"),
+                );
+            } else {
+                // The promotion pg_ctl gave up on stays requested: PostgreSQL
+                // may still finish it, so it stops before the key goes
+                // (simulator seed 5545).
+                d.push(
+                    Action::Fence,
+                    format!("{why}: stopping PostgreSQL before releasing the leader lease"),
+                );
+                d.push(
+                    Action::RenewLeader,
+                    "keeping the leader lease until PostgreSQL is down",
+                );
+            }
+            return d;
+        }
+    }
+
     if let Some(job) = &local.job {
         if i_lead {
             d.push(
@@ -87,6 +186,12 @@ pub fn decide(cluster: &ClusterView, local: &LocalView, now: Duration) -> Decisi
     // costs a leader its renewal.
     if operator::member_request(cluster, local, &mut d) {
         return d;
+    }
+
+    if let Some(full) = disk_full(local) {
+        if decide_disk_full(cluster, local, &full, &mut d) {
+            return d;
+        }
     }
 
     match &local.data {
@@ -131,7 +236,7 @@ pub fn decide(cluster: &ClusterView, local: &LocalView, now: Duration) -> Decisi
                 }
                 PgRun::Running(pg) => decide_replica(cluster, local, pg, now, &mut d),
                 // Handled before the job check.
-                PgRun::Unknown(_) => {}
+                PgRun::Unknown(_) | PgRun::Orphaned => {}
             }
         }
     }
@@ -149,6 +254,83 @@ fn foreign_data(cluster: &ClusterView, local: &LocalView) -> Option<String> {
     (cluster_id != system_id).then(|| format!(
         "data directory belongs to another cluster (system identifier {system_id}, cluster's is {cluster_id}): not starting it"
     ))
+}
+
+/// The data or WAL file system is full. Whatever is not running is not
+/// started, rewound, cloned or bootstrapped into it: each would fail the
+/// same way (a primary restarted in a PANIC loop). A leader whose
+/// PostgreSQL is down or stuck in recovery hands the lease to a healthy
+/// replica at once. A running instance carries on (a primary recycling WAL
+/// segments may write for long on a nearly full disk); the shortage is
+/// reported. Returns true when the decision is complete.
+fn decide_disk_full(
+    cluster: &ClusterView,
+    local: &LocalView,
+    full: &str,
+    d: &mut Decision,
+) -> bool {
+    let i_lead = cluster.leader.as_deref() == Some(local.name.as_str());
+    d.problem = Some(full.to_string());
+    if local.pg.running().is_some() {
+        return false;
+    }
+    d.waiting = Some(format!("{full}: starting nothing until space is freed"));
+    if !i_lead {
+        return true;
+    }
+    // A key held without data would otherwise be held for good:
+    // primary_start_timeout counts only over a data directory.
+    if local.data == DataDir::Empty {
+        match cluster.initialize {
+            Initialize::Claimed => d.push(
+                Action::AbandonBootstrap,
+                format!("{full}: withdrawing our bootstrap claim so another member can bootstrap"),
+            ),
+            Initialize::SystemId(_) | Initialize::Absent => release_leader(
+                local,
+                d,
+                format!("{full}: we hold the leader key without a data directory"),
+            ),
+        }
+        return true;
+    }
+    match healthy_replica(cluster, &local.name) {
+        Some(r) => release_leader(
+            local,
+            d,
+            format!("{full}: releasing the leader lease so a healthy replica ({r}) takes over rather than restarting into the same failure"),
+        ),
+        // Nobody to hand over to: keep the lease (primary_start_timeout
+        // still gives it up in time).
+        None => d.push(
+            Action::RenewLeader,
+            "holding the leader lease: no healthy replica to hand it to",
+        ),
+    }
+    true
+}
+
+/// Another member running as a replica that could take over (streaming,
+/// or in recovery after losing its upstream), not tagged nofailover.
+fn healthy_replica<'a>(cluster: &'a ClusterView, me: &str) -> Option<&'a str> {
+    cluster
+        .members
+        .iter()
+        .find(|m| {
+            m.name != me
+                && !m.tags.nofailover
+                && matches!(m.role, Role::Replica | Role::SyncStandby)
+                && matches!(m.state, PgState::Streaming | PgState::InRecovery)
+        })
+        .map(|m| m.name.as_str())
+}
+
+/// We are the candidate a live switchover or failover request names.
+fn named_candidate(cluster: &ClusterView, local: &LocalView) -> bool {
+    cluster
+        .failover
+        .as_ref()
+        .is_some_and(|f| f.candidate.as_deref() == Some(local.name.as_str()))
 }
 
 /// etcd could not be read: the view is the last one seen. A leader keeps
@@ -553,13 +735,15 @@ fn decide_replica(
             // Rule 3 again, on this pass's `status`: the election may have
             // judged an older one (another leader came and went while we
             // asked our peers). An operator's named candidate is exempt.
-            let named = cluster
-                .failover
-                .as_ref()
-                .is_some_and(|f| f.candidate.as_deref() == Some(local.name.as_str()));
-            if !named {
+            if !named_candidate(cluster, local) {
                 if let Some(reason) = lag_too_big(cluster, local, pg) {
                     d.push(Action::ReleaseLeader, format!("not promoting: {reason}"));
+                    return;
+                }
+                // Promotion copies a WAL segment onto the new timeline: on
+                // a full disk it PANICs.
+                if let Some(full) = disk_full(local) {
+                    d.push(Action::ReleaseLeader, format!("not promoting: {full}"));
                     return;
                 }
             }
@@ -600,6 +784,10 @@ fn decide_replica(
             }
             if local.tags.nofailover {
                 d.waiting = Some("no leader; tagged nofailover, so not a candidate".into());
+                return;
+            }
+            if let Some(why) = not_a_candidate(cluster, local, now) {
+                d.waiting = Some(format!("no leader, but not a candidate: {why}"));
                 return;
             }
             if let Some(reason) = lag_too_big(cluster, local, pg) {
@@ -742,7 +930,7 @@ fn release_leader(local: &LocalView, d: &mut Decision, reason: impl Into<String>
     let cannot_write = match &local.pg {
         PgRun::Stopped => true,
         PgRun::Running(pg) => pg.in_recovery,
-        PgRun::Unresponsive | PgRun::Unknown(_) => false,
+        PgRun::Unresponsive | PgRun::Unknown(_) | PgRun::Orphaned => false,
     };
     if cannot_write {
         d.push(Action::ReleaseLeader, reason);
@@ -852,7 +1040,11 @@ fn decide_paused(cluster: &ClusterView, local: &LocalView, now: Duration, d: &mu
                 }
             },
         },
-        PgRun::Stopped | PgRun::Unresponsive | PgRun::Unknown(_) => {
+        PgRun::Stopped | PgRun::Unresponsive | PgRun::Unknown(_) | PgRun::Orphaned => {
+            if local.pg == PgRun::Orphaned {
+                d.problem =
+                    Some("paused: the data directory is gone under a running PostgreSQL".into());
+            }
             if i_lead && !operator::leader_hands_over(cluster, local, d) {
                 d.push(Action::RenewLeader, "paused: keeping the leader lease");
             }
@@ -918,7 +1110,7 @@ fn better_candidate(
         return Some(p.name.clone());
     }
     others()
-        .filter(|p| !p.nofailover)
+        .filter(|p| !p.nofailover && p.candidate)
         .find(|p| match p.wal_lsn {
             Some(lsn) if lsn > ours => true,
             Some(lsn) if lsn == ours => {

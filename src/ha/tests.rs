@@ -153,6 +153,12 @@ impl Cluster {
         self
     }
     /// The last primary position the leader wrote to `status`.
+    fn tagged_nofailover(mut self, name: &str) -> Self {
+        for m in self.0.members.iter_mut().filter(|m| m.name == name) {
+            m.tags.nofailover = true;
+        }
+        self
+    }
     fn primary_lsn(mut self, lsn: u64) -> Self {
         self.0.status = Some(ClusterStatus {
             leader: N2.into(),
@@ -193,6 +199,7 @@ fn local() -> Local {
         wall_clock: 1_800_000_000,
         request: None,
         conf_outdated: false,
+        disk: DiskSpace::default(),
         mutation: None,
     })
 }
@@ -355,6 +362,7 @@ impl Local {
                 running_primary: false,
                 answered: true,
                 system_id: None,
+                candidate: true,
             });
         self
     }
@@ -371,6 +379,7 @@ impl Local {
                 running_primary: true,
                 answered: true,
                 system_id: None,
+                candidate: true,
             });
         self
     }
@@ -387,6 +396,7 @@ impl Local {
                 running_primary,
                 answered: true,
                 system_id: Some(id.to_string()),
+                candidate: true,
             });
         self
     }
@@ -397,6 +407,40 @@ impl Local {
     }
     fn reclone_on_rewind_failure(mut self) -> Self {
         self.0.reclone_on_rewind_failure = true;
+        self
+    }
+    /// postmaster.pid is gone while the postmaster last seen still runs.
+    fn orphaned(mut self) -> Self {
+        self.0.pg = PgRun::Orphaned;
+        self
+    }
+    /// Bytes available for the data and the WAL directory.
+    fn disk_free(mut self, data: u64, wal: u64) -> Self {
+        self.0.disk = DiskSpace {
+            data_free: Some(data),
+            wal_free: Some(wal),
+        };
+        self
+    }
+    /// 4 KiB left on the file system of the data directory and its WAL.
+    fn disk_full(self) -> Self {
+        self.disk_free(4096, 4096)
+    }
+    /// A peer further ahead that would not take the lease (disk full).
+    fn peer_not_candidate(mut self, name: &str, lsn: u64) -> Self {
+        self.0
+            .peers
+            .get_or_insert_with(Vec::new)
+            .push(PeerPosition {
+                name: name.to_string(),
+                wal_lsn: Some(lsn),
+                nofailover: false,
+                failover_priority: 1,
+                running_primary: false,
+                answered: true,
+                system_id: None,
+                candidate: false,
+            });
         self
     }
 }
@@ -1313,10 +1357,11 @@ fn grid_clusters() -> Vec<ClusterView> {
 /// primary_down_since × dcs_ok.
 fn grid_locals() -> Vec<LocalView> {
     let datas = [None, Some(SYSID), Some(FOREIGN), Some("unknown")];
-    let pgs: [fn(Local) -> Local; 7] = [
+    let pgs: [fn(Local) -> Local; 8] = [
         |l| l.stopped(),
         |l| l.unresponsive(),
         |l| l.pg_unknown(),
+        |l| l.orphaned(),
         |l| l.pg_primary(&[]),
         |l| l.pg_primary(&[N2, "gone"]).slot_seen("gone", 0),
         |l| l.pg_replica(Some(addr(N2)), LSN),
@@ -1330,12 +1375,14 @@ fn grid_locals() -> Vec<LocalView> {
         Some(JobKind::Bootstrap),
         Some(clone_job(N2)),
         Some(rewind_job(N2)),
+        Some(JobKind::Promote),
     ];
-    let extras: [fn(Local) -> Local; 4] = [
+    let extras: [fn(Local) -> Local; 5] = [
         |l| l,
         |l| l.nofailover(),
         |l| l.peer(N2, Some(LSN + 20 * MB)),
         |l| l.reclone_on_rewind_failure(),
+        |l| l.disk_full(),
     ];
     let controls: [fn(Local) -> Local; 2] = [|l| l, |l| l.was_primary_on(1)];
     let mut out = Vec::new();
@@ -1546,7 +1593,7 @@ fn safety_invariants_over_grid() {
             let may_write = match &l.pg {
                 PgRun::Stopped => false,
                 PgRun::Running(p) => !p.in_recovery,
-                PgRun::Unresponsive | PgRun::Unknown(_) => true,
+                PgRun::Unresponsive | PgRun::Unknown(_) | PgRun::Orphaned => true,
             };
             if has(&|a| *a == Action::ReleaseLeader) && may_write && l.job.is_none() {
                 bad("rule 7: ReleaseLeader while PostgreSQL may run as a primary");
@@ -1575,6 +1622,45 @@ fn safety_invariants_over_grid() {
                 && !has(&|a| *a == Action::Fence)
             {
                 bad("rule 7: a leader facing an unknown PostgreSQL does not fence first");
+            }
+            // A postmaster on a deleted data directory is stopped, and
+            // nothing else happens until it is down.
+            if l.pg == PgRun::Orphaned
+                && (!has(&|a| *a == Action::Fence)
+                    || acts
+                        .iter()
+                        .any(|a| !matches!(a, Action::Fence | Action::RenewLeader)))
+            {
+                bad("an orphaned postmaster is not just stopped");
+            }
+            // Nothing is started, rewound, cloned or promoted into a full
+            // disk (a running primary carries on, and may take the lease).
+            let full = l.disk != DiskSpace::default();
+            if full
+                && has(&|a| {
+                    matches!(
+                        a,
+                        Action::StartPrimary
+                            | Action::StartReplica { .. }
+                            | Action::Clone { .. }
+                            | Action::Rewind { .. }
+                            | Action::Bootstrap
+                            | Action::ClaimBootstrap
+                            | Action::Promote
+                    )
+                })
+                || full && has(&|a| *a == Action::AcquireLeader) && !l.pg.is_primary()
+            {
+                bad("started, cloned, promoted or put up for leader on a full disk");
+            }
+            // A failed promotion is not retried under the lease within its
+            // backoff, and the key goes only over a stopped PostgreSQL.
+            let promote_failed = l
+                .last_failure
+                .as_ref()
+                .is_some_and(|f| f.kind == JobKind::Promote);
+            if promote_failed && l.job.is_none() && has(&|a| *a == Action::Promote) {
+                bad("a failed promotion retried at once");
             }
             if has(&|a| *a == Action::ClaimBootstrap)
                 && (c.leader.is_some() || c.initialize != Initialize::Absent)
@@ -1650,6 +1736,7 @@ fn safety_invariants_over_grid() {
     // The grid reaches every kind of action, so the rules above are not
     // checked vacuously.
     let all = [
+        "Fence",
         "ClaimBootstrap",
         "AbandonBootstrap",
         "Bootstrap",
@@ -2474,5 +2561,163 @@ fn a_running_primary_beats_any_replica_in_an_election() {
         row("no running primary among the peers: the normal election",
             wiped(), local().data(SYSID).pg_replica(Some(addr(N2)), LSN).peer(N2, Some(LSN)), NOW,
             vec![AcquireLeader]),
+    ]);
+}
+
+#[test]
+#[rustfmt::skip]
+fn data_directory_gone_under_a_running_postgres() {
+    use Action::*;
+    let theirs = || cluster().initialized(SYSID).led_by(N2);
+    let mine = || cluster().initialized(SYSID).led_by(ME).replica(N2);
+    check(vec![
+        row("a replica's data directory deleted: stop its postmaster at once, nothing else",
+            theirs(), local().data_empty().orphaned(), NOW,
+            vec![Fence]).problem("data directory is gone"),
+        row("the leader's data directory deleted: stop it, keep the lease until it is down",
+            mine(), local().data_empty().orphaned().renewed_at(NOW - 1), NOW,
+            vec![Fence, RenewLeader]).problem("data directory is gone"),
+        row("deleted and replaced by a new one (a clone moved into place): stop the old postmaster",
+            theirs(), local().data(SYSID).orphaned(), NOW,
+            vec![Fence]).problem("data directory is gone"),
+        row("the leader's, past primary_start_timeout: still stopped before any release",
+            mine(), local().data_empty().orphaned().renewed_at(NOW - 1).primary_down_since(NOW - 60), NOW,
+            vec![Fence, RenewLeader]).problem("data directory is gone"),
+        row("the leader's with etcd unreachable: stop it, try to renew",
+            mine(), local().data_empty().orphaned().renewed_at(NOW - 1).dcs_down(), NOW,
+            vec![Fence, RenewLeader]).problem("data directory is gone"),
+        row("no cluster in etcd: stop it, claim nothing",
+            cluster(), local().data_empty().orphaned(), NOW,
+            vec![Fence]).problem("data directory is gone"),
+        row("once it is down: the replica clones afresh",
+            theirs(), local().data_empty().stopped(), NOW,
+            vec![clone_from(N2)]),
+        row("once it is down: the leader without data releases the lease",
+            mine(), local().data_empty().stopped().renewed_at(NOW - 1), NOW,
+            vec![ReleaseLeader]),
+        row("paused: hands off, reported",
+            theirs().paused(), local().data_empty().orphaned(), NOW,
+            vec![]).problem("data directory is gone"),
+    ]);
+}
+
+#[test]
+#[rustfmt::skip]
+fn disk_full() {
+    use Action::*;
+    let mine = || cluster().initialized(SYSID).led_by(ME).replica(N2);
+    let led2 = || cluster().initialized(SYSID).led_by(N2).timeline(N2, Some(2));
+    let leaderless = || cluster().initialized(SYSID).replica(N2).primary_lsn(LSN);
+    let crashed = || local().data(SYSID).stopped().was_primary_on(1).renewed_at(NOW - 1);
+    let just = MIN_FREE_BYTES;
+    check(vec![
+        row("leader crashed on a full disk, a replica streams: release the lease at once, no restart",
+            mine(), crashed().disk_full(), NOW,
+            vec![ReleaseLeader]).problem("disk full: 4096 bytes free for the data directory"),
+        row("leader crashed on a full disk, the replica lost its upstream (in recovery): release",
+            cluster().initialized(SYSID).led_by(ME).member(N2, Role::Replica, PgState::InRecovery), crashed().disk_full(), NOW,
+            vec![ReleaseLeader]).problem("disk full"),
+        row("leader crashed with only its WAL file system full: release",
+            mine(), crashed().disk_free(10 << 30, 4096), NOW,
+            vec![ReleaseLeader]).problem("for the WAL directory"),
+        row("leader crashed on a full disk, the only replica is nofailover: keep the lease, start nothing",
+            cluster().initialized(SYSID).led_by(ME).member(N2, Role::Replica, PgState::Streaming).tagged_nofailover(N2), crashed().disk_full(), NOW,
+            vec![RenewLeader]).problem("disk full").waiting("until space is freed"),
+        row("leader crashed on a full disk, the only replica is stopped: keep the lease, start nothing",
+            cluster().initialized(SYSID).led_by(ME).member(N2, Role::Replica, PgState::Stopped), crashed().disk_full(), NOW,
+            vec![RenewLeader]).problem("disk full"),
+        row("leader crashed on a full disk, no replica, past primary_start_timeout: release as ever",
+            cluster().initialized(SYSID).led_by(ME), crashed().disk_full().primary_down_since(NOW - 10), NOW,
+            vec![ReleaseLeader]),
+        row("leader stuck in crash recovery on a full disk: stop it before the release",
+            mine(), local().data(SYSID).unresponsive().renewed_at(NOW - 1).disk_full(), NOW,
+            vec![Fence, RenewLeader]).problem("disk full"),
+        row("leader running as primary on a full disk: carry on, reported",
+            mine(), local().data(SYSID).pg_primary(&[N2]).slot_seen(N2, NOW).renewed_at(NOW - 1).disk_full(), NOW,
+            vec![RenewLeader, WriteStatus]).problem("disk full"),
+        row("exactly the minimum free: not full, start as primary",
+            mine(), crashed().disk_free(just, just), NOW,
+            vec![RenewLeader, StartPrimary]),
+        row("one byte short of the minimum: full",
+            mine(), crashed().disk_free(just - 1, just), NOW,
+            vec![ReleaseLeader]).problem("disk full"),
+        row("free space unknown: not full, start as primary",
+            mine(), crashed(), NOW,
+            vec![RenewLeader, StartPrimary]),
+        row("stopped replica on a full disk: no start",
+            cluster().initialized(SYSID).led_by(N2), local().data(SYSID).stopped().disk_full(), NOW,
+            vec![]).problem("disk full").waiting("starting nothing until space is freed"),
+        row("old primary on a full disk: no rewind",
+            led2(), local().data(SYSID).stopped().was_primary_on(1).disk_full(), NOW,
+            vec![]).problem("disk full"),
+        row("old primary once space is freed: rewind",
+            led2(), local().data(SYSID).stopped().was_primary_on(1).disk_free(1 << 30, 1 << 30), NOW,
+            vec![Rewind { upstream: up(N2) }]),
+        row("no data directory on a full disk: no clone",
+            cluster().initialized(SYSID).led_by(N2), local().data_empty().disk_full(), NOW,
+            vec![]).problem("disk full"),
+        row("our bootstrap claim, no data yet, full disk: withdraw the claim, no initdb",
+            cluster().claimed().leader(ME), local().data_empty().renewed_at(NOW - 1).disk_full(), NOW,
+            vec![AbandonBootstrap]).problem("disk full"),
+        row("we lead without data on a full disk: release the key (nothing else would)",
+            cluster().initialized(SYSID).leader(ME), local().data_empty().renewed_at(NOW - 1).disk_full(), NOW,
+            vec![ReleaseLeader]).problem("disk full"),
+        row("empty etcd, no data, full disk: no bootstrap claim",
+            cluster(), local().data_empty().disk_full(), NOW,
+            vec![]).problem("disk full"),
+        row("no leader, stopped on a full disk: no read-only start",
+            leaderless(), local().data(SYSID).stopped().disk_full(), NOW,
+            vec![]).problem("disk full"),
+        row("running replica on a full disk: following, reported",
+            cluster().initialized(SYSID).led_by(N2), local().data(SYSID).pg_replica(Some(addr(N2)), LSN).disk_full(), NOW,
+            vec![]).problem("disk full"),
+        row("no leader, running replica on a full disk: not a candidate",
+            leaderless(), local().data(SYSID).pg_replica(Some(addr(N2)), LSN).disk_full(), NOW,
+            vec![]).problem("disk full").waiting("not a candidate: disk full"),
+        row("we won the lease as a replica whose disk then filled: release, no promotion",
+            cluster().initialized(SYSID).leader(ME).replica(ME).replica(N2), local().data(SYSID).pg_replica(Some(addr(N2)), LSN).renewed_at(NOW - 1).disk_full(), NOW,
+            vec![ReleaseLeader]).problem("disk full"),
+        row("a peer further ahead whose disk is full: take the lease",
+            leaderless(), local().data(SYSID).pg_replica(Some(addr(N2)), LSN).peer_not_candidate(N2, LSN + 1000), NOW,
+            vec![AcquireLeader]),
+        row("a running primary on a full disk without a leader: takes the lease (it runs)",
+            cluster().initialized(SYSID), local().data(SYSID).pg_primary(&[]).disk_full(), NOW,
+            vec![AcquireLeader]).problem("disk full"),
+    ]);
+}
+
+#[test]
+#[rustfmt::skip]
+fn failed_promotion() {
+    use crate::dcs::FailoverKind::Failover;
+    use Action::*;
+    let mine = || cluster().initialized(SYSID).leader(ME).replica(ME).replica(N2);
+    let leaderless = || cluster().initialized(SYSID).replica(N2).primary_lsn(LSN);
+    let standby = || local().data(SYSID).renewed_at(NOW - 1);
+    check(vec![
+        row("promotion failed, PostgreSQL down: release the lease at once, no start-then-promote",
+            mine(), standby().stopped().was_replica_on(1).failed(JobKind::Promote, NOW - 1), NOW,
+            vec![ReleaseLeader]).problem("promotion failed: it broke"),
+        row("promotion failed, still in recovery: stop it first (it may yet promote), keep the lease",
+            mine(), standby().pg_replica(None, LSN).failed(JobKind::Promote, NOW - 1), NOW,
+            vec![Fence, RenewLeader]).problem("promotion failed: it broke"),
+        row("promotion failed on a full disk: the problem names both",
+            mine(), standby().stopped().was_replica_on(1).failed(JobKind::Promote, NOW - 1).disk_full(), NOW,
+            vec![ReleaseLeader]).problem("promotion failed: it broke; disk full"),
+        row("promotion failed 5s ago (backoff over): promote again",
+            mine(), standby().pg_replica(None, LSN).failed(JobKind::Promote, NOW - 5), NOW,
+            vec![RenewLeader, CreateSlots(slots(&[N2])), Promote]),
+        row("promotion failed, but we are the operator's named candidate: keep trying",
+            mine().request(Failover, None, Some(ME)), standby().pg_replica(None, LSN).failed(JobKind::Promote, NOW - 1), NOW,
+            vec![RenewLeader, CreateSlots(slots(&[N2])), Promote]),
+        row("no leader, our promotion failed 1s ago: not a candidate",
+            leaderless(), local().data(SYSID).pg_replica(Some(addr(N2)), LSN).failed(JobKind::Promote, NOW - 1), NOW,
+            vec![]).waiting("not a candidate: our promotion failed 1s ago (it broke)"),
+        row("no leader, our promotion failed 5s ago: a candidate again",
+            leaderless(), local().data(SYSID).pg_replica(Some(addr(N2)), LSN).failed(JobKind::Promote, NOW - 5), NOW,
+            vec![AcquireLeader]),
+        row("another member leads: a failed promotion of ours changes nothing",
+            cluster().initialized(SYSID).led_by(N2), local().data(SYSID).pg_replica(Some(addr(N2)), LSN).failed(JobKind::Promote, NOW - 1), NOW,
+            vec![]),
     ]);
 }

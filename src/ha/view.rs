@@ -53,9 +53,21 @@ pub struct LocalView {
     /// An operator request made to this member's API (restart, reinit,
     /// reload), not yet carried out.
     pub request: Option<OperatorRequest>,
+    /// Free space where PostgreSQL writes, as of this observation.
+    pub disk: DiskSpace,
     /// A deliberately broken policy, for the simulator's mutation checks.
     #[cfg(test)]
     pub mutation: Option<super::Mutation>,
+}
+
+/// Bytes available to PostgreSQL (statvfs: blocks free to unprivileged
+/// users) on the file systems of the data directory and of its WAL
+/// (`pg_wal`, which may be a link elsewhere). None: could not be read (the
+/// directory is gone, a permission error): unknown, never "full".
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DiskSpace {
+    pub data_free: Option<u64>,
+    pub wal_free: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -95,6 +107,10 @@ pub struct PeerPosition {
     /// not answered or not readable there). A member holding another
     /// cluster's data cannot lead this one, however far ahead it is.
     pub system_id: Option<String>,
+    /// It answered that it would not take the lease now (its disk is full,
+    /// its last promotion failed): however far ahead, nobody stands back
+    /// for it. True when it did not say (an older agent).
+    pub candidate: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -118,6 +134,11 @@ pub enum PgRun {
     /// Whether a postmaster runs could not be told (postmaster.pid
     /// unreadable). Never "stopped": it may run as a primary.
     Unknown(String),
+    /// The postmaster last seen on our data directory still runs, but the
+    /// directory's postmaster.pid is gone: the data directory was deleted
+    /// (or replaced) under it. It may still take writes into files it
+    /// holds open; nothing it writes survives.
+    Orphaned,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -142,7 +163,7 @@ impl PgRun {
     pub fn running(&self) -> Option<&PgRunning> {
         match self {
             PgRun::Running(r) => Some(r),
-            PgRun::Stopped | PgRun::Unresponsive | PgRun::Unknown(_) => None,
+            PgRun::Stopped | PgRun::Unresponsive | PgRun::Unknown(_) | PgRun::Orphaned => None,
         }
     }
     pub fn is_primary(&self) -> bool {
@@ -290,6 +311,7 @@ impl PeerAddress {
             running_primary: false,
             answered: true,
             system_id: None,
+            candidate: true,
         }
     }
     /// Its answer naming its data directory's system identifier.
@@ -409,6 +431,8 @@ pub fn published_role_state(
         (None, PgRun::Running(_)) => PgState::InRecovery,
         (None, PgRun::Unresponsive) => PgState::Starting,
         (None, PgRun::Unknown(_)) => PgState::Unknown,
+        (None, PgRun::Orphaned) => PgState::Stopping,
+        (None, PgRun::Stopped) if super::decide::disk_full(local).is_some() => PgState::DiskFull,
         (None, PgRun::Stopped) => match &local.last_failure {
             Some(f) => match f.kind {
                 JobKind::Bootstrap => PgState::BootstrapFailed,

@@ -7,10 +7,10 @@ use nix::errno::Errno;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use std::net::SocketAddr;
+use std::os::unix::fs::MetadataExt;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicI32, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio_postgres::Client;
 
@@ -24,10 +24,42 @@ pub struct Instance {
     pub replication: Credentials,
     pub start_timeout: Duration,
     client: Option<Client>,
-    /// The postmaster's PID as last read from postmaster.pid (0: none),
-    /// shared by every `detached` handle: the fence timer's handle must
-    /// know it when the file can no longer be read (no descriptor left).
-    postmaster: Arc<AtomicI32>,
+    /// The postmaster as last read from postmaster.pid, shared by every
+    /// `detached` handle: the fence timer's handle must know it when the
+    /// file can no longer be read (no descriptor left), and the loop when
+    /// the file is gone with the data directory.
+    postmaster: Arc<Mutex<Seen>>,
+}
+
+/// The postmaster last seen alive in postmaster.pid.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Seen {
+    /// 0: none.
+    pid: i32,
+    /// (device, inode) of its working directory when that was our data
+    /// directory (PostgreSQL works in its data directory): the same
+    /// process under the same PID can be recognised after the directory
+    /// is deleted. None where /proc could not tell.
+    cwd: Option<(u64, u64)>,
+}
+
+/// Whether a postmaster runs on our data directory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Postmaster {
+    None,
+    Running(i32),
+    /// The postmaster last seen still runs, but postmaster.pid is gone:
+    /// its data directory was deleted (or replaced) under it.
+    Orphaned(i32),
+}
+
+impl Postmaster {
+    pub fn pid(self) -> Option<i32> {
+        match self {
+            Postmaster::None => None,
+            Postmaster::Running(pid) | Postmaster::Orphaned(pid) => Some(pid),
+        }
+    }
 }
 
 const SHORT: Duration = Duration::from_secs(30);
@@ -56,8 +88,16 @@ impl Instance {
             replication,
             start_timeout,
             client: None,
-            postmaster: Arc::new(AtomicI32::new(0)),
+            postmaster: Arc::new(Mutex::new(Seen::default())),
         }
+    }
+
+    fn seen(&self) -> Seen {
+        *self.postmaster.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn remember(&self, seen: Seen) {
+        *self.postmaster.lock().unwrap_or_else(|p| p.into_inner()) = seen;
     }
 
     /// A data directory PostgreSQL can start from.
@@ -81,16 +121,13 @@ impl Instance {
         Ok(true)
     }
 
-    /// PID of a live postmaster of this data directory, per postmaster.pid
-    /// (None: none runs), remembered for when the file cannot be read. Err
-    /// when that cannot be told: "unknown", never "stopped".
-    pub fn postmaster(&self) -> std::io::Result<Option<i32>> {
+    /// Whether a postmaster runs on this data directory, per postmaster.pid
+    /// (remembered for when the file cannot be read). Err when that cannot
+    /// be told: "unknown", never "stopped".
+    pub fn postmaster(&self) -> std::io::Result<Postmaster> {
         let text = match std::fs::read_to_string(self.data_dir.join("postmaster.pid")) {
             Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                self.postmaster.store(0, Ordering::Relaxed);
-                return Ok(None);
-            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return self.orphan(),
             Err(e) => return Err(e),
         };
         let Some(pid) = parse_postmaster_pid(&text) else {
@@ -105,19 +142,56 @@ impl Instance {
             Err(Errno::ESRCH) => false,
             Err(e) => return Err(std::io::Error::from(e)),
         };
-        self.postmaster
-            .store(if live { pid } else { 0 }, Ordering::Relaxed);
-        Ok(live.then_some(pid))
+        if !live {
+            self.remember(Seen::default());
+            return Ok(Postmaster::None);
+        }
+        // Best effort: without /proc the deletion of the data directory
+        // under this postmaster goes unnoticed until PostgreSQL's own
+        // lock-file check stops it.
+        let ours = identity(&self.data_dir).ok();
+        let cwd = cwd_identity(pid).ok().filter(|cwd| Some(*cwd) == ours);
+        self.remember(Seen { pid, cwd });
+        Ok(Postmaster::Running(pid))
     }
 
-    /// PID of a live postmaster for stopping it: when postmaster.pid cannot
-    /// be read (no descriptor left, say), the PID last read answers if that
-    /// process still lives — fencing needs it exactly then.
+    /// postmaster.pid is gone: no postmaster runs — unless the one last
+    /// seen still does, in the working directory it had then (the same
+    /// process, not another under a reused PID): then the data directory
+    /// was deleted or replaced under it, and it must be stopped by its PID.
+    fn orphan(&self) -> std::io::Result<Postmaster> {
+        let seen = self.seen();
+        let forget = || {
+            self.remember(Seen::default());
+            Ok(Postmaster::None)
+        };
+        let Some(cwd) = seen.cwd.filter(|_| seen.pid > 0) else {
+            return forget();
+        };
+        match cwd_identity(seen.pid) {
+            Ok(now) if now == cwd => Ok(Postmaster::Orphaned(seen.pid)),
+            Ok(_) => forget(),
+            // /proc/<pid> is gone with the process.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => forget(),
+            Err(e) => Err(std::io::Error::new(
+                e.kind(),
+                format!(
+                    "it is gone, and whether postmaster {} still runs cannot be told: {e}",
+                    seen.pid
+                ),
+            )),
+        }
+    }
+
+    /// PID of a live postmaster for stopping it (an orphaned one too): when
+    /// postmaster.pid cannot be read (no descriptor left, say), the PID
+    /// last read answers if that process still lives — fencing needs it
+    /// exactly then.
     pub fn postmaster_pid(&self) -> Option<i32> {
         match self.postmaster() {
-            Ok(pid) => pid,
+            Ok(p) => p.pid(),
             Err(e) => {
-                let pid = self.postmaster.load(Ordering::Relaxed);
+                let pid = self.seen().pid;
                 let live = pid > 0 && alive(pid);
                 tracing::debug!(
                     "cannot read postmaster.pid ({e}); the postmaster last read, PID {pid}, is {}",
@@ -126,6 +200,34 @@ impl Instance {
                 live.then_some(pid)
             }
         }
+    }
+
+    /// Bytes available to PostgreSQL (an unprivileged user) on the file
+    /// systems of the data directory — of its parent while it does not
+    /// exist, where a clone is made — and of its WAL (`pg_wal`, which may
+    /// link elsewhere). None where statvfs fails.
+    pub fn free_space(&self) -> (Option<u64>, Option<u64>) {
+        let data = available(&self.data_dir).or_else(|e| match (e, self.data_dir.parent()) {
+            (Errno::ENOENT, Some(parent)) => available(parent),
+            (e, _) => Err(e),
+        });
+        (data.ok(), available(&self.data_dir.join("pg_wal")).ok())
+    }
+
+    /// A postmaster whose data directory is gone has nothing to shut down
+    /// cleanly and no postmaster.pid for pg_ctl to find: it gets the
+    /// SIGQUIT of an immediate shutdown directly. Ok(false): not orphaned.
+    async fn stop_orphan(&self) -> anyhow::Result<bool> {
+        let Ok(Postmaster::Orphaned(pid)) = self.postmaster() else {
+            return Ok(false);
+        };
+        tracing::warn!(
+            "the data directory {} is gone under postmaster PID {pid}: sending it SIGQUIT (immediate shutdown)",
+            self.data_dir.display()
+        );
+        self.signal_postmaster(Signal::SIGQUIT, IMMEDIATE_STOP_WAIT)
+            .await?;
+        Ok(true)
     }
 
     /// Sends `signal` to the postmaster itself and waits up to `wait` for
@@ -434,6 +536,7 @@ impl Instance {
             .to_string_lossy()
             .to_string();
         let secs = self.start_timeout.as_secs().max(1).to_string();
+        let mark = self.server_log_end();
         run(
             &self.bin_dir,
             "pg_ctl",
@@ -452,24 +555,34 @@ impl Instance {
             self.start_timeout + Duration::from_secs(5),
         )
         .await
-        .map_err(|e| self.with_log_tail(e))?;
+        .map_err(|e| self.with_log_tail(e, mark))?;
         // Remembered now, for a fence that may come when the file can no
         // longer be read.
         let _ = self.postmaster_pid();
         Ok(())
     }
 
-    fn with_log_tail(&self, e: PgCommandError) -> anyhow::Error {
+    /// pg_ctl's own log holds what the postmaster said before its logging
+    /// collector took over (a port in use); the server log the rest (a
+    /// PANIC in recovery).
+    fn with_log_tail(&self, e: PgCommandError, mark: Option<(PathBuf, u64)>) -> anyhow::Error {
         let log = std::fs::read_to_string(self.data_dir.join("pg_ctl.log")).unwrap_or_default();
         let tail: Vec<&str> = log.lines().rev().take(3).collect();
         let tail: Vec<&str> = tail.into_iter().rev().collect();
-        anyhow::anyhow!("{e}; log: {}", tail.join(" | "))
+        match self.server_log_problems(mark).as_slice() {
+            [] => anyhow::anyhow!("{e}; log: {}", tail.join(" | ")),
+            lines => anyhow::anyhow!(
+                "{e}; log: {}; server log: {}",
+                tail.join(" | "),
+                lines.join(" | ")
+            ),
+        }
     }
 
     /// Fast shutdown: disconnects clients, writes a shutdown checkpoint.
     pub async fn stop(&mut self) -> anyhow::Result<()> {
         self.client = None;
-        if self.postmaster_pid().is_none() {
+        if self.postmaster_pid().is_none() || self.stop_orphan().await? {
             return Ok(());
         }
         let dir = self.data_dir.to_string_lossy().to_string();
@@ -573,6 +686,9 @@ impl Instance {
     /// postmaster gets the SIGQUIT pg_ctl would have sent it.
     pub async fn stop_immediate(&mut self) -> anyhow::Result<()> {
         self.client = None;
+        if self.stop_orphan().await? {
+            return Ok(());
+        }
         let dir = self.data_dir.to_string_lossy().to_string();
         let stopped = run(
             &self.bin_dir,
@@ -606,9 +722,13 @@ impl Instance {
         }
     }
 
+    /// pg_ctl promote. When it fails ("server did not promote in time"
+    /// says little), what PostgreSQL logged meanwhile names the cause (a
+    /// PANIC writing WAL, say).
     pub async fn promote(&mut self) -> anyhow::Result<()> {
         let dir = self.data_dir.to_string_lossy().to_string();
-        run(
+        let mark = self.server_log_end();
+        let promoted = run(
             &self.bin_dir,
             "pg_ctl",
             ["promote", "-D", dir.as_str(), "-w", "-t", "60"],
@@ -616,8 +736,65 @@ impl Instance {
             &[],
             Duration::from_secs(65),
         )
-        .await?;
-        Ok(())
+        .await;
+        match promoted {
+            Ok(_) => Ok(()),
+            Err(e) => match self.server_log_problems(mark).as_slice() {
+                [] => Err(e.into()),
+                lines => Err(anyhow::anyhow!("{e}; server log: {}", lines.join(" | "))),
+            },
+        }
+    }
+
+    /// The newest file of the server log (`log_directory` "log" in the
+    /// data directory, as pgwarden configures it) and its length now.
+    fn server_log_end(&self) -> Option<(PathBuf, u64)> {
+        let newest = std::fs::read_dir(self.data_dir.join("log"))
+            .ok()?
+            .flatten()
+            .filter_map(|e| Some((e.metadata().ok()?, e.path())))
+            .filter(|(m, _)| m.is_file())
+            .max_by_key(|(m, _)| m.modified().ok())?;
+        Some((newest.1, newest.0.len()))
+    }
+
+    /// The last PANIC, FATAL or ERROR lines the server logged since `mark`
+    /// (at most 3; read from the last 64 KiB at most). Best effort: on a
+    /// full disk the log may not have been written at all.
+    fn server_log_problems(&self, mark: Option<(PathBuf, u64)>) -> Vec<String> {
+        use std::io::{Read, Seek, SeekFrom};
+        const NOISE: [&str; 3] = [
+            "the database system is starting up",
+            "the database system is in recovery mode",
+            "the database system is shutting down",
+        ];
+        let Some((path, len)) = self.server_log_end() else {
+            return Vec::new();
+        };
+        let from = match mark {
+            Some((p, at)) if p == path && at <= len => at,
+            // Rotated (or no log before): the new file is all new.
+            _ => 0,
+        };
+        let from = from.max(len.saturating_sub(64 * 1024));
+        let mut bytes = Vec::new();
+        let read = std::fs::File::open(&path).and_then(|mut f| {
+            f.seek(SeekFrom::Start(from))?;
+            f.take(64 * 1024).read_to_end(&mut bytes)
+        });
+        if read.is_err() {
+            return Vec::new();
+        }
+        // A start in the middle of a character is no reason to say nothing.
+        let text = String::from_utf8_lossy(&bytes);
+        let mut lines: Vec<String> = text
+            .lines()
+            .filter(|l| ["PANIC:", "FATAL:", "ERROR:"].iter().any(|s| l.contains(s)))
+            .filter(|l| !NOISE.iter().any(|n| l.contains(n)))
+            .map(|l| l.trim().to_string())
+            .collect();
+        lines.drain(..lines.len().saturating_sub(3));
+        lines
     }
 
     pub async fn reload(&mut self) -> anyhow::Result<()> {
@@ -759,8 +936,14 @@ impl ControlData {
     }
 
     /// The data directory was last a primary (not a standby in recovery).
+    /// A primary that crashed and whose crash recovery failed too (a full
+    /// disk) says "in crash recovery": a standby in recovery says "in
+    /// archive recovery", or "shut down in recovery" once stopped.
     pub fn was_primary(&self) -> bool {
-        self.state == "in production" || self.state == "shut down"
+        matches!(
+            self.state.as_str(),
+            "in production" | "shut down" | "shutting down" | "in crash recovery"
+        )
     }
 }
 
@@ -775,6 +958,23 @@ fn parse_postmaster_pid(text: &str) -> Option<i32> {
 
 fn alive(pid: i32) -> bool {
     kill(Pid::from_raw(pid), None).is_ok()
+}
+
+// fsblkcnt_t and c_ulong are u64 on 64-bit targets only.
+#[allow(clippy::useless_conversion)]
+fn available(path: &Path) -> nix::Result<u64> {
+    let st = nix::sys::statvfs::statvfs(path)?;
+    Ok(u64::from(st.blocks_available()).saturating_mul(u64::from(st.fragment_size())))
+}
+
+fn identity(path: &Path) -> std::io::Result<(u64, u64)> {
+    std::fs::metadata(path).map(|m| (m.dev(), m.ino()))
+}
+
+/// (device, inode) of a process's working directory; /proc resolves it
+/// even after the directory was deleted.
+fn cwd_identity(pid: i32) -> std::io::Result<(u64, u64)> {
+    identity(Path::new(&format!("/proc/{pid}/cwd")))
 }
 
 /// Whether a failed pg_ctl stop leaves signalling the postmaster to us:
@@ -873,6 +1073,27 @@ mod tests {
     }
 
     #[test]
+    fn a_primary_whose_crash_recovery_failed_was_a_primary() {
+        let state = |s: &str| ControlData {
+            system_id: "1".into(),
+            state: s.to_string(),
+            timeline: 1,
+            checkpoint_lsn: 0,
+        };
+        for primary in [
+            "in production",
+            "shut down",
+            "shutting down",
+            "in crash recovery",
+        ] {
+            assert!(state(primary).was_primary(), "{primary}");
+        }
+        for standby in ["in archive recovery", "shut down in recovery"] {
+            assert!(!state(standby).was_primary(), "{standby}");
+        }
+    }
+
+    #[test]
     fn only_a_pg_ctl_that_never_ran_or_hung_is_replaced_by_a_signal() {
         let emfile = PgCommandError::Spawn {
             program: "pg_ctl".into(),
@@ -940,6 +1161,77 @@ mod tests {
         assert_eq!(status.signal(), Some(libc::SIGQUIT));
         // Nothing left to stop: still Ok.
         fence.stop_immediate().await.expect("nothing to stop");
+    }
+
+    #[tokio::test]
+    async fn a_postmaster_whose_data_directory_is_deleted_is_orphaned_and_stopped_by_signal() {
+        let parent = tempfile::tempdir().expect("tempdir");
+        let data = parent.path().join("data");
+        std::fs::create_dir(&data).expect("mkdir");
+        let pg = instance(&data, Path::new("/nonexistent"));
+        // A stand-in working in the data directory, as a postmaster does.
+        let mut child = Command::new("sleep")
+            .arg("60")
+            .current_dir(&data)
+            .spawn()
+            .expect("sleep");
+        let pid = i32::try_from(child.id()).expect("pid");
+        let reaper = std::thread::spawn(move || child.wait().expect("wait"));
+        std::fs::write(data.join("postmaster.pid"), format!("{pid}\n")).expect("write");
+        assert_eq!(pg.postmaster().expect("read"), Postmaster::Running(pid));
+
+        std::fs::remove_dir_all(&data).expect("rm -r");
+        assert_eq!(pg.postmaster().expect("read"), Postmaster::Orphaned(pid));
+        // A new directory in its place (a clone moved in) changes nothing.
+        std::fs::create_dir(&data).expect("mkdir");
+        assert_eq!(pg.postmaster().expect("read"), Postmaster::Orphaned(pid));
+        assert_eq!(pg.detached().postmaster_pid(), Some(pid));
+
+        // No postmaster.pid for pg_ctl: the signal goes to the PID itself.
+        pg.detached()
+            .stop_immediate()
+            .await
+            .expect("stopped by signal");
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(reaper.join().expect("reaped").signal(), Some(libc::SIGQUIT));
+        assert_eq!(pg.postmaster().expect("read"), Postmaster::None);
+    }
+
+    #[test]
+    fn the_cause_is_what_the_server_logged_since_the_mark() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pg = instance(dir.path(), Path::new("/nonexistent"));
+        assert_eq!(pg.server_log_end(), None);
+        std::fs::create_dir(dir.path().join("log")).expect("mkdir");
+        let log = dir.path().join("log/postgresql-Mon.log");
+        std::fs::write(&log, "[1] PANIC:  an old one\n").expect("write");
+        let mark = pg.server_log_end();
+        assert!(pg.server_log_problems(mark.clone()).is_empty());
+        let mut text = std::fs::read_to_string(&log).expect("read");
+        text.push_str("[2] LOG:  starting\n[3] FATAL:  the database system is starting up\n");
+        text.push_str(
+            "[4] PANIC:  could not write to file \"pg_wal/xlogtemp.4\": No space left on device\n",
+        );
+        std::fs::write(&log, text).expect("write");
+        assert_eq!(
+            pg.server_log_problems(mark),
+            vec!["[4] PANIC:  could not write to file \"pg_wal/xlogtemp.4\": No space left on device"]
+        );
+    }
+
+    #[test]
+    fn a_process_elsewhere_is_no_orphan_when_postmaster_pid_goes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pg = instance(dir.path(), Path::new("/nonexistent"));
+        // Working in another directory: not a postmaster of this one.
+        let (pid, reaper) = stand_in();
+        let file = dir.path().join("postmaster.pid");
+        std::fs::write(&file, format!("{pid}\n")).expect("write");
+        assert_eq!(pg.postmaster().expect("read"), Postmaster::Running(pid));
+        std::fs::remove_file(&file).expect("rm");
+        assert_eq!(pg.postmaster().expect("read"), Postmaster::None);
+        kill(Pid::from_raw(pid), Signal::SIGKILL).expect("kill");
+        reaper.join().expect("reaped");
     }
 
     #[tokio::test]

@@ -9,5 +9,5 @@ mod observe;
 
 pub use command::{OsUser, PgCommandError};
 pub use conf::{render_conf, ConfFiles, ConfInputs, ReplicaSettings};
-pub use control::{ControlData, Instance};
+pub use control::{ControlData, Instance, Postmaster};
 pub use observe::{parse_conninfo_address, Observed};

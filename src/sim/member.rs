@@ -1088,6 +1088,8 @@ impl World {
             conf_outdated: false,
             major: MAJOR,
             wall_clock: self.wall_clock(),
+            // The model's disks never fill: unknown, as statvfs failing.
+            disk: crate::ha::DiskSpace::default(),
         }
     }
 
@@ -1318,6 +1320,7 @@ fn describe_event(e: &Event) -> String {
                 PgRun::Stopped => "stopped".to_string(),
                 PgRun::Unresponsive => "unresponsive".to_string(),
                 PgRun::Unknown(why) => format!("unknown ({why})"),
+                PgRun::Orphaned => "orphaned".to_string(),
                 PgRun::Running(r) => format!(
                     "{} tl {:?} lsn {:?}{}",
                     if r.in_recovery { "replica" } else { "primary" },

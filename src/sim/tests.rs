@@ -100,6 +100,10 @@ const REGRESSIONS: &[(u64, &str)] = &[
         "a deposed bootstrapper's late renewal fired its fence, but its queued PublishSystemId still overwrote the new bootstrapper's claim; that one then released the leader key with its primary running",
     ),
     (
+        5545,
+        "a promotion pg_ctl reported as failed was still under way in PostgreSQL (requested before an agent restart); the leader key was released over it and it promoted without the key",
+    ),
+    (
         637709,
         "a candidate judged maximum lag on a status read before a 1.5 s peer ask; the old leader came back, wrote a newer status and went; the candidate then took the key and promoted 119 KB behind it",
     ),

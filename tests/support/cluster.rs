@@ -23,6 +23,11 @@ pub struct MemberOptions {
     /// The agent's open-file limit (soft, hard), as systemd's
     /// `LimitNOFILE=` would set it; None: the test process's.
     pub nofile: Option<(u64, u64)>,
+    /// Put the data directory on a tmpfs of this many MiB of its own
+    /// (mounted at `<member dir>/fs`, the data directory and the clone's
+    /// staging directory inside it), to fill it up. Needs root; unmounted
+    /// when the cluster is dropped, on failure too.
+    pub tmpfs_mib: Option<u64>,
 }
 
 #[derive(Clone)]
@@ -65,12 +70,17 @@ pub struct Member {
     pub host: String,
     /// The agent's open-file limit (soft, hard), when set.
     pub nofile: Option<(u64, u64)>,
+    /// The tmpfs the data directory lives on, if it has its own.
+    pub tmpfs: Option<Tmpfs>,
     agent: Option<Child>,
 }
 
 impl Member {
     pub fn data_dir(&self) -> PathBuf {
-        self.dir.join("data")
+        match &self.tmpfs {
+            Some(fs) => fs.path.join("data"),
+            None => self.dir.join("data"),
+        }
     }
     pub fn api(&self, path: &str) -> String {
         format!("http://{}:{}{path}", self.host, self.api_port)
@@ -118,6 +128,11 @@ impl Cluster {
             let dir = root.path().join(&name);
             std::fs::create_dir_all(&dir).expect("member dir");
             set_mode(&dir, 0o755);
+            let tmpfs = m.tmpfs_mib.map(|mib| Tmpfs::mount(&dir.join("fs"), mib));
+            let data = match &tmpfs {
+                Some(fs) => fs.path.join("data"),
+                None => dir.join("data"),
+            };
             let pg_port = free_port();
             let api_port = free_port();
             let config = dir.join("pgwarden.toml");
@@ -152,7 +167,7 @@ retry_timeout = {retry}
                 extra = m.extra,
                 api_extra = m.api_extra,
                 pg_extra = m.pg_extra,
-                data = dir.join("data").display(),
+                data = data.display(),
                 ttl = opts.ttl,
                 loop_wait = opts.loop_wait,
                 retry = opts.retry_timeout,
@@ -166,6 +181,7 @@ retry_timeout = {retry}
                 api_port,
                 host,
                 nofile: m.nofile,
+                tmpfs,
                 agent: None,
             });
         }
@@ -589,6 +605,78 @@ impl Drop for Cluster {
             if self.postmaster_pid(i).is_some() {
                 let _ = self.pg_ctl(i, &["stop", "-m", "immediate", "-w"]);
             }
+        }
+    }
+}
+
+/// A tmpfs mounted for one member's data directory, unmounted on drop (the
+/// cluster drops its members after stopping every process).
+pub struct Tmpfs {
+    pub path: PathBuf,
+}
+
+impl Tmpfs {
+    fn mount(path: &Path, mib: u64) -> Tmpfs {
+        assert!(super::is_root(), "mounting a tmpfs needs root");
+        std::fs::create_dir_all(path).expect("tmpfs mount point");
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o"])
+            .arg(format!("size={mib}m,mode=0755"))
+            .arg("pgwarden-test")
+            .arg(path)
+            .output()
+            .expect("run mount");
+        assert!(
+            out.status.success(),
+            "mount tmpfs on {}: {}",
+            path.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Tmpfs {
+            path: path.to_path_buf(),
+        }
+    }
+
+    /// Fills the file system to the last byte with a file `name` (root
+    /// writes past any reserve; a tmpfs has none) and returns its path.
+    pub fn fill(&self, name: &str) -> PathBuf {
+        use std::io::Write;
+        let path = self.path.join(name);
+        let mut f = std::fs::File::create(&path).expect("create filler");
+        let chunk = vec![0u8; 1 << 20];
+        loop {
+            match f.write(&chunk) {
+                Ok(0) => break,
+                Ok(_) => {}
+                Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => break,
+                Err(e) => panic!("filling {}: {e}", path.display()),
+            }
+        }
+        // What is left is smaller than a chunk: fill that too.
+        loop {
+            match f.write(&[0u8; 512]) {
+                Ok(n) if n > 0 => {}
+                _ => break,
+            }
+        }
+        path
+    }
+
+    /// Bytes available to an unprivileged user (what PostgreSQL gets).
+    pub fn available(&self) -> u64 {
+        let st = nix::sys::statvfs::statvfs(&self.path).expect("statvfs");
+        st.blocks_available() as u64 * st.fragment_size() as u64
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let plain = Command::new("umount").arg(&self.path).output();
+        if !plain.is_ok_and(|o| o.status.success()) {
+            // Something still has a file or its working directory there (a
+            // postmaster a failed test left behind): detach it anyway so no
+            // mount outlives the test.
+            let _ = Command::new("umount").arg("-l").arg(&self.path).output();
         }
     }
 }
