@@ -36,6 +36,8 @@ pub struct ClusterOptions {
     pub ttl: u64,
     pub loop_wait: u64,
     pub retry_timeout: u64,
+    /// More lines for `[bootstrap.dcs]` (e.g. `failsafe_mode = true`).
+    pub dcs_extra: String,
     /// How many agents `Cluster::start` starts (the rest are started by the
     /// test, e.g. after the first has bootstrapped).
     pub autostart: usize,
@@ -53,6 +55,7 @@ impl ClusterOptions {
             ttl: 10,
             loop_wait: 1,
             retry_timeout: 4,
+            dcs_extra: String::new(),
             autostart: n,
             etcd_hosts: Vec::new(),
             haproxy_host: None,
@@ -163,6 +166,7 @@ password = "repl-pw"
 ttl = {ttl}
 loop_wait = {loop_wait}
 retry_timeout = {retry}
+{dcs_extra}
 "#,
                 extra = m.extra,
                 api_extra = m.api_extra,
@@ -171,6 +175,7 @@ retry_timeout = {retry}
                 ttl = opts.ttl,
                 loop_wait = opts.loop_wait,
                 retry = opts.retry_timeout,
+                dcs_extra = opts.dcs_extra,
             );
             std::fs::write(&config, text).expect("write config");
             members.push(Member {

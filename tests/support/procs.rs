@@ -211,9 +211,14 @@ impl Etcd {
     /// etcd's data lost: kill -9, its data directory removed, started again
     /// empty on the same ports (single etcd from `start` only).
     pub fn restart_empty(&mut self) {
-        assert_eq!(self.name, "t", "restart_empty is for the single test etcd");
         self.kill9();
         std::fs::remove_dir_all(&self.dir).expect("remove etcd's data");
+        self.start_again();
+    }
+
+    /// Started again on the same ports and data (after `kill9`).
+    pub fn start_again(&mut self) {
+        assert_eq!(self.name, "t", "start_again is for the single test etcd");
         let url = format!("http://127.0.0.1:{}", self.port);
         let peer_url = format!("http://127.0.0.1:{}", self.peer_port);
         let data = self.dir.to_string_lossy().to_string();
