@@ -25,21 +25,12 @@ async fn system_id(c: &Cluster, i: usize) -> Option<String> {
     Some(row.get(0))
 }
 
-async fn timeline(c: &Cluster, i: usize) -> Option<i32> {
-    let client = c.sql(i).await.ok()?;
-    let row = client
-        .query_one("SELECT timeline_id FROM pg_control_checkpoint()", &[])
-        .await
-        .ok()?;
-    Some(row.get(0))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wiped_etcd_with_an_empty_member_never_starts_a_new_cluster() {
     let mut c = Cluster::start(&ClusterOptions::new(3));
     let primary = c.ready_with_haproxy().await;
     let sysid = system_id(&c, primary).await.expect("system identifier");
-    let tl = timeline(&c, primary).await.expect("timeline");
+    let tl = c.timeline(primary).await.expect("timeline");
     let writer = Writer::start(c.rw_port, "w", Duration::from_millis(100)).await;
     eventually("a first write", LONG, || async {
         (!writer.acked_ids().is_empty()).then_some(())
@@ -86,7 +77,7 @@ async fn a_wiped_etcd_with_an_empty_member_never_starts_a_new_cluster() {
         assert_eq!(id, sysid, "member {i} runs another cluster");
     }
     assert_eq!(
-        timeline(&c, primary).await,
+        c.timeline(primary).await,
         Some(tl),
         "the healthy primary was replaced (a needless election)"
     );

@@ -12,15 +12,6 @@ use support::{eventually, http_json, Cluster, ClusterOptions};
 
 const LONG: Duration = Duration::from_secs(120);
 
-async fn timeline(c: &Cluster, i: usize) -> Option<i32> {
-    let client = c.sql(i).await.ok()?;
-    let row = client
-        .query_one("SELECT timeline_id FROM pg_control_checkpoint()", &[])
-        .await
-        .ok()?;
-    Some(row.get(0))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_failsafe_mode_the_primary_keeps_writing_through_an_etcd_outage() {
     let mut opts = ClusterOptions::new(3);
@@ -28,7 +19,7 @@ async fn with_failsafe_mode_the_primary_keeps_writing_through_an_etcd_outage() {
     let mut c = Cluster::start(&opts);
     let primary = c.ready_with_haproxy().await;
     let leader = c.members[primary].name.clone();
-    let tl = timeline(&c, primary).await.expect("timeline");
+    let tl = c.timeline(primary).await.expect("timeline");
     // The leader records the members it will ask.
     let key = format!("/service/{}/failsafe", c.scope);
     eventually("the failsafe topology recorded", LONG, || async {
@@ -81,7 +72,7 @@ async fn with_failsafe_mode_the_primary_keeps_writing_through_an_etcd_outage() {
     let leader_key = c.dcs_get(&format!("/service/{}/leader", c.scope)).await;
     assert_eq!(leader_key.as_deref(), Some(leader.as_str()));
     assert_eq!(
-        timeline(&c, primary).await,
+        c.timeline(primary).await,
         Some(tl),
         "a timeline switch: another member was promoted"
     );

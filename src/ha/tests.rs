@@ -350,54 +350,30 @@ impl Local {
     fn peer(self, name: &str, lsn: Option<u64>) -> Self {
         self.peer_with(name, lsn, 1, false)
     }
-    fn peer_with(mut self, name: &str, lsn: Option<u64>, prio: u32, nofailover: bool) -> Self {
-        self.0
-            .peers
-            .get_or_insert_with(Vec::new)
-            .push(PeerPosition {
-                name: name.to_string(),
-                wal_lsn: lsn,
-                nofailover,
-                failover_priority: prio,
-                running_primary: false,
-                answered: true,
-                system_id: None,
-                candidate: true,
-            });
-        self
+    fn peer_with(self, name: &str, lsn: Option<u64>, prio: u32, nofailover: bool) -> Self {
+        self.push_peer(PeerPosition {
+            nofailover,
+            failover_priority: prio,
+            ..answer(name, lsn)
+        })
     }
     /// A peer that answers as a running primary at `lsn`.
-    fn peer_primary(mut self, name: &str, lsn: u64) -> Self {
-        self.0
-            .peers
-            .get_or_insert_with(Vec::new)
-            .push(PeerPosition {
-                name: name.to_string(),
-                wal_lsn: Some(lsn),
-                nofailover: false,
-                failover_priority: 1,
-                running_primary: true,
-                answered: true,
-                system_id: None,
-                candidate: true,
-            });
-        self
+    fn peer_primary(self, name: &str, lsn: u64) -> Self {
+        self.push_peer(PeerPosition {
+            running_primary: true,
+            ..answer(name, Some(lsn))
+        })
     }
     /// A peer whose data directory has system identifier `id`.
-    fn peer_data(mut self, name: &str, lsn: u64, id: &str, running_primary: bool) -> Self {
-        self.0
-            .peers
-            .get_or_insert_with(Vec::new)
-            .push(PeerPosition {
-                name: name.to_string(),
-                wal_lsn: Some(lsn),
-                nofailover: false,
-                failover_priority: 1,
-                running_primary,
-                answered: true,
-                system_id: Some(id.to_string()),
-                candidate: true,
-            });
+    fn peer_data(self, name: &str, lsn: u64, id: &str, running_primary: bool) -> Self {
+        self.push_peer(PeerPosition {
+            running_primary,
+            system_id: Some(id.to_string()),
+            ..answer(name, Some(lsn))
+        })
+    }
+    fn push_peer(mut self, p: PeerPosition) -> Self {
+        self.0.peers.get_or_insert_with(Vec::new).push(p);
         self
     }
     /// We hold the leader key without a running primary since `t`.
@@ -427,21 +403,26 @@ impl Local {
         self.disk_free(4096, 4096)
     }
     /// A peer further ahead that would not take the lease (disk full).
-    fn peer_not_candidate(mut self, name: &str, lsn: u64) -> Self {
-        self.0
-            .peers
-            .get_or_insert_with(Vec::new)
-            .push(PeerPosition {
-                name: name.to_string(),
-                wal_lsn: Some(lsn),
-                nofailover: false,
-                failover_priority: 1,
-                running_primary: false,
-                answered: true,
-                system_id: None,
-                candidate: false,
-            });
-        self
+    fn peer_not_candidate(self, name: &str, lsn: u64) -> Self {
+        self.push_peer(PeerPosition {
+            candidate: false,
+            ..answer(name, Some(lsn))
+        })
+    }
+}
+
+/// A failover candidate's answer: priority 1, failover allowed, this
+/// cluster's data (as far as it says), not running as primary.
+fn answer(name: &str, lsn: Option<u64>) -> PeerPosition {
+    PeerPosition {
+        name: name.to_string(),
+        wal_lsn: lsn,
+        nofailover: false,
+        failover_priority: 1,
+        running_primary: false,
+        answered: true,
+        system_id: None,
+        candidate: true,
     }
 }
 

@@ -1043,10 +1043,31 @@ mod tests {
         )
     }
 
+    /// `sleep 60` with SIGINT and SIGQUIT at their defaults: a test run in
+    /// the background of a non-interactive shell (`cmd &`) inherits them
+    /// ignored, and the stand-in would then outlive the signals under test.
+    fn sleeper() -> Command {
+        use std::os::unix::process::CommandExt;
+        let mut cmd = Command::new("sleep");
+        cmd.arg("60");
+        // SAFETY: only async-signal-safe calls (sigaction) between fork and
+        // exec.
+        unsafe {
+            cmd.pre_exec(|| {
+                use nix::sys::signal::{signal, SigHandler, Signal};
+                for sig in [Signal::SIGINT, Signal::SIGQUIT] {
+                    signal(sig, SigHandler::SigDfl).map_err(std::io::Error::from)?;
+                }
+                Ok(())
+            });
+        }
+        cmd
+    }
+
     /// A process standing in for the postmaster, and a thread that reaps
     /// it when it dies (it is our child: unreaped, it would look alive).
     fn stand_in() -> (i32, std::thread::JoinHandle<std::process::ExitStatus>) {
-        let mut child: Child = Command::new("sleep").arg("60").spawn().expect("sleep");
+        let mut child: Child = sleeper().spawn().expect("sleep");
         let pid = i32::try_from(child.id()).expect("pid");
         (pid, std::thread::spawn(move || child.wait().expect("wait")))
     }
@@ -1170,11 +1191,7 @@ mod tests {
         std::fs::create_dir(&data).expect("mkdir");
         let pg = instance(&data, Path::new("/nonexistent"));
         // A stand-in working in the data directory, as a postmaster does.
-        let mut child = Command::new("sleep")
-            .arg("60")
-            .current_dir(&data)
-            .spawn()
-            .expect("sleep");
+        let mut child = sleeper().current_dir(&data).spawn().expect("sleep");
         let pid = i32::try_from(child.id()).expect("pid");
         let reaper = std::thread::spawn(move || child.wait().expect("wait"));
         std::fs::write(data.join("postmaster.pid"), format!("{pid}\n")).expect("write");

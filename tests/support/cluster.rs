@@ -475,6 +475,16 @@ retry_timeout = {retry}
         .await
     }
 
+    /// The timeline member i's PostgreSQL runs on (None: no answer).
+    pub async fn timeline(&self, i: usize) -> Option<i32> {
+        let client = self.sql(i).await.ok()?;
+        let row = client
+            .query_one("SELECT timeline_id FROM pg_control_checkpoint()", &[])
+            .await
+            .ok()?;
+        Some(row.get(0))
+    }
+
     /// Row count of `table` on member i.
     pub async fn count(&self, i: usize, table: &str) -> Option<i64> {
         let c = self.sql(i).await.ok()?;

@@ -69,33 +69,41 @@ pub struct Etcd {
     pub running: bool,
 }
 
+/// A single-member etcd on 127.0.0.1 named `t`.
+fn single_args(data: &Path, port: u16, peer: u16) -> Vec<String> {
+    let url = format!("http://127.0.0.1:{port}");
+    let peer_url = format!("http://127.0.0.1:{peer}");
+    [
+        "--name",
+        "t",
+        "--data-dir",
+        &data.to_string_lossy(),
+        "--listen-client-urls",
+        &url,
+        "--advertise-client-urls",
+        &url,
+        "--listen-peer-urls",
+        &peer_url,
+        "--initial-advertise-peer-urls",
+        &peer_url,
+        "--initial-cluster",
+        &format!("t={peer_url}"),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
 impl Etcd {
     pub fn start(dir: &Path) -> Etcd {
         let port = free_port();
         let peer = free_port();
-        let url = format!("http://127.0.0.1:{port}");
-        let peer_url = format!("http://127.0.0.1:{peer}");
         let data = dir.join("etcd");
-        let args: Vec<String> = [
-            "--name",
-            "t",
-            "--data-dir",
-            &data.to_string_lossy(),
-            "--listen-client-urls",
-            &url,
-            "--advertise-client-urls",
-            &url,
-            "--listen-peer-urls",
-            &peer_url,
-            "--initial-advertise-peer-urls",
-            &peer_url,
-            "--initial-cluster",
-            &format!("t={peer_url}"),
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        let child = spawn_logged("etcd", &args, &dir.join("etcd.log"));
+        let child = spawn_logged(
+            "etcd",
+            &single_args(&data, port, peer),
+            &dir.join("etcd.log"),
+        );
         assert!(
             wait_port(port, Duration::from_secs(20)),
             "etcd did not listen on {port}"
@@ -219,28 +227,7 @@ impl Etcd {
     /// Started again on the same ports and data (after `kill9`).
     pub fn start_again(&mut self) {
         assert_eq!(self.name, "t", "start_again is for the single test etcd");
-        let url = format!("http://127.0.0.1:{}", self.port);
-        let peer_url = format!("http://127.0.0.1:{}", self.peer_port);
-        let data = self.dir.to_string_lossy().to_string();
-        let args: Vec<String> = [
-            "--name",
-            "t",
-            "--data-dir",
-            &data,
-            "--listen-client-urls",
-            &url,
-            "--advertise-client-urls",
-            &url,
-            "--listen-peer-urls",
-            &peer_url,
-            "--initial-advertise-peer-urls",
-            &peer_url,
-            "--initial-cluster",
-            &format!("t={peer_url}"),
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+        let args = single_args(&self.dir, self.port, self.peer_port);
         let log = self.dir.with_file_name("etcd-restarted.log");
         self.child = spawn_logged("etcd", &args, &log);
         self.running = true;
