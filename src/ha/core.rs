@@ -196,6 +196,11 @@ pub struct Core {
     /// PostgreSQL is stopped immediately by then unless renewed. Cleared
     /// only once PostgreSQL is seen not to run as primary.
     fence_at: Option<Duration>,
+    /// The fence deadline that passed, until a renewal or a pass that sees
+    /// PostgreSQL not writable with no job running: the runtime keeps it
+    /// armed (already due), so a job still running cannot make PostgreSQL
+    /// writable after the fence (simulator seed 353493).
+    fenced_at: Option<Duration>,
     /// A demotion for failed renewals was started and not yet resolved.
     demoting: bool,
     /// The step handed out last starts a background job: if it fails
@@ -249,6 +254,7 @@ impl Core {
             serving: false,
             renew_failing_since: None,
             fence_at: None,
+            fenced_at: None,
             demoting: false,
             starts_job: false,
             decision: Decision::default(),
@@ -446,7 +452,7 @@ impl Core {
         if self.mutation == Some(super::Mutation::NoDemotion) {
             return None;
         }
-        self.fence_at
+        self.fence_at.or(self.fenced_at)
     }
 
     /// Holds the leader key as far as we know and means to serve writes.
@@ -555,6 +561,7 @@ impl Core {
         if self.job.is_none() && not_writable {
             // PostgreSQL is seen not to be writable: nothing to fence.
             self.fence_at = None;
+            self.fenced_at = None;
             self.demoting = false;
         }
         self.track_slots(now);
@@ -614,6 +621,7 @@ impl Core {
                 self.renewed_ttl = self.ttl();
                 self.renew_failing_since = None;
                 self.fence_at = Some((started + self.ttl()).saturating_sub(FENCE_MARGIN));
+                self.fenced_at = None;
                 self.demoting = false;
                 self.serving = true;
                 self.leader_key_not_ours = false;
@@ -693,6 +701,7 @@ impl Core {
         };
         if now >= fence_at {
             self.fence_at = None;
+            self.fenced_at = Some(fence_at);
             self.demoting = false;
             self.serving = false;
             self.failsafe_at = None;

@@ -2447,7 +2447,9 @@ fn a_job_never_blinds_fencing() {
         "{:?}",
         w.demotions()
     );
-    assert!(w.core.fence_deadline().is_none());
+    // The passed deadline stays armed while the job runs: it must not make
+    // PostgreSQL writable when it ends.
+    assert!(w.core.fence_deadline().is_some_and(|d| d <= w.now));
 }
 
 #[test]

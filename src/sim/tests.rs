@@ -88,6 +88,10 @@ const REGRESSIONS: &[(u64, &str)] = &[
         "a restarted agent found the leader key naming it on a lease it could not adopt (its member key had expired); the fence for that came a loop_wait later, after the key expired (found by the long run at 8051014)",
     ),
     (
+        353493,
+        "the core fired the fence itself during a bootstrap and cleared the deadline, which opened the jobs' fence gate: initdb's start made PostgreSQL writable without the key (long run at 25fc39d)",
+    ),
+    (
         725551,
         "after three lost bootstrap claims one member held an abandoned bootstrap's data; it refused to lead but, furthest ahead, still answered the position ask, and the one healthy replica left the lease to it for good",
     ),
