@@ -290,9 +290,7 @@ impl Agent {
     /// so a replica need not wait for the lease to expire.
     async fn shutdown(&mut self) {
         tracing::info!("shutting down: stopping PostgreSQL");
-        if let Some(job) = self.job.take() {
-            job.abort();
-        }
+        let aborted = self.job.take().map(|job| job.abort()).is_some();
         // Out of HAProxy's read-write pool before PostgreSQL starts refusing
         // connections, not after.
         let mut snap = (*self.api.get()).clone();
@@ -301,6 +299,18 @@ impl Agent {
         self.api.set(snap);
         if let Err(e) = self.pg.stop().await {
             tracing::error!("stopping PostgreSQL failed: {e:#}");
+        }
+        if aborted {
+            // A start the aborted job had launched (pg_ctl runs on without
+            // it) may bring a postmaster up after that stop: wait it out.
+            for _ in 0..25 {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                if self.pg.postmaster_pid().is_some() {
+                    if let Err(e) = self.pg.stop().await {
+                        tracing::error!("stopping PostgreSQL failed: {e:#}");
+                    }
+                }
+            }
         }
         if let Some(dcs) = self.dcs.as_mut() {
             let _ = dcs.release_leader(&self.cfg.name).await;
