@@ -400,3 +400,41 @@ async fn a_restarted_agent_owns_its_keys_left_on_two_leases() {
         .expect("read");
     assert_eq!(view.leader.as_deref(), Some("n1"));
 }
+
+/// A server that crashed between its bootstrap claim and initdb: the
+/// restarted agent moves the leader key onto its new lease, and the claim
+/// (`initialize` = "") must follow it, or it expires with the old lease and
+/// leaves a leader key that no member ever bootstraps under (found by the
+/// simulator, seed 607077).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bootstrap_claim_follows_its_leader_key_to_the_new_lease() {
+    use pgwarden::dcs::{Initialize, LeaderOutcome::Won};
+    let root = support::temp_dir("pgwarden-lease-");
+    let etcd = Etcd::start(root.path());
+    let mut a = connect(&etcd, "claim").await;
+    a.keep_alive(5).await.expect("keep-alive");
+    a.publish_member(&member("n1"), 5).await.expect("publish");
+    assert_eq!(a.claim_initialize("n1", 5).await.expect("claim"), Won);
+    drop(a); // the server crashed before initdb
+
+    let mut again = connect(&etcd, "claim").await;
+    again
+        .claim_name("n1", "http://127.0.0.1:8008", "127.0.0.1:5432")
+        .await
+        .expect("our own previous life");
+    again.keep_alive(30).await.expect("keep-alive");
+    assert_eq!(again.renew_leader("n1", 30).await.expect("renew"), Won);
+    // Past the old 5 s lease: both keys must have moved with the renewal.
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    again.keep_alive(30).await.expect("keep-alive");
+    let view = again
+        .read_cluster(&DynamicConfig::default())
+        .await
+        .expect("read");
+    assert_eq!(view.leader.as_deref(), Some("n1"));
+    assert_eq!(
+        view.initialize,
+        Initialize::Claimed,
+        "the bootstrap claim expired with the previous lease"
+    );
+}

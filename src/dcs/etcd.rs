@@ -543,10 +543,27 @@ impl Dcs {
                     Some(PutOptions::new().with_lease(id)),
                 )]);
             if self.run_lease_txn(txn).await? == LeaderOutcome::Won {
+                self.move_bootstrap_claim(prev, id).await?;
                 return Ok(LeaderOutcome::Won);
             }
         }
         Ok(LeaderOutcome::Lost)
+    }
+
+    /// A bootstrap claim lives on the lease its leader key lived on: moved
+    /// after the key (never before), so that a stop in between leaves the
+    /// key without a claim, which the policy releases, rather than a claim
+    /// on our live lease with no key, which nobody would ever withdraw.
+    async fn move_bootstrap_claim(&mut self, prev: i64, id: i64) -> Result<(), DcsError> {
+        let init = self.keys.initialize();
+        let txn = Txn::new()
+            .when([
+                Compare::value(init.clone(), CompareOp::Equal, ""),
+                Compare::lease(init.clone(), CompareOp::Equal, prev),
+            ])
+            .and_then([TxnOp::put(init, "", Some(PutOptions::new().with_lease(id)))]);
+        self.run_lease_txn(txn).await?;
+        Ok(())
     }
 
     /// Deletes `leader` if it is ours: our name on one of our leases.

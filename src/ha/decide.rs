@@ -505,6 +505,14 @@ fn decide_empty(cluster: &ClusterView, local: &LocalView, now: Duration, d: &mut
                 None => "waiting for the bootstrap in progress".into(),
             })
         }
+        // Our claim expired on a lease of ours while the key moved on to
+        // the next (a restart between claim and initdb): the key alone would
+        // keep every member, us included, waiting for a bootstrap for good.
+        (Initialize::Absent, Some(_)) if i_lead => release_leader(
+            local,
+            d,
+            "we hold the leader key but etcd holds neither a cluster nor our bootstrap claim: releasing it so the bootstrap can be claimed again",
+        ),
         (Initialize::Absent, Some(l)) => {
             d.waiting = Some(format!("waiting for {l} to initialize the cluster"))
         }

@@ -629,6 +629,15 @@ fn empty_data_dir() {
         row("claimed, no leader: wait",
             cluster().claimed(), local().data_empty(), NOW,
             vec![]).waiting("bootstrap in progress"),
+        // Simulator seed 607077: a crash between claim and initdb; the
+        // restarted agent moved the key to its new lease, the claim expired
+        // with the old one.
+        row("we lead, no data, no claim and no cluster in etcd: release the key",
+            cluster().leader(ME), local().data_empty(), NOW,
+            vec![ReleaseLeader]),
+        row("another member leads, no claim and no cluster in etcd: wait for it",
+            cluster().leader(N2), local().data_empty(), NOW,
+            vec![]).waiting("waiting for node2 to initialize"),
         row("sysid published, leader running: clone from it",
             cluster().initialized(SYSID).led_by(N2).replica(N3), local().data_empty(), NOW,
             vec![clone_from(N2)]),

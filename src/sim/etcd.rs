@@ -308,7 +308,12 @@ impl Etcd {
         if !previous.iter().any(|p| on(Some(*p))) {
             return Ok(false);
         }
+        let claim_on = self.kv.get(LEADER).map(|kv| kv.lease);
         self.put(LEADER, Value::Text(name.to_string()), lease, now)?;
+        // The bootstrap claim follows its key (see `Dcs::renew_leader`).
+        if self.text_is(INITIALIZE, "") && self.lease_of(INITIALIZE) == claim_on {
+            self.put(INITIALIZE, Value::Text(String::new()), lease, now)?;
+        }
         Ok(true)
     }
 
