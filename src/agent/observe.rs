@@ -188,8 +188,15 @@ impl Agent {
                         .get("database_system_identifier")
                         .and_then(|x| x.as_str())
                         .map(str::to_string);
+                    let number = |k: &str| {
+                        v.get(k)
+                            .and_then(|x| x.as_u64())
+                            .and_then(|x| u32::try_from(x).ok())
+                    };
                     Some(PeerPosition {
                         running_primary: primary,
+                        resumes_on: number("resumes_primary_on_timeline"),
+                        timeline: number("timeline"),
                         // Older agents do not say: a candidate as before.
                         candidate: flag("failover_candidate").unwrap_or(true),
                         ..m.answered_with_data(position, system_id)

@@ -118,6 +118,7 @@ impl Agent {
             wal_dir_free_bytes: local.disk.wal_free,
             failover_candidate: !local.tags.nofailover
                 && crate::ha::not_a_candidate(cluster, local, self.now()).is_none(),
+            resumes_on: crate::ha::resumable_primary(cluster, local, self.now()),
             cluster: Some(cluster.clone()),
             member: status,
         }

@@ -385,5 +385,6 @@ fn initial_snapshot(cfg: &Config) -> ApiSnapshot {
         data_dir_free_bytes: None,
         wal_dir_free_bytes: None,
         failover_candidate: false,
+        resumes_on: None,
     }
 }

@@ -47,6 +47,9 @@ pub struct ApiSnapshot {
     /// is full, or when its last promotion failed. Peers asking for
     /// positions do not stand back for a member that would not stand.
     pub failover_candidate: bool,
+    /// The timeline this member would start on as primary again without a
+    /// promotion (`ha::resumable_primary`): peers stand back for it.
+    pub resumes_on: Option<u32>,
 }
 
 /// Shared between the loop (writer) and the HTTP handlers (readers).

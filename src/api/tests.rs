@@ -88,6 +88,7 @@ fn primary() -> ApiSnapshot {
         data_dir_free_bytes: Some(10 * 1024 * MB),
         wal_dir_free_bytes: Some(10 * 1024 * MB),
         failover_candidate: false,
+        resumes_on: None,
     }
 }
 

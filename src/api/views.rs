@@ -43,6 +43,9 @@ pub(crate) struct StatusBody<'a> {
     /// This member would take the leader lease in an election now
     /// (`ApiSnapshot::failover_candidate`).
     failover_candidate: bool,
+    /// `ApiSnapshot::resumes_on`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    resumes_primary_on_timeline: Option<u32>,
 }
 
 impl<'a> StatusBody<'a> {
@@ -65,6 +68,7 @@ impl<'a> StatusBody<'a> {
             data_dir_free_bytes: snap.data_dir_free_bytes,
             wal_dir_free_bytes: snap.wal_dir_free_bytes,
             failover_candidate: snap.failover_candidate,
+            resumes_primary_on_timeline: snap.resumes_on,
         }
     }
 }

@@ -790,7 +790,11 @@ impl Core {
         let bootstrapping = self.job == Some(JobKind::Bootstrap);
         if !self.i_lead() || self.pg.is_primary() || bootstrapping {
             self.primary_down_since = None;
-        } else if self.primary_down_since.is_none() {
+        } else if self.primary_down_since.is_none() && self.dcs_ok {
+            // Not from a key last seen before etcd went away: PostgreSQL was
+            // stopped then on purpose (the renewals failed), and counting
+            // that time would hand the lease to a replica the moment etcd
+            // returns, a needless timeline switch.
             self.primary_down_since = Some(now);
         }
     }

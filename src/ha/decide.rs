@@ -629,14 +629,116 @@ fn decide_stopped(cluster: &ClusterView, local: &LocalView, now: Duration, d: &m
             }
         }
         Some(l) => rejoin(cluster, local, l, d),
-        // With `initialize` missing too (etcd wiped), the same: the most
-        // advanced member is found by the election among running replicas,
-        // and the winner publishes its system identifier.
-        None => d.push(
-            Action::StartReplica { upstream: None },
-            "PostgreSQL is stopped and there is no leader: starting it read-only",
-        ),
+        None => {
+            if let Some(timeline) = resumable_primary(cluster, local, now) {
+                let Some(peers) = local.peers.as_ref() else {
+                    d.need = Some(PeerQuery::Positions(peer_addresses(cluster, &local.name)));
+                    d.waiting = Some(format!(
+                        "no leader; we stopped cleanly as the primary of timeline {timeline}: asking the other members whether any is further"
+                    ));
+                    return;
+                };
+                match ahead_of_resuming(cluster, local, peers, timeline) {
+                    None => {
+                        d.push(
+                            Action::AcquireLeader,
+                            format!("no leader, and we stopped cleanly as the primary of timeline {timeline} with no member ahead: taking the lease to start as primary again, without a promotion"),
+                        );
+                        return;
+                    }
+                    Some(why) => d.push(
+                        Action::StartReplica { upstream: None },
+                        format!("PostgreSQL is stopped and there is no leader ({why}): starting it read-only"),
+                    ),
+                }
+                return;
+            }
+            // With `initialize` missing too (etcd wiped), the same: the
+            // most advanced member is found by the election among running
+            // replicas, and the winner publishes its system identifier.
+            d.push(
+                Action::StartReplica { upstream: None },
+                "PostgreSQL is stopped and there is no leader: starting it read-only",
+            )
+        }
     }
+}
+
+/// The timeline this member would start on as primary again, without a
+/// promotion, if it may now: its PostgreSQL stopped cleanly as the primary
+/// of the cluster's latest known timeline (its renewals failed while etcd
+/// was away, say). Nobody can be further on that timeline than its
+/// shutdown checkpoint, so taking the lease back spares every member a
+/// timeline switch and the rewinds that follow. Its `/status` says so, and
+/// replicas stand back for it.
+pub fn resumable_primary(cluster: &ClusterView, local: &LocalView, now: Duration) -> Option<u32> {
+    if local.pg != PgRun::Stopped || local.tags.nofailover || cluster.failover.is_some() {
+        return None;
+    }
+    let control = local
+        .control
+        .as_ref()
+        .filter(|c| c.clean_shutdown && c.was_primary)?;
+    let DataDir::Initialized { system_id } = &local.data else {
+        return None;
+    };
+    // An etcd wiped or restored: the election among running members
+    // decides (`nobody_holds_data`), not a stopped one's say-so.
+    if cluster.initialize != Initialize::SystemId(system_id.clone()) {
+        return None;
+    }
+    let later = |timeline: u32, lsn: u64| {
+        timeline > control.timeline
+            || (timeline == control.timeline && lsn > control.checkpoint_lsn)
+    };
+    if cluster
+        .status
+        .as_ref()
+        .is_some_and(|s| later(s.timeline, s.wal_lsn))
+        || cluster
+            .history
+            .iter()
+            .any(|h| h.timeline > control.timeline)
+    {
+        return None;
+    }
+    if not_a_candidate(cluster, local, now).is_some()
+        || failsafe_keeps_us_out(cluster, local, now).is_some()
+    {
+        return None;
+    }
+    Some(control.timeline)
+}
+
+/// Why a cleanly stopped primary may not take the lease back (None: it
+/// may): a member of this cluster already runs as primary, runs on a later
+/// timeline (someone was promoted), or resumes the same timeline too and
+/// wins the tie by name.
+fn ahead_of_resuming(
+    cluster: &ClusterView,
+    local: &LocalView,
+    peers: &[PeerPosition],
+    timeline: u32,
+) -> Option<String> {
+    let ours_cluster = |p: &&PeerPosition| match (&cluster.initialize, &p.system_id) {
+        (Initialize::SystemId(c), Some(id)) => c == id,
+        _ => true,
+    };
+    let others = || {
+        peers
+            .iter()
+            .filter(|p| p.name != local.name && p.answered)
+            .filter(ours_cluster)
+    };
+    if let Some(p) = others().find(|p| p.running_primary) {
+        return Some(format!("{} runs as primary", p.name));
+    }
+    if let Some(p) = others().find(|p| p.timeline.is_some_and(|t| t > timeline)) {
+        return Some(format!("{} is on a later timeline", p.name));
+    }
+    others()
+        .find(|p| p.resumes_on == Some(timeline) && p.name < local.name)
+        .map(|p| format!("{} resumes timeline {timeline} too", p.name))
 }
 
 fn decide_primary(
@@ -1115,6 +1217,12 @@ fn better_candidate(
     // A peer already running as primary takes the lease without a new
     // timeline: electing a replica instead would rewind a healthy primary.
     if let Some(p) = others().find(|p| p.running_primary) {
+        return Some(p.name.clone());
+    }
+    // Nor a clean primary of our timeline (or a later one): it has all of
+    // it and takes the lease back without a promotion.
+    let our_timeline = pg.timeline.unwrap_or(0);
+    if let Some(p) = others().find(|p| p.resumes_on.is_some_and(|t| t >= our_timeline)) {
         return Some(p.name.clone());
     }
     others()

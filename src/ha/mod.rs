@@ -11,7 +11,9 @@ mod operator;
 mod view;
 
 pub use self::core::{Core, Event, Identity, LeaseOutcome, Observation};
-pub use decide::{conf_role, decide, disk_full, not_a_candidate, MIN_FREE_BYTES};
+pub use decide::{
+    conf_role, decide, disk_full, not_a_candidate, resumable_primary, MIN_FREE_BYTES,
+};
 pub use operator::switchover_candidate_problem;
 pub use view::*;
 

@@ -423,6 +423,8 @@ fn answer(name: &str, lsn: Option<u64>) -> PeerPosition {
         answered: true,
         system_id: None,
         candidate: true,
+        resumes_on: None,
+        timeline: None,
     }
 }
 
@@ -790,6 +792,76 @@ fn data_present_stopped() {
         row("a failed clone does not hold back a start",
             cluster().initialized(SYSID).led_by(N2), local().data(SYSID).stopped().failed(clone_job(N2), NOW - 1), NOW,
             vec![StartReplica { upstream: Some(up(N2)) }]),
+    ]);
+}
+
+// ------------------------------- a clean primary back after etcd returns
+
+/// A primary that stopped cleanly because its renewals failed (etcd away,
+/// no failsafe mode) has all of its timeline: with no leader when etcd
+/// returns it takes the lease back and starts as primary, without a
+/// promotion, and replicas stand back for it (issue: no needless election).
+#[test]
+#[rustfmt::skip]
+fn clean_primary_resumes_without_promotion() {
+    use Action::*;
+    let leaderless = || cluster().initialized(SYSID).replica(N2).replica(N3);
+    let ex_primary = || local().data(SYSID).stopped().clean_shutdown_at(2, LSN);
+    let read_only = StartReplica { upstream: None };
+    let with_status = |tl: u32, lsn: u64| {
+        let mut c = leaderless();
+        c.0.status = Some(ClusterStatus { leader: ME.into(), wal_lsn: lsn, timeline: tl, slots: BTreeMap::new() });
+        c
+    };
+    check(vec![
+        row("clean ex-primary, no leader, nobody answers: take the lease",
+            leaderless(), ex_primary(), NOW,
+            vec![AcquireLeader]),
+        row("clean ex-primary, replicas on its timeline: take the lease",
+            leaderless(), ex_primary().peer_on_timeline(N2, LSN + 40, 2).peer_on_timeline(N3, LSN - 100, 2), NOW,
+            vec![AcquireLeader]),
+        row("clean ex-primary, its own last status: take the lease",
+            with_status(2, LSN - 8), ex_primary(), NOW,
+            vec![AcquireLeader]),
+        row("clean ex-primary, we lead again: renew, start primary",
+            cluster().initialized(SYSID).led_by(ME), ex_primary().renewed_at(NOW - 1), NOW,
+            vec![RenewLeader, StartPrimary]),
+        row("clean ex-primary, a peer runs as primary: start read-only",
+            leaderless(), ex_primary().peer_primary(N2, LSN), NOW,
+            vec![read_only.clone()]),
+        row("clean ex-primary, a peer on a later timeline: start read-only",
+            leaderless(), ex_primary().peer_on_timeline(N2, LSN + 500, 3), NOW,
+            vec![read_only.clone()]),
+        row("clean ex-primary, status on a later timeline: start read-only",
+            with_status(3, LSN + 500), ex_primary(), NOW,
+            vec![read_only.clone()]),
+        row("clean ex-primary, status further on our timeline: start read-only",
+            with_status(2, LSN + 500), ex_primary(), NOW,
+            vec![read_only.clone()]),
+        row("clean ex-primary, history records a later timeline: start read-only",
+            leaderless().fork_at(3, LSN), ex_primary(), NOW,
+            vec![read_only.clone()]),
+        row("clean ex-primary, another resumes the same timeline and wins by name: start read-only",
+            leaderless(), ex_primary().peer_resuming("node0", 2, LSN), NOW,
+            vec![read_only.clone()]),
+        row("clean ex-primary, another resumes the same timeline, we win by name: take the lease",
+            leaderless(), ex_primary().peer_resuming(N2, 2, LSN), NOW,
+            vec![AcquireLeader]),
+        row("ex-primary that crashed (not clean): start read-only, the election decides",
+            leaderless(), local().data(SYSID).stopped().was_primary_on(2), NOW,
+            vec![read_only.clone()]),
+        row("clean ex-primary tagged nofailover: start read-only",
+            leaderless(), ex_primary().nofailover(), NOW,
+            vec![read_only.clone()]),
+        row("clean ex-primary, etcd emptied: start read-only, the election decides",
+            cluster(), ex_primary(), NOW,
+            vec![read_only.clone()]),
+        row("replica, no leader, a clean ex-primary of our timeline behind us: leave the lease to it",
+            leaderless(), local().data(SYSID).pg_replica(None, LSN + 40).peer_resuming(N2, 1, LSN), NOW,
+            vec![]).waiting("node2 is a better failover candidate"),
+        row("replica on a later timeline than the resuming ex-primary: take the lease",
+            leaderless(), local().data(SYSID).pg_replica(None, LSN + 40).replaying_timeline(3).peer_resuming(N2, 2, LSN), NOW,
+            vec![AcquireLeader]),
     ]);
 }
 
@@ -1806,6 +1878,29 @@ impl Cluster {
 }
 
 impl Local {
+    /// A peer that stopped cleanly as the primary of `tl` and would start
+    /// as primary again without a promotion.
+    fn peer_resuming(self, name: &str, tl: u32, lsn: u64) -> Self {
+        self.push_peer(PeerPosition {
+            resumes_on: Some(tl),
+            timeline: Some(tl),
+            ..answer(name, Some(lsn))
+        })
+    }
+    /// A replica peer that answers its timeline.
+    fn peer_on_timeline(self, name: &str, lsn: u64, tl: u32) -> Self {
+        self.push_peer(PeerPosition {
+            timeline: Some(tl),
+            ..answer(name, Some(lsn))
+        })
+    }
+    /// Our running replica replays timeline `tl`.
+    fn replaying_timeline(mut self, tl: u32) -> Self {
+        if let PgRun::Running(pg) = &mut self.0.pg {
+            pg.timeline = Some(tl);
+        }
+        self
+    }
     fn clean_shutdown_at(mut self, tl: u32, checkpoint: u64) -> Self {
         self.0.control = Some(ControlInfo {
             timeline: tl,

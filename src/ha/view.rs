@@ -111,6 +111,12 @@ pub struct PeerPosition {
     /// its last promotion failed): however far ahead, nobody stands back
     /// for it. True when it did not say (an older agent).
     pub candidate: bool,
+    /// It stopped cleanly as the primary of this timeline (etcd went away,
+    /// say) and would take the lease to start as primary again, without a
+    /// promotion: no member can be ahead of it on that timeline.
+    pub resumes_on: Option<u32>,
+    /// The timeline it runs or last ran on, as it answered.
+    pub timeline: Option<u32>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -312,6 +318,8 @@ impl PeerAddress {
             answered: true,
             system_id: None,
             candidate: true,
+            resumes_on: None,
+            timeline: None,
         }
     }
     /// Its answer naming its data directory's system identifier.

@@ -48,6 +48,10 @@ pub struct ApiAnswer {
     pub system_id: Option<String>,
     pub wal_lsn: Option<u64>,
     pub receive_lsn: Option<u64>,
+    /// `failover_candidate`, `resumes_primary_on_timeline` and `timeline`.
+    pub candidate: bool,
+    pub resumes_on: Option<u32>,
+    pub timeline: Option<u32>,
 }
 
 pub struct Member {
@@ -1125,6 +1129,9 @@ impl World {
                         Some(j) if self.reachable(i, j) => match &self.members[j].api {
                             Some(api) => crate::ha::PeerPosition {
                                 running_primary: api.pg_running && api.primary,
+                                candidate: api.candidate,
+                                resumes_on: api.resumes_on,
+                                timeline: api.timeline,
                                 ..p.answered_with_data(
                                     api.pg_running
                                         .then(|| api.receive_lsn.max(api.wal_lsn))
@@ -1206,7 +1213,12 @@ impl World {
             )
         };
         let status = self.member_status(i, &cluster, &local);
+        let now = self.local_now(i);
         self.members[i].api = Some(ApiAnswer {
+            candidate: !local.tags.nofailover
+                && crate::ha::not_a_candidate(&cluster, &local, now).is_none(),
+            resumes_on: crate::ha::resumable_primary(&cluster, &local, now),
+            timeline: status.timeline,
             pg_running: local.pg.running().is_some(),
             dcs_ok,
             failsafe_mode: cluster.config.failsafe_mode,

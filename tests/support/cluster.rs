@@ -1,4 +1,5 @@
 use super::procs::{wait_addr, wait_port, Etcd, Haproxy};
+use super::relay::Relay;
 use super::{eventually, free_port, http_status, pgwarden_bin, temp_dir};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -46,6 +47,9 @@ pub struct ClusterOptions {
     pub etcd_hosts: Vec<String>,
     /// Address HAProxy's frontends bind to (default 127.0.0.1).
     pub haproxy_host: Option<String>,
+    /// Agents reach the (single) etcd through a relay the test can block
+    /// (`Cluster::relay`).
+    pub etcd_relay: bool,
 }
 
 impl ClusterOptions {
@@ -59,6 +63,7 @@ impl ClusterOptions {
             autostart: n,
             etcd_hosts: Vec::new(),
             haproxy_host: None,
+            etcd_relay: false,
         }
     }
 }
@@ -103,6 +108,8 @@ pub struct Cluster {
     pub rw_port: u16,
     pub ro_port: u16,
     pub stats_port: u16,
+    /// The relay the agents reach etcd through (`etcd_relay`).
+    pub relay: Option<Relay>,
     // Last so it is removed after every process is gone.
     pub root: tempfile::TempDir,
 }
@@ -118,11 +125,17 @@ impl Cluster {
             let first = all.remove(0);
             (first, all)
         };
-        let endpoints = std::iter::once(&etcd)
-            .chain(&etcd_peers)
-            .map(|e| format!("\"{}\"", e.endpoint()))
-            .collect::<Vec<_>>()
-            .join(", ");
+        let relay = opts
+            .etcd_relay
+            .then(|| Relay::start(format!("{}:{}", etcd.host, etcd.port)));
+        let endpoints = match &relay {
+            Some(r) => format!("\"{}\"", r.endpoint()),
+            None => std::iter::once(&etcd)
+                .chain(&etcd_peers)
+                .map(|e| format!("\"{}\"", e.endpoint()))
+                .collect::<Vec<_>>()
+                .join(", "),
+        };
         let scope = "it".to_string();
         let mut members = Vec::new();
         for (i, m) in opts.members.iter().enumerate() {
@@ -203,6 +216,7 @@ retry_timeout = {retry}
             rw_port: free_port(),
             ro_port: free_port(),
             stats_port: free_port(),
+            relay,
             root,
         };
         for i in 0..opts.autostart.min(c.members.len()) {

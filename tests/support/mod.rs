@@ -7,6 +7,7 @@ pub mod cluster;
 pub mod faults;
 pub mod netns;
 pub mod procs;
+pub mod relay;
 
 use std::future::Future;
 use std::net::TcpListener;
