@@ -543,6 +543,15 @@ impl Core {
         }
         self.data = obs.data;
         self.pg = obs.pg;
+        #[cfg(test)]
+        if self.mutation == Some(super::Mutation::UnknownIsAbsent) {
+            if matches!(self.pg, PgRun::Unknown(_)) {
+                self.pg = PgRun::Stopped;
+            }
+            if matches!(self.data, DataDir::Unknown(_)) {
+                self.data = DataDir::Empty;
+            }
+        }
         // pg_control is read while PostgreSQL is stopped; while it runs, the
         // last one read tells what it started from.
         if obs.control.is_some() {

@@ -30,6 +30,9 @@ pub enum Mutation {
     /// The old rule: demote when the last renewal is retry_timeout old,
     /// which a healthy leader with loop_wait >= retry_timeout reaches.
     OldFreshnessRule,
+    /// A read that failed taken for a fact: PostgreSQL "stopped", the data
+    /// directory "empty" (the open-file exhaustion of issue 9).
+    UnknownIsAbsent,
 }
 
 #[cfg(test)]

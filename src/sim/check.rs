@@ -146,6 +146,38 @@ impl World {
         }
     }
 
+    /// Unknown is not absent: a pass that could not read PostgreSQL's state
+    /// or the data directory starts, clones, rewinds, bootstraps or removes
+    /// nothing (fencing and renewing are what it may do). An operator's
+    /// reinit is the exception: it is how an unreadable data directory is
+    /// replaced (the policy still refuses it with PostgreSQL's state
+    /// unknown).
+    pub fn check_unknown_action(&mut self, i: usize, step: &Step) {
+        let Some(a) = self.members[i].agent.as_ref() else {
+            return;
+        };
+        if !a.observed_unknown {
+            return;
+        }
+        let destructive = match step.action {
+            Action::StartPrimary
+            | Action::StartReplica { .. }
+            | Action::Rewind { .. }
+            | Action::Clone { .. }
+            | Action::Bootstrap
+            | Action::ClaimBootstrap => true,
+            Action::RemoveData => !a.acked_request,
+            _ => false,
+        };
+        if destructive {
+            let what = format!(
+                "{} does {:?} on an observation it could not read: {}",
+                self.members[i].name, step.action, step.reason
+            );
+            self.fail(what);
+        }
+    }
+
     /// Once faults have stopped: exactly one leader, running as primary,
     /// and every other member streaming from it.
     pub fn check_liveness(&mut self) {

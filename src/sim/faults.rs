@@ -254,6 +254,27 @@ impl World {
                 self.schedule(until, Ev::Resume);
             }
             85..=92 => self.edit_timings(),
+            93..=98 => {
+                let until = self.until(500, 2 * ttl_ms);
+                let what = *self.rng.pick(&[
+                    super::member::BLIND_PG,
+                    super::member::BLIND_DATA,
+                    super::member::BLIND_PG | super::member::BLIND_DATA,
+                ]);
+                self.trace(Some(i), || {
+                    format!(
+                        "FAULT reads of {} fail until {:.3}",
+                        match what {
+                            super::member::BLIND_PG => "postmaster.pid",
+                            super::member::BLIND_DATA => "the data directory",
+                            _ => "postmaster.pid and the data directory",
+                        },
+                        until.as_secs_f64()
+                    )
+                });
+                self.members[i].blind = what;
+                self.members[i].blind_until = until;
+            }
             _ => {}
         }
     }

@@ -80,7 +80,15 @@ pub struct Member {
     /// No fault may hit this member's etcd link or loop before this (an
     /// agent restart that must finish within the lease, see faults.rs).
     pub protected_until: Duration,
+    /// Until then the agent's reads of PostgreSQL's state (`BLIND_PG`) or
+    /// of the data directory (`BLIND_DATA`) fail, as with the open-file
+    /// limit exhausted or pg_control unreadable: "unknown", never absent.
+    pub blind_until: Duration,
+    pub blind: u8,
 }
+
+pub const BLIND_PG: u8 = 1;
+pub const BLIND_DATA: u8 = 2;
 
 pub struct Agent {
     pub core: Core,
@@ -115,6 +123,9 @@ pub struct Agent {
     pub last_leader_seen: Option<String>,
     /// An operator request was acknowledged in the current pass.
     pub acked_request: bool,
+    /// The current pass's observation could not read PostgreSQL's state or
+    /// the data directory.
+    pub observed_unknown: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -146,6 +157,8 @@ impl Member {
             lag_bytes: 0,
             lag_until: Duration::ZERO,
             protected_until: Duration::ZERO,
+            blind_until: Duration::ZERO,
+            blind: 0,
         }
     }
 }
@@ -225,6 +238,7 @@ impl World {
             pending_promotion: None,
             last_leader_seen: None,
             acked_request: false,
+            observed_unknown: false,
         });
         self.members[i].api = Some(ApiAnswer::default());
         self.trace(Some(i), || "agent started".into());
@@ -532,6 +546,7 @@ impl World {
             self.trace(Some(i), || text);
         }
         self.check_paused_action(i, &step);
+        self.check_unknown_action(i, &step);
         let mut elapsed = Duration::ZERO;
         match &step.action {
             Action::Observe => {
@@ -1084,6 +1099,19 @@ impl World {
                 _ => PgRun::Unresponsive,
             }
         };
+        let (mut data, mut run, mut control) = (data, run, control);
+        let m = &self.members[i];
+        let blind = if self.now < m.blind_until { m.blind } else { 0 };
+        const EMFILE: &str = "Too many open files (os error 24)";
+        if blind & BLIND_PG != 0 {
+            run = PgRun::Unknown(format!("cannot read postmaster.pid: {EMFILE}"));
+            control = None;
+        }
+        if blind & BLIND_DATA != 0 {
+            data = DataDir::Unknown(format!("cannot read pg_control: {EMFILE}"));
+            control = None;
+        }
+        self.agent_mut(i).observed_unknown = blind != 0;
         Observation {
             cluster,
             data,

@@ -302,6 +302,11 @@ fn mutant_old_freshness_rule_is_caught() {
     caught(Mutation::OldFreshnessRule);
 }
 
+#[test]
+fn mutant_unknown_is_absent_is_caught() {
+    caught(Mutation::UnknownIsAbsent);
+}
+
 /// Not a check: lists the failures among the first PGWARDEN_SIM_SCHEDULES
 /// seeds, grouped by their first words, for triage.
 #[test]
