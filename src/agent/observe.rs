@@ -233,8 +233,7 @@ impl Agent {
             "leader": self.cfg.name,
             "ttl": self.core.cluster().config.ttl,
         });
-        // Within a renewal interval: a round must end before the next retry.
-        let timeout = std::time::Duration::from_millis(800);
+        let timeout = crate::ha::FAILSAFE_ASK_TIMEOUT;
         for m in members.iter().cloned() {
             let mut req = self
                 .http

@@ -176,7 +176,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         last_leader_seen: None,
         pending_promotion: None,
         http: crate::api::client_builder(&cfg)?
-            .timeout(Duration::from_millis(1500))
+            .timeout(crate::ha::PEER_ASK_TIMEOUT)
             .build()
             .context("cannot build the HTTP client")?,
         cfg,

@@ -519,6 +519,13 @@ fn decide_empty(cluster: &ClusterView, local: &LocalView, now: Duration, d: &mut
     }
 }
 
+/// How long an empty etcd is watched before initdb: after a wipe, members
+/// re-publish their keys at their next pass or the one after (their
+/// keep-alive finds the lease gone first), plus 2 s for the requests.
+fn bootstrap_grace(loop_wait: u64) -> Duration {
+    Duration::from_secs(2 * loop_wait + 2)
+}
+
 /// Before initdb under an empty etcd: no other member may hold data. An
 /// etcd wiped (or restored empty) under a running cluster looks exactly like
 /// a new one; initdb there would start a new, empty cluster over it.
@@ -536,9 +543,7 @@ fn nobody_holds_data(
         ));
         return false;
     }
-    // After a wipe, members re-publish their keys at their next pass or
-    // the one after (their keep-alive finds the lease gone first).
-    let grace = Duration::from_secs(2 * cluster.config.loop_wait + 2);
+    let grace = bootstrap_grace(cluster.config.loop_wait);
     let since = local.no_cluster_since.unwrap_or(now);
     if now < since + grace {
         d.waiting = Some(format!(

@@ -7,6 +7,17 @@
 
 mod core;
 mod decide;
+
+use std::time::Duration;
+
+/// How long the runtime waits for a peer's API when asking positions: an
+/// unreachable member must not hold an election back by more than this.
+pub const PEER_ASK_TIMEOUT: Duration = Duration::from_millis(1500);
+
+/// How long a failsafe confirmation may take per member: a round must end
+/// within a renewal interval, before the next retry.
+pub const FAILSAFE_ASK_TIMEOUT: Duration = Duration::from_millis(800);
+
 mod operator;
 mod view;
 

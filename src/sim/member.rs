@@ -25,9 +25,9 @@ use std::time::Duration;
 pub const MAJOR: u32 = 15;
 /// How long asking an unreachable peer's API takes (the agent's HTTP
 /// client timeout).
-const PEER_TIMEOUT: Duration = Duration::from_millis(1500);
+const PEER_TIMEOUT: Duration = crate::ha::PEER_ASK_TIMEOUT;
 /// `Agent::ask_failsafe`'s per-request timeout.
-const FAILSAFE_TIMEOUT: Duration = Duration::from_millis(800);
+const FAILSAFE_TIMEOUT: Duration = crate::ha::FAILSAFE_ASK_TIMEOUT;
 /// `remote_receive_lsn`'s timeout.
 const SQL_TIMEOUT: Duration = Duration::from_secs(2);
 /// The runtime skips a keep-alive when the last one is this recent.
