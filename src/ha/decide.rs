@@ -637,7 +637,7 @@ fn decide_stopped(cluster: &ClusterView, local: &LocalView, now: Duration, d: &m
         None => {
             if let Some(timeline) = resumable_primary(cluster, local, now) {
                 let Some(peers) = local.peers.as_ref() else {
-                    d.need = Some(PeerQuery::Positions(peer_addresses(cluster, &local.name)));
+                    d.need = Some(PeerQuery::Positions(peer_addresses(cluster, local)));
                     d.waiting = Some(format!(
                         "no leader; we stopped cleanly as the primary of timeline {timeline}: asking the other members whether any is further"
                     ));
@@ -910,7 +910,7 @@ fn decide_replica(
                 return;
             }
             let Some(peers) = local.peers.as_ref() else {
-                d.need = Some(PeerQuery::Positions(peer_addresses(cluster, &local.name)));
+                d.need = Some(PeerQuery::Positions(peer_addresses(cluster, local)));
                 d.waiting = Some("no leader: asking the other members how far they are".into());
                 return;
             };
@@ -933,14 +933,19 @@ fn decide_replica(
     }
 }
 
-/// Every other member, to ask for its position.
-fn peer_addresses(cluster: &ClusterView, me: &str) -> Vec<PeerAddress> {
-    cluster
-        .members
-        .iter()
-        .filter(|m| m.name != me)
-        .map(peer_address)
-        .collect()
+/// Every other member, to ask for its position: those in etcd and those
+/// seen there before. After an outage longer than ttl every member key has
+/// expired, and members re-publish one by one; asking only the keys present
+/// would find nobody ahead and elect whoever asks first (observed: a
+/// replica promoted over the clean primary that was about to resume).
+fn peer_addresses(cluster: &ClusterView, local: &LocalView) -> Vec<PeerAddress> {
+    let mut out: Vec<PeerAddress> = Vec::new();
+    for m in cluster.members.iter().chain(&local.known_members) {
+        if m.name != local.name && !out.iter().any(|p| p.name == m.name) {
+            out.push(peer_address(m));
+        }
+    }
+    out
 }
 
 fn peer_address(m: &crate::dcs::MemberStatus) -> PeerAddress {

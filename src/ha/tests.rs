@@ -865,6 +865,36 @@ fn clean_primary_resumes_without_promotion() {
     ]);
 }
 
+/// After an outage longer than ttl every member key has expired: the
+/// election (and a clean primary about to resume) still asks the members
+/// seen before, or the first to ask would find nobody ahead of it.
+#[test]
+fn an_election_asks_members_whose_keys_expired() {
+    let names = |d: Decision| match d.need {
+        Some(PeerQuery::Positions(list)) => list.into_iter().map(|p| p.name).collect::<Vec<_>>(),
+        other => panic!("expected a position query, got {other:?}"),
+    };
+    let seen = || cluster().replica(N2).replica(N3);
+    let empty = cluster().initialized(SYSID);
+    let replica = local().data(SYSID).pg_replica(None, LSN).known(seen());
+    assert_eq!(names(decide(&empty.0, &replica.0, secs(NOW))), vec![N2, N3]);
+    let ex_primary = local()
+        .data(SYSID)
+        .stopped()
+        .clean_shutdown_at(1, LSN)
+        .known(seen());
+    assert_eq!(
+        names(decide(&empty.0, &ex_primary.0, secs(NOW))),
+        vec![N2, N3]
+    );
+    // One member back in etcd, the other not yet: both asked, once each.
+    let one_back = cluster().initialized(SYSID).replica(N3);
+    assert_eq!(
+        names(decide(&one_back.0, &replica.0, secs(NOW))),
+        vec![N3, N2]
+    );
+}
+
 // ---------------------------------------------- rejoin (rule 5, stopped)
 
 #[test]
