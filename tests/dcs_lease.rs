@@ -21,6 +21,18 @@ async fn connect(etcd: &Etcd, scope: &str) -> Dcs {
     .expect("connect to etcd")
 }
 
+/// Agent n1 restarted on the same instance (same addresses, a new lease):
+/// its previous life's keys are its own.
+async fn restarted_n1(etcd: &Etcd, scope: &str) -> Dcs {
+    let mut again = connect(etcd, scope).await;
+    again
+        .claim_name("n1", "http://127.0.0.1:8008", "127.0.0.1:5432")
+        .await
+        .expect("our own previous life");
+    again.keep_alive(30).await.expect("keep-alive");
+    again
+}
+
 fn member(name: &str) -> MemberStatus {
     MemberStatus {
         name: name.into(),
@@ -347,12 +359,7 @@ async fn keys_on_another_agents_lease_are_not_ours_whatever_the_name() {
 
     // The first agent restarted (a new lease) on the same instance: its
     // previous life's keys are its own.
-    let mut again = connect(&etcd, "names").await;
-    again
-        .claim_name("n1", "http://127.0.0.1:8008", "127.0.0.1:5432")
-        .await
-        .expect("our own previous life");
-    again.keep_alive(30).await.expect("keep-alive");
+    let mut again = restarted_n1(&etcd, "names").await;
     assert_eq!(again.renew_leader("n1", 30).await.expect("renew"), Won);
     again
         .publish_member(&member("n1"), 30)
@@ -380,12 +387,7 @@ async fn a_restarted_agent_owns_its_keys_left_on_two_leases() {
     a.publish_member(&member("n1"), 30).await.expect("publish");
     drop(a); // killed here: the leader key never moved
 
-    let mut again = connect(&etcd, "split").await;
-    again
-        .claim_name("n1", "http://127.0.0.1:8008", "127.0.0.1:5432")
-        .await
-        .expect("our own previous life");
-    again.keep_alive(30).await.expect("keep-alive");
+    let mut again = restarted_n1(&etcd, "split").await;
     assert_eq!(
         again.renew_leader("n1", 30).await.expect("renew"),
         Won,
@@ -417,12 +419,7 @@ async fn a_bootstrap_claim_follows_its_leader_key_to_the_new_lease() {
     assert_eq!(a.claim_initialize("n1", 5).await.expect("claim"), Won);
     drop(a); // the server crashed before initdb
 
-    let mut again = connect(&etcd, "claim").await;
-    again
-        .claim_name("n1", "http://127.0.0.1:8008", "127.0.0.1:5432")
-        .await
-        .expect("our own previous life");
-    again.keep_alive(30).await.expect("keep-alive");
+    let mut again = restarted_n1(&etcd, "claim").await;
     assert_eq!(again.renew_leader("n1", 30).await.expect("renew"), Won);
     // Past the old 5 s lease: both keys must have moved with the renewal.
     tokio::time::sleep(Duration::from_secs(7)).await;
