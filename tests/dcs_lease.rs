@@ -434,4 +434,15 @@ async fn a_bootstrap_claim_follows_its_leader_key_to_the_new_lease() {
         Initialize::Claimed,
         "the bootstrap claim expired with the previous lease"
     );
+
+    // Releasing the key withdraws the claim with it: left on our live
+    // lease, it would keep everyone from claiming again (simulator seed
+    // 21808).
+    assert_eq!(again.release_leader("n1").await.expect("release"), Won);
+    let view = again
+        .read_cluster(&DynamicConfig::default())
+        .await
+        .expect("read");
+    assert_eq!(view.leader, None);
+    assert_eq!(view.initialize, Initialize::Absent);
 }

@@ -566,20 +566,42 @@ impl Dcs {
         Ok(())
     }
 
-    /// Deletes `leader` if it is ours: our name on one of our leases.
+    /// Deletes `leader` if it is ours: our name on one of our leases. A
+    /// bootstrap claim (`initialize` = "") on the same lease goes with it,
+    /// in the same transaction: left alone on our live lease it would keep
+    /// every member, us included, from ever claiming again.
     pub async fn release_leader(&mut self, name: &str) -> Result<LeaderOutcome, DcsError> {
-        let key = self.keys.leader();
+        let (key, init) = (self.keys.leader(), self.keys.initialize());
         let ours: Vec<i64> = self
             .lease
             .into_iter()
             .chain(self.previous_leases.iter().copied())
             .collect();
         for lease in ours {
+            let is_ours = [
+                Compare::value(key.clone(), CompareOp::Equal, name),
+                Compare::lease(key.clone(), CompareOp::Equal, lease),
+            ];
+            let with_claim = Txn::new()
+                .when(
+                    is_ours
+                        .iter()
+                        .cloned()
+                        .chain([
+                            Compare::value(init.clone(), CompareOp::Equal, ""),
+                            Compare::lease(init.clone(), CompareOp::Equal, lease),
+                        ])
+                        .collect::<Vec<_>>(),
+                )
+                .and_then([
+                    TxnOp::delete(init.clone(), None),
+                    TxnOp::delete(key.clone(), None),
+                ]);
+            if self.run_txn(with_claim).await? == LeaderOutcome::Won {
+                return Ok(LeaderOutcome::Won);
+            }
             let txn = Txn::new()
-                .when([
-                    Compare::value(key.clone(), CompareOp::Equal, name),
-                    Compare::lease(key.clone(), CompareOp::Equal, lease),
-                ])
+                .when(is_ours)
                 .and_then([TxnOp::delete(key.clone(), None)]);
             if self.run_txn(txn).await? == LeaderOutcome::Won {
                 return Ok(LeaderOutcome::Won);

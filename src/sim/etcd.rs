@@ -326,6 +326,11 @@ impl Etcd {
         if !self.text_is(LEADER, name) || !mine {
             return false;
         }
+        // A bootstrap claim on the key's lease goes with it (see
+        // `Dcs::release_leader`).
+        if self.text_is(INITIALIZE, "") && self.lease_of(INITIALIZE) == self.lease_of(LEADER) {
+            self.delete(INITIALIZE, now);
+        }
         self.delete(LEADER, now);
         true
     }

@@ -112,6 +112,10 @@ const REGRESSIONS: &[(u64, &str)] = &[
         "a candidate judged maximum lag on a status read before a 1.5 s peer ask; the old leader came back, wrote a newer status and went; the candidate then took the key and promoted 119 KB behind it",
     ),
     (
+        21808,
+        "primary_start_timeout released the leader key of a bootstrap claim whose data directory could not be read; the claim stayed on the live lease and nobody could ever claim again",
+    ),
+    (
         607077,
         "a server crash between the bootstrap claim and initdb: the restarted agent moved the leader key to its new lease, the claim expired with the old one, and nobody ever bootstrapped",
     ),
