@@ -100,6 +100,13 @@ pub(super) fn leader_hands_over(
     if f.leader.as_deref() != Some(local.name.as_str()) || candidate == local.name {
         return false;
     }
+    // pg_control is the one read before PostgreSQL last started: it proves
+    // a clean shutdown only while PostgreSQL is known to be stopped, not
+    // while its state cannot be read (simulator seed 28568: a paused leader
+    // with postmaster.pid unreadable handed over with its primary running).
+    if local.pg != PgRun::Stopped {
+        return false;
+    }
     let Some(control) = local.control.as_ref().filter(|c| c.clean_shutdown) else {
         return false;
     };

@@ -2026,6 +2026,15 @@ fn switchover_and_failover_requests() {
             NOW,
             vec![ReleaseLeader],
         ),
+        // Simulator seed 28568: the pg_control of the last clean shutdown
+        // proves nothing while PostgreSQL's state cannot be read.
+        row(
+            "paused, PostgreSQL's state unknown, a switchover pending: keep the lease, no hand-over",
+            mine().paused().replica(N2).request(Switchover, Some(ME), Some(N2)),
+            fresh().clean_shutdown_at(1, LSN).pg_unknown().peer(N2, Some(LSN + 100)),
+            NOW,
+            vec![RenewLeader],
+        ),
         row(
             "stopped for hand-over, candidate behind: keep the lease and wait",
             mine().replica(N2).request(Switchover, Some(ME), Some(N2)),

@@ -112,6 +112,10 @@ const REGRESSIONS: &[(u64, &str)] = &[
         "a candidate judged maximum lag on a status read before a 1.5 s peer ask; the old leader came back, wrote a newer status and went; the candidate then took the key and promoted 119 KB behind it",
     ),
     (
+        28568,
+        "a paused leader whose postmaster.pid could not be read took the pg_control of its last clean shutdown for a finished hand-over stop and released the key with its primary running",
+    ),
+    (
         21808,
         "primary_start_timeout released the leader key of a bootstrap claim whose data directory could not be read; the claim stayed on the live lease and nobody could ever claim again",
     ),
