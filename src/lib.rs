@@ -3,10 +3,12 @@
 
 pub mod agent;
 pub mod api;
+pub mod atomic_file;
 pub mod cli;
 pub mod config;
 pub mod dcs;
 pub mod demo;
+pub mod failsafe_promise;
 pub mod fdlimit;
 pub mod ha;
 pub mod haproxy;

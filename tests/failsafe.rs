@@ -176,6 +176,19 @@ async fn failsafe_outage(mut opts: ClusterOptions) {
     // Past three leases without etcd: still writable.
     let acked_late = writer.acked_after(down + Duration::from_secs(35));
     let failed_during = writer.failures_after(down);
+    // Each replica's confirmation is on disk, where a restarted agent
+    // finds it.
+    for i in (0..3).filter(|&i| i != primary) {
+        let mut path = c.members[i].data_dir().into_os_string();
+        path.push(".pgwarden-failsafe");
+        let text = std::fs::read_to_string(&path)
+            .unwrap_or_else(|e| panic!("{}: no failsafe promise: {e}", c.members[i].name));
+        assert!(
+            text.contains(&format!("\"leader\":\"{leader}\"")),
+            "{}: {text}",
+            c.members[i].name
+        );
+    }
     c.etcd.start_again();
     let up = Instant::now();
 

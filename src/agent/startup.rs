@@ -101,6 +101,15 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         }
     }
 
+    // A failsafe confirmation from before this start may still bind us;
+    // one we cannot read might, so we do not start without it.
+    let promise_path = crate::failsafe_promise::path_for(&cfg.postgresql.data_dir);
+    let promise = crate::failsafe_promise::load(&promise_path).map_err(|e| {
+        anyhow::anyhow!(
+            "{e:#} (a confirmation given there binds this member for a ttl; remove the file only if no primary ran in failsafe mode within the last ttl)"
+        )
+    })?;
+
     let listener = crate::api::bind(cfg.api.listen).map_err(|e| {
         ConfigError::key(
             &path,
@@ -186,6 +195,20 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         .context("cannot install the SIGTERM handler")?;
     let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
         .context("cannot install the SIGINT handler")?;
+    if let Some(p) = promise {
+        let remaining = p.remaining(std::time::SystemTime::now());
+        if !remaining.is_zero() {
+            tracing::info!(
+                "failsafe: we confirmed {} as the primary before this start; taking no lease for another {:.0}s",
+                p.leader,
+                remaining.as_secs_f64().ceil()
+            );
+            agent.handle(ha::Event::FailsafeRestored {
+                leader: p.leader,
+                remaining,
+            });
+        }
+    }
     agent.handle(ha::Event::Tick);
     loop {
         while let Some(step) = agent.core.poll_action() {

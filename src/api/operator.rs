@@ -77,6 +77,9 @@ pub struct ApiOptions {
     /// Connections the API holds open at once (`api.max_connections`,
     /// lowered to what the open-file limit leaves).
     pub(crate) max_connections: usize,
+    /// Where a failsafe confirmation is recorded before it is given
+    /// (`failsafe_promise`); None: kept in memory only (tests).
+    pub(crate) failsafe_promise: Option<std::path::PathBuf>,
 }
 
 impl ApiOptions {
@@ -96,6 +99,7 @@ impl ApiOptions {
             etcd_timeout: Duration::from_secs(cfg.etcd.dial_timeout.max(1)),
             defaults: cfg.bootstrap.dcs.clone(),
             max_connections: connection_budget(cfg.api.max_connections),
+            failsafe_promise: Some(crate::failsafe_promise::path_for(&cfg.postgresql.data_dir)),
         })
     }
 
@@ -115,6 +119,7 @@ impl ApiOptions {
             etcd_timeout: Duration::from_secs(2),
             defaults: DynamicConfig::default(),
             max_connections: crate::config::DEFAULT_API_MAX_CONNECTIONS,
+            failsafe_promise: None,
         }
     }
 }
@@ -595,6 +600,29 @@ pub(crate) async fn post_failsafe(
             StatusCode::CONFLICT,
             format!("not confirming {}: {why}", req.leader),
         );
+    }
+    // On disk before we say yes: a restarted agent must still keep it.
+    let ttl = req
+        .ttl
+        .max(snap.cluster.as_ref().map_or(0, |c| c.config.ttl));
+    if let Some(path) = ops.options.failsafe_promise.clone() {
+        let promise =
+            crate::failsafe_promise::Promise::new(&req.leader, ttl, std::time::SystemTime::now());
+        let saved =
+            tokio::task::spawn_blocking(move || crate::failsafe_promise::save(&path, &promise))
+                .await;
+        let error = match saved {
+            Ok(Ok(())) => None,
+            Ok(Err(e)) => Some(format!("{e:#}")),
+            Err(e) => Some(format!("recording the failsafe promise failed: {e}")),
+        };
+        if let Some(e) = error {
+            tracing::error!("failsafe: not confirming {}: {e}", req.leader);
+            return error_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("not confirming {}: {e}", req.leader),
+            );
+        }
     }
     // Queued before we say yes; the loop takes requests before its next
     // pass, and the policy never promotes while a confirmation holds (an

@@ -941,6 +941,53 @@ async fn bad_bodies_are_400_or_413_with_a_reason() {
     server.stop().await;
 }
 
+/// A failsafe confirmation is on disk before the yes leaves: an agent
+/// restarted within the primary's ttl must still keep it. When it cannot
+/// be recorded, the answer is no, and the loop hears nothing.
+#[tokio::test]
+async fn a_failsafe_confirmation_is_recorded_before_it_is_given() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut snap = replica();
+    let cluster = snap.cluster.as_mut().unwrap();
+    cluster.config.failsafe_mode = true;
+    cluster.config.ttl = 10;
+    snap.dcs_ok = false;
+    let path = crate::failsafe_promise::path_for(&dir.path().join("data"));
+    let mut opts = options(None);
+    opts.failsafe_promise = Some(path.clone());
+    let (server, mut rx) = Server::start_with(snap.clone(), opts).await;
+    let body = "{\"leader\":\"pg1\",\"ttl\":23}";
+    let (code, v, _) = server.send(Method::POST, "/failsafe", None, body).await;
+    assert_eq!(code, StatusCode::OK, "{v}");
+    let promise = crate::failsafe_promise::load(&path).unwrap().unwrap();
+    assert_eq!((promise.leader.as_str(), promise.ttl), ("pg1", 23));
+    assert!(promise.remaining(std::time::SystemTime::now()) > Duration::from_secs(20));
+    assert_eq!(
+        rx.try_recv().unwrap(),
+        MemberCommand::Failsafe {
+            leader: "pg1".into(),
+            ttl: 23
+        }
+    );
+    server.stop().await;
+
+    let mut opts = options(None);
+    opts.failsafe_promise = Some(dir.path().join("missing").join("promise"));
+    let (server, mut rx) = Server::start_with(snap, opts).await;
+    let (code, v, _) = server.send(Method::POST, "/failsafe", None, body).await;
+    assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE, "{v}");
+    let e = v["error"].as_str().unwrap();
+    assert!(
+        e.starts_with("not confirming pg1: cannot record the failsafe promise in "),
+        "{e}"
+    );
+    assert!(
+        rx.try_recv().is_err(),
+        "the loop heard of a refused confirmation"
+    );
+    server.stop().await;
+}
+
 #[tokio::test]
 async fn member_commands_reach_the_agent() {
     let (server, mut rx) = Server::start_with(replica(), options(Some(CREDS))).await;

@@ -5,14 +5,14 @@
 //! HAProxy's health checks against the agents, so a failover never needs a
 //! rewrite or a reload.
 
+use crate::atomic_file::write_atomic;
 use crate::config::Config;
 use crate::dcs::{Dcs, Keys};
 use crate::haproxy::{self, Backend, RenderOptions};
 use anyhow::{anyhow, bail, Context};
 use std::future::Future;
 use std::io::Write;
-use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 use tokio::signal::unix::{signal, SignalKind};
 
@@ -135,7 +135,7 @@ pub async fn run_until(
     if !args.watch {
         let backends = source.read().await?;
         let text = haproxy::render(&cfg.scope, &backends, &opts);
-        write_atomic(output, &text)?;
+        write_atomic(output, text.as_bytes())?;
         if let Some(cmd) = &args.reload_cmd {
             run_reload(cmd).await?;
         }
@@ -263,7 +263,7 @@ impl Publisher {
 
     async fn publish(&mut self, text: &str) -> anyhow::Result<()> {
         if self.current.as_deref() != Some(text) {
-            write_atomic(&self.path, text)?;
+            write_atomic(&self.path, text.as_bytes())?;
             tracing::info!(path = %self.path.display(), "wrote HAProxy config");
             self.current = Some(text.to_string());
             self.reload_pending = self.reload_cmd.is_some();
@@ -294,38 +294,6 @@ impl Publisher {
         }
         Ok(())
     }
-}
-
-/// Replaces `path` by rename so HAProxy (or a reload racing with us) never
-/// reads a half-written file. Keeps the mode of the file it replaces.
-pub fn write_atomic(path: &Path, text: &str) -> anyhow::Result<()> {
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
-    let mode = std::fs::metadata(path)
-        .map(|m| m.permissions().mode() & 0o7777)
-        .unwrap_or(0o644);
-    let mut tmp = tempfile::Builder::new()
-        .prefix(".pgwarden-haproxy.")
-        .tempfile_in(dir)
-        .with_context(|| format!("creating a temporary file in {}", dir.display()))?;
-    tmp.write_all(text.as_bytes())
-        .and_then(|()| {
-            tmp.as_file()
-                .set_permissions(std::fs::Permissions::from_mode(mode))
-        })
-        .and_then(|()| tmp.as_file().sync_all())
-        .with_context(|| format!("writing {}", tmp.path().display()))?;
-    tmp.persist(path)
-        .map_err(|e| e.error)
-        .with_context(|| format!("replacing {}", path.display()))?;
-    // Without this the rename itself may not survive a crash; failing to
-    // sync a directory changes nothing for readers, so it is not an error.
-    if let Ok(d) = std::fs::File::open(dir) {
-        let _ = d.sync_all();
-    }
-    Ok(())
 }
 
 async fn run_reload(cmd: &str) -> anyhow::Result<()> {
@@ -373,6 +341,7 @@ mod tests {
 
     use super::*;
     use clap::Parser;
+    use std::path::Path;
     use std::process::{Child, Command, Stdio};
 
     #[derive(Parser, Debug)]
@@ -435,26 +404,6 @@ mod tests {
         assert!(parse(&["--watch"]).is_err());
         assert!(parse(&["--reload-cmd", "true"]).is_err());
         assert!(parse(&["--output", "x", "--interval", "0"]).is_err());
-    }
-
-    #[test]
-    fn haproxy_write_atomic_replaces_and_keeps_mode() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("haproxy.cfg");
-        write_atomic(&path, "one\n").unwrap();
-        assert_eq!(std::fs::read_to_string(&path).unwrap(), "one\n");
-        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
-        assert_eq!(mode, 0o644);
-
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
-        write_atomic(&path, "two\n").unwrap();
-        assert_eq!(std::fs::read_to_string(&path).unwrap(), "two\n");
-        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
-        assert_eq!(mode, 0o600);
-
-        let entries: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
-        assert_eq!(entries.len(), 1, "temporary file left behind");
-        assert!(write_atomic(&dir.path().join("missing/dir/x.cfg"), "x").is_err());
     }
 
     fn count_lines(path: &Path) -> usize {

@@ -57,6 +57,12 @@ pub enum Event {
         /// an edit it could not see may have made longer than ours.
         ttl: u64,
     },
+    /// At agent start: a confirmation given before the agent (or the host)
+    /// restarted still binds us for `remaining` (`failsafe_promise`).
+    FailsafeRestored {
+        leader: String,
+        remaining: Duration,
+    },
     /// Outcome of a lease operation (`Action::is_lease_op`). `started` is
     /// when the keep-alive that preceded it started: the lease cannot
     /// expire before `started + ttl`.
@@ -280,7 +286,10 @@ impl Core {
             Event::Failsafe { started, confirmed } => self.on_failsafe(started, confirmed),
             Event::FailsafeGranted { leader, ttl } => {
                 let ttl = ttl.max(self.cluster.config.ttl);
-                self.failsafe_granted = Some((leader, now + Duration::from_secs(ttl)));
+                self.hold_failsafe(leader, now + Duration::from_secs(ttl));
+            }
+            Event::FailsafeRestored { leader, remaining } => {
+                self.hold_failsafe(leader, now + remaining);
             }
             Event::JobFinished { kind, result } => {
                 self.job = None;
@@ -516,6 +525,15 @@ impl Core {
         };
     }
 
+    /// A confirmation never shortens one given before: the primary that
+    /// got the earlier one may count on it until its own fence.
+    fn hold_failsafe(&mut self, leader: String, until: Duration) {
+        match &self.failsafe_granted {
+            Some((_, held)) if *held >= until => {}
+            _ => self.failsafe_granted = Some((leader, until)),
+        }
+    }
+
     fn on_observed(&mut self, obs: Observation, now: Duration) {
         if self.phase != Phase::Observing {
             return;
@@ -525,10 +543,10 @@ impl Core {
             // A restarted agent cannot know whether it confirmed a primary
             // in failsafe mode before: it takes no lease for a ttl.
             if !self.cluster_seen && c.config.failsafe_mode {
-                self.failsafe_granted = Some((
+                self.hold_failsafe(
                     "a primary confirmed before this agent restarted".into(),
                     now + Duration::from_secs(c.config.ttl),
-                ));
+                );
             }
             self.cluster = c;
             self.cluster_seen = true;

@@ -2514,6 +2514,95 @@ fn failsafe_mode_decisions() {
     ]);
 }
 
+/// A confirmation given before the agent restarted comes back from disk
+/// (`Event::FailsafeRestored`) and keeps the member out of the election for
+/// what is left of it, although the ttl it reads after the restart is
+/// shorter (ttl lowered while the primary was cut off: simulator seed
+/// 244266). Without it, the restarted member waits only the ttl it reads.
+#[test]
+fn a_restored_failsafe_promise_outlasts_a_shorter_ttl() {
+    let mut c = cluster().initialized(SYSID).replica(N2);
+    c.0.config.failsafe_mode = true;
+    c.0.config.ttl = 5;
+    c.0.config.loop_wait = 1;
+    c.0.config.retry_timeout = 2;
+    c.0.failsafe = Some(vec![ME.to_string(), N2.to_string()]);
+    let cluster = c.0;
+    let local = local().data(SYSID).pg_replica(None, LSN).0;
+    let first_election = |restored: Option<Duration>| {
+        let mut core = Core::new(
+            Identity {
+                name: ME.into(),
+                tags: Tags::default(),
+                reclone_on_rewind_failure: true,
+                bootstrap: cluster.config.clone(),
+            },
+            Duration::ZERO,
+        );
+        if let Some(remaining) = restored {
+            core.handle(
+                Event::FailsafeRestored {
+                    leader: N2.into(),
+                    remaining,
+                },
+                Duration::ZERO,
+            );
+        }
+        let mut now = Duration::ZERO;
+        while now < secs(60) {
+            core.handle(Event::Tick, now);
+            while let Some(step) = core.poll_action() {
+                match &step.action {
+                    Action::AcquireLeader => return now,
+                    Action::Observe => core.handle(
+                        Event::Observed(Box::new(Core::observation(&local, &cluster))),
+                        now,
+                    ),
+                    Action::AskPeers(_) => core.handle(Event::Peers(vec![]), now),
+                    a if a.is_lease_op() => core.handle(
+                        Event::Lease {
+                            started: now,
+                            outcome: LeaseOutcome::Held,
+                        },
+                        now,
+                    ),
+                    _ => {}
+                }
+            }
+            now += Duration::from_millis(250);
+        }
+        panic!("never stood for election (restored {restored:?})");
+    };
+    let forgotten = first_election(None);
+    assert!(
+        forgotten < secs(23),
+        "without the promise the member waits only the ttl it reads: {forgotten:?}"
+    );
+    let kept = first_election(Some(secs(23)));
+    assert!(kept >= secs(23), "elected at {kept:?}, promised until 23s");
+    assert!(kept < secs(25), "waited too long: {kept:?}");
+    // A later confirmation never shortens an earlier one.
+    let mut core = Core::restore(&local, &cluster, Duration::ZERO);
+    core.handle(
+        Event::FailsafeRestored {
+            leader: N2.into(),
+            remaining: secs(23),
+        },
+        Duration::ZERO,
+    );
+    core.handle(
+        Event::FailsafeGranted {
+            leader: N2.into(),
+            ttl: 5,
+        },
+        secs(1),
+    );
+    assert_eq!(
+        core.local_view().failsafe_granted.map(|(_, until)| until),
+        Some(secs(23))
+    );
+}
+
 #[test]
 fn a_stalled_leader_renews_its_still_valid_lease_instead_of_demoting() {
     let mut w = World::leader(10, 1, 4);

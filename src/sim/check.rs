@@ -51,7 +51,8 @@ impl World {
     /// Failsafe mode: a primary may stay writable without the key while no
     /// other member could take the lease: each running agent has confirmed
     /// a primary less than its ttl ago (an agent that is down takes none;
-    /// a restarted one waits a ttl first).
+    /// a restarted one keeps the promise it recorded on disk, and waits a
+    /// ttl after its first read of etcd in any case).
     fn failsafe_covers(&self, i: usize) -> bool {
         if !self.plan.failsafe {
             return false;

@@ -85,6 +85,9 @@ pub struct Member {
     /// limit exhausted or pg_control unreadable: "unknown", never absent.
     pub blind_until: Duration,
     pub blind: u8,
+    /// The failsafe promise on disk (`failsafe_promise`): the member
+    /// confirmed this primary until this global time. Survives the agent.
+    pub failsafe_promise: Option<(String, Duration)>,
 }
 
 pub const BLIND_PG: u8 = 1;
@@ -159,6 +162,7 @@ impl Member {
             protected_until: Duration::ZERO,
             blind_until: Duration::ZERO,
             blind: 0,
+            failsafe_promise: None,
         }
     }
 }
@@ -242,6 +246,13 @@ impl World {
         });
         self.members[i].api = Some(ApiAnswer::default());
         self.trace(Some(i), || "agent started".into());
+        // `failsafe_promise::load` at start.
+        if let Some((leader, until)) = self.members[i].failsafe_promise.clone() {
+            if until > self.now {
+                let remaining = until - self.now;
+                self.handle(i, Event::FailsafeRestored { leader, remaining });
+            }
+        }
         self.handle(i, Event::Tick);
         self.schedule_loop(i, self.now);
     }
@@ -1215,6 +1226,10 @@ impl World {
                 }
             };
             if let (true, Some(j)) = (yes, j) {
+                // `failsafe_promise::save`, before the yes leaves the API.
+                let own = self.agent(j).core.cluster().config.ttl;
+                let until = self.now + Duration::from_secs(ttl.max(own));
+                self.members[j].failsafe_promise = Some((leader.clone(), until));
                 self.handle(
                     j,
                     Event::FailsafeGranted {

@@ -84,6 +84,10 @@ const REGRESSIONS: &[(u64, &str)] = &[
         "failsafe: a restarted agent holding the key released it with a promotion already signalled by its previous life; the promotion finished without the key",
     ),
     (
+        244266,
+        "failsafe: ttl lowered during the outage; the confirming member's agent restarted and waited only the new, shorter ttl, ending before the leader's fence (long run at e19a456)",
+    ),
+    (
         249608,
         "a restarted agent found the leader key naming it on a lease it could not adopt (its member key had expired); the fence for that came a loop_wait later, after the key expired (found by the long run at 8051014)",
     ),
