@@ -27,7 +27,20 @@ async fn system_id(c: &Cluster, i: usize) -> Option<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wiped_etcd_with_an_empty_member_never_starts_a_new_cluster() {
-    let mut c = Cluster::start(&ClusterOptions::new(3));
+    wiped_etcd(ClusterOptions::new(3)).await;
+}
+
+/// Patroni's defaults (ttl 30, loop_wait 10, retry_timeout 10): the grace
+/// before a bootstrap and the primary's return both scale with loop_wait.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_patroni_timings_a_wiped_etcd_never_starts_a_new_cluster() {
+    let mut opts = ClusterOptions::new(3);
+    (opts.ttl, opts.loop_wait, opts.retry_timeout) = (30, 10, 10);
+    wiped_etcd(opts).await;
+}
+
+async fn wiped_etcd(opts: ClusterOptions) {
+    let mut c = Cluster::start(&opts);
     let primary = c.ready_with_haproxy().await;
     let sysid = system_id(&c, primary).await.expect("system identifier");
     let tl = c.timeline(primary).await.expect("timeline");

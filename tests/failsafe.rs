@@ -45,6 +45,13 @@ async fn without_failsafe_mode_a_partition_from_etcd_elects_no_replica() {
     outage(opts, Outage::Partition).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_failsafe_mode_at_patroni_timings_a_partition_elects_no_replica() {
+    let mut opts = patroni_timings();
+    opts.etcd_relay = true;
+    outage(opts, Outage::Partition).await;
+}
+
 fn patroni_timings() -> ClusterOptions {
     let mut opts = ClusterOptions::new(3);
     (opts.ttl, opts.loop_wait, opts.retry_timeout) = (30, 10, 10);

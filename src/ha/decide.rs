@@ -380,11 +380,7 @@ fn failsafe_members(cluster: &ClusterView, local: &LocalView) -> Option<Vec<Peer
     }
     let mut out = Vec::new();
     for name in names.iter().filter(|n| **n != local.name) {
-        let m = cluster
-            .members
-            .iter()
-            .chain(&local.known_members)
-            .find(|m| &m.name == name)?;
+        let m = members_known(cluster, local).find(|m| &m.name == name)?;
         out.push(peer_address(m));
     }
     Some(out)
@@ -725,15 +721,11 @@ fn ahead_of_resuming(
     peers: &[PeerPosition],
     timeline: u32,
 ) -> Option<String> {
-    let ours_cluster = |p: &&PeerPosition| match (&cluster.initialize, &p.system_id) {
-        (Initialize::SystemId(c), Some(id)) => c == id,
-        _ => true,
-    };
     let others = || {
         peers
             .iter()
             .filter(|p| p.name != local.name && p.answered)
-            .filter(ours_cluster)
+            .filter(|p| of_this_cluster(cluster, p))
     };
     if let Some(p) = others().find(|p| p.running_primary) {
         return Some(format!("{} runs as primary", p.name));
@@ -938,9 +930,17 @@ fn decide_replica(
 /// expired, and members re-publish one by one; asking only the keys present
 /// would find nobody ahead and elect whoever asks first (observed: a
 /// replica promoted over the clean primary that was about to resume).
+/// The members in etcd, then those seen before whose keys expired since.
+fn members_known<'a>(
+    cluster: &'a ClusterView,
+    local: &'a LocalView,
+) -> impl Iterator<Item = &'a crate::dcs::MemberStatus> {
+    cluster.members.iter().chain(&local.known_members)
+}
+
 fn peer_addresses(cluster: &ClusterView, local: &LocalView) -> Vec<PeerAddress> {
     let mut out: Vec<PeerAddress> = Vec::new();
-    for m in cluster.members.iter().chain(&local.known_members) {
+    for m in members_known(cluster, local) {
         if m.name != local.name && !out.iter().any(|p| p.name == m.name) {
             out.push(peer_address(m));
         }
@@ -1198,6 +1198,14 @@ fn forked_after(cluster: &ClusterView, ours: &ControlInfo, leader_timeline: Opti
 
 /// Rule 3: another reachable candidate further ahead (ties: higher
 /// failover_priority, then the smaller name) gets the lease instead.
+/// A peer whose system identifier (when it reported one) is the cluster's.
+fn of_this_cluster(cluster: &ClusterView, peer: &PeerPosition) -> bool {
+    match (&cluster.initialize, &peer.system_id) {
+        (Initialize::SystemId(c), Some(id)) => c == id,
+        _ => true,
+    }
+}
+
 fn better_candidate(
     cluster: &ClusterView,
     local: &LocalView,
@@ -1208,10 +1216,6 @@ fn better_candidate(
     let our_prio = local.tags.failover_priority;
     // A member holding another cluster's data refuses to lead; standing
     // back for it would leave the lease to nobody, for good.
-    let ours_cluster = |p: &&PeerPosition| match (&cluster.initialize, &p.system_id) {
-        (Initialize::SystemId(c), Some(id)) => c == id,
-        _ => true,
-    };
     // Nor for one that failsafe mode keeps from running.
     let in_topology = |p: &&PeerPosition| match &cluster.failsafe {
         Some(names) if cluster.config.failsafe_mode => names.contains(&p.name),
@@ -1221,7 +1225,7 @@ fn better_candidate(
         peers
             .iter()
             .filter(|p| p.name != local.name)
-            .filter(ours_cluster)
+            .filter(|p| of_this_cluster(cluster, p))
             .filter(in_topology)
     };
     // A peer already running as primary takes the lease without a new
