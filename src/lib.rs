@@ -10,6 +10,7 @@ pub mod dcs;
 pub mod demo;
 pub mod failsafe_promise;
 pub mod fdlimit;
+pub mod fence_keeper;
 pub mod ha;
 pub mod haproxy;
 pub mod postgres;

@@ -38,6 +38,7 @@ async fn run(args: Cli) -> anyhow::Result<()> {
     };
     match &args.command {
         Command::Agent => pgwarden::agent::run(load()?).await,
+        Command::FenceKeeper => pgwarden::fence_keeper::run(load()?).await,
         Command::List { format } => cli::list(&load()?, *format).await,
         Command::History { format } => {
             cli::history(&load()?, *format == cli::ListFormat::Json).await

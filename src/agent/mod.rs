@@ -32,6 +32,8 @@ struct Agent {
     epoch: Instant,
     job: Option<jobs::RunningJob>,
     fence: fence::FenceTimer,
+    /// The same deadline, held by a process that outlives this one.
+    keeper: crate::fence_keeper::KeeperFeed,
     /// Start of the last successful lease keep-alive.
     lease_kept_at: Option<Instant>,
     /// Cached system identifier of the data directory (pg_controldata).
@@ -72,8 +74,13 @@ impl Agent {
     fn handle(&mut self, event: Event) {
         let now = self.now();
         self.core.handle(event, now);
-        self.fence
-            .arm(self.core.fence_deadline().map(|d| self.epoch + d));
+        let deadline = self.core.fence_deadline().map(|d| self.epoch + d);
+        self.fence.arm(deadline);
+        // Until this agent has read etcd it cannot know that nothing is
+        // writable: the keeper keeps the previous agent's deadline.
+        if deadline.is_some() || self.core.cluster_seen() {
+            self.keeper.arm(deadline);
+        }
     }
 }
 

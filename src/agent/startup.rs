@@ -166,6 +166,10 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         core,
         dcs: dcs.take(),
         fence: super::fence::FenceTimer::spawn(pg.detached()),
+        keeper: crate::fence_keeper::KeeperFeed::spawn(
+            cfg.source.clone(),
+            &cfg.postgresql.data_dir,
+        ),
         pg,
         api,
         epoch,
@@ -334,6 +338,12 @@ impl Agent {
                     }
                 }
             }
+        }
+        if self.pg.postmaster_pid().is_none() {
+            self.keeper.exit().await;
+        } else {
+            tracing::warn!("PostgreSQL still runs: the fence keeper keeps our last deadline");
+            self.keeper.abort();
         }
         if let Some(dcs) = self.dcs.as_mut() {
             let _ = dcs.release_leader(&self.cfg.name).await;

@@ -87,4 +87,7 @@ pub enum Command {
     HaproxyConfig(haproxy_config::HaproxyConfigArgs),
     /// Run a whole local cluster (etcd, agents, HAProxy) for a first look.
     Demo(crate::demo::DemoArgs),
+    /// Hold the agent's fencing deadline in a process of its own (started
+    /// by the agent; stops PostgreSQL if the agent is killed or hangs).
+    FenceKeeper,
 }

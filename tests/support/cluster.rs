@@ -280,6 +280,13 @@ retry_timeout = {retry}
         }
     }
 
+    /// Sends `signal` to the agent process (SIGSTOP: a hung agent).
+    pub fn signal_agent(&self, i: usize, signal: nix::sys::signal::Signal) {
+        let pid = self.agent_pid(i).expect("agent running");
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), signal)
+            .expect("signal the agent");
+    }
+
     /// SIGTERM and wait for the agent to exit; returns its exit status.
     pub fn sigterm_agent(&mut self, i: usize) -> Option<std::process::ExitStatus> {
         let mut c = self.members[i].agent.take()?;

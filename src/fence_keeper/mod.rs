@@ -1,0 +1,128 @@
+//! The fence keeper: a small process per member, the same binary
+//! (`pgwarden fence-keeper`), that outlives the agent. It holds the last
+//! fencing deadline the agent confirmed (the core's `fence_deadline`: the
+//! lease's end minus a margin) and stops PostgreSQL in immediate mode
+//! (SIGQUIT to the postmaster) when that deadline passes without a newer
+//! one. The agent's own fence timer covers a loop that is stuck; the keeper
+//! covers an agent that is not there at all — killed, hung (SIGSTOP, a
+//! stalled process), or crashed — so that its primary never stays writable
+//! after the lease may have expired and a replica may have been promoted.
+//!
+//! The agent feeds it over a Unix socket beside the data directory
+//! (`feed.rs`); a restarted agent connects to the running keeper and takes
+//! it over without restarting PostgreSQL. The keeper exits when the agent
+//! tells it to (clean shutdown with PostgreSQL stopped), or when nothing is
+//! armed and no agent has spoken to it for a while.
+//!
+//! Deadlines cross the socket as absolute CLOCK_MONOTONIC times (the clock
+//! behind `Instant` on Linux, shared by every process of the host), never as
+//! durations: an agent stalled between reading its clock and sending must
+//! not push the deadline later.
+
+mod feed;
+mod keeper;
+
+pub use feed::KeeperFeed;
+pub use keeper::run;
+
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// One line from the agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Feed {
+    /// Stop PostgreSQL at this CLOCK_MONOTONIC time (nanoseconds) unless a
+    /// newer line moves it.
+    Arm { deadline_ns: u64 },
+    /// Nothing writable to protect (a replica, or PostgreSQL stopped).
+    Disarm,
+    /// The agent stopped PostgreSQL and shuts down: exit.
+    Exit,
+}
+
+/// The keeper's answer to each line.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Reply {
+    pub ok: bool,
+}
+
+/// Beside the data directory, like the clone's staging directory.
+pub fn socket_path(data_dir: &Path) -> PathBuf {
+    let mut name = data_dir.as_os_str().to_os_string();
+    name.push(".pgwarden-fence.sock");
+    PathBuf::from(name)
+}
+
+/// Held (flock) by the running keeper: one keeper per data directory.
+fn lock_path(data_dir: &Path) -> PathBuf {
+    let mut name = data_dir.as_os_str().to_os_string();
+    name.push(".pgwarden-fence.lock");
+    PathBuf::from(name)
+}
+
+fn monotonic_ns() -> u64 {
+    match nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC) {
+        Ok(t) => {
+            let ns = i128::from(t.tv_sec()) * 1_000_000_000 + i128::from(t.tv_nsec());
+            u64::try_from(ns).unwrap_or(0)
+        }
+        // Cannot happen for CLOCK_MONOTONIC on Linux; 0 makes every
+        // deadline look far off on the agent's side and already passed on
+        // the keeper's side, both of which err towards fencing.
+        Err(_) => 0,
+    }
+}
+
+/// `deadline` on CLOCK_MONOTONIC, in nanoseconds.
+pub fn instant_to_ns(deadline: Instant) -> u64 {
+    let now = Instant::now();
+    let mono = monotonic_ns();
+    if deadline >= now {
+        let ahead = u64::try_from((deadline - now).as_nanos()).unwrap_or(u64::MAX);
+        mono.saturating_add(ahead)
+    } else {
+        let behind = u64::try_from((now - deadline).as_nanos()).unwrap_or(u64::MAX);
+        mono.saturating_sub(behind)
+    }
+}
+
+/// The `Instant` of a CLOCK_MONOTONIC time (now, when it has passed).
+pub fn ns_to_instant(ns: u64) -> Instant {
+    let now = Instant::now();
+    let mono = monotonic_ns();
+    now + Duration::from_nanos(ns.saturating_sub(mono))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fence_keeper_deadlines_cross_as_absolute_times() {
+        let d = Instant::now() + Duration::from_secs(7);
+        let back = ns_to_instant(instant_to_ns(d));
+        let diff = if back > d { back - d } else { d - back };
+        assert!(diff < Duration::from_millis(50), "{diff:?}");
+        // A deadline already passed comes back as now, not later.
+        let past = Instant::now() - Duration::from_secs(3);
+        assert!(ns_to_instant(instant_to_ns(past)) <= Instant::now());
+    }
+
+    #[test]
+    fn fence_keeper_lines_are_tagged_json() {
+        let line = serde_json::to_string(&Feed::Arm { deadline_ns: 5 }).unwrap();
+        assert_eq!(line, r#"{"op":"arm","deadline_ns":5}"#);
+        assert_eq!(
+            serde_json::from_str::<Feed>(r#"{"op":"disarm"}"#).unwrap(),
+            Feed::Disarm
+        );
+        assert!(serde_json::from_str::<Feed>(r#"{"op":"arm"}"#).is_err());
+        assert_eq!(
+            socket_path(Path::new("/var/lib/pg/main")),
+            Path::new("/var/lib/pg/main.pgwarden-fence.sock")
+        );
+    }
+}
