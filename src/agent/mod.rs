@@ -15,7 +15,7 @@ pub use startup::run;
 use crate::api::SharedState;
 use crate::config::Config;
 use crate::dcs::{Dcs, MemberStatus};
-use crate::ha::{Core, Event, Step};
+use crate::ha::{Core, Event, LeaseOutcome, Step};
 use crate::postgres::Instance;
 
 use std::time::{Duration, Instant};
@@ -34,6 +34,10 @@ struct Agent {
     fence: fence::FenceTimer,
     /// The same deadline, held by a process that outlives this one.
     keeper: crate::fence_keeper::KeeperFeed,
+    /// etcd has told this agent whether the leader key is ours (a lease
+    /// operation answered). Before that, "no deadline" means "not known
+    /// yet", not "nothing to fence".
+    lease_answered: bool,
     /// Start of the last successful lease keep-alive.
     lease_kept_at: Option<Instant>,
     /// Cached system identifier of the data directory (pg_controldata).
@@ -73,12 +77,20 @@ impl Agent {
     /// deadline the core now holds.
     fn handle(&mut self, event: Event) {
         let now = self.now();
+        if let Event::Lease {
+            outcome: LeaseOutcome::Held | LeaseOutcome::NotHeld,
+            ..
+        } = &event
+        {
+            self.lease_answered = true;
+        }
         self.core.handle(event, now);
         let deadline = self.core.fence_deadline().map(|d| self.epoch + d);
         self.fence.arm(deadline);
-        // Until this agent has read etcd it cannot know that nothing is
-        // writable: the keeper keeps the previous agent's deadline.
-        if deadline.is_some() || self.core.cluster_seen() {
+        // A restarted agent adopting a running primary has no deadline of
+        // its own until etcd answers its first renewal: meanwhile the
+        // keeper holds the previous agent's.
+        if deadline.is_some() || self.lease_answered {
             self.keeper.arm(deadline);
         }
     }

@@ -170,6 +170,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             cfg.source.clone(),
             &cfg.postgresql.data_dir,
         ),
+        lease_answered: false,
         pg,
         api,
         epoch,

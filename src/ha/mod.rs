@@ -44,6 +44,10 @@ pub enum Mutation {
     /// A read that failed taken for a fact: PostgreSQL "stopped", the data
     /// directory "empty" (the open-file exhaustion of issue 9).
     UnknownIsAbsent,
+    /// The runtime never feeds a fence keeper (simulator only: the core is
+    /// untouched): a killed or frozen leader agent leaves its primary
+    /// writable past the lease.
+    NoFenceKeeper,
 }
 
 #[cfg(test)]

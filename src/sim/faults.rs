@@ -165,6 +165,7 @@ impl World {
                     format!("FAULT server crash, back at {:.3}", back.as_secs_f64())
                 });
                 self.kill_agent(i);
+                self.members[i].keeper = None;
                 self.members[i].pg.kill();
                 self.members[i].server_up = false;
                 self.schedule(back, Ev::ServerUp { m: i });
@@ -173,7 +174,21 @@ impl World {
                 self.trace(Some(i), || "FAULT PostgreSQL crashes".into());
                 self.members[i].pg.kill();
             }
-            20..=27 if !protected => {
+            20..=23 if !protected && self.members[i].agent.is_some() => {
+                // SIGSTOP of the whole agent: its fence timer and API stop
+                // too; only the fence keeper is left to fence.
+                let until = self.until(100, 3 * ttl_ms);
+                self.trace(Some(i), || {
+                    format!(
+                        "FAULT agent process frozen until {:.3}",
+                        until.as_secs_f64()
+                    )
+                });
+                let m = &mut self.members[i];
+                m.frozen_until = m.frozen_until.max(until);
+                m.hung_until = m.hung_until.max(until);
+            }
+            24..=27 if !protected => {
                 let until = self.until(100, 2 * ttl_ms);
                 self.trace(Some(i), || {
                     format!("FAULT agent loop hangs until {:.3}", until.as_secs_f64())
@@ -279,13 +294,12 @@ impl World {
         }
     }
 
-    /// An agent killed and restarted. Its PostgreSQL goes on unfenced until
-    /// the new agent is back, which the design covers only if the new
-    /// agent renews within the lease: so a member that holds the leader
-    /// key or could be writable restarts well within the lease's remaining
-    /// time, and no other fault touches its etcd link or loop until that
-    /// lease would have expired. A process freeze beyond the lease is out
-    /// of scope (a later fencing process that outlives the agent covers it).
+    /// An agent killed and restarted. Half the time a member that holds the
+    /// leader key or could be writable comes back well within the lease
+    /// (protected from other faults on its etcd link or loop until the
+    /// lease would have expired): the new agent takes the lease and the
+    /// fence keeper over. Otherwise it stays away up to three leases and
+    /// only the fence keeper stands between its primary and a second one.
     fn kill_agent_fault(&mut self, i: usize) {
         if self.members[i].agent.is_none() || !self.members[i].server_up {
             return;
@@ -300,7 +314,9 @@ impl World {
                     | super::postgres::Run::Starting { primary: true, .. }
             );
         let mut delay = self.rng.millis(50, 1000);
-        if risky {
+        if risky && self.rng.chance(50) {
+            delay = self.rng.millis(1000, 3 * self.config().ttl * 1000);
+        } else if risky {
             let expiry = self.etcd.key_expiry(etcd::LEADER);
             let remaining = match expiry {
                 Some(e) if self.etcd.leader() == Some(name.as_str()) => e.saturating_sub(self.now),

@@ -85,9 +85,21 @@ pub struct Member {
     /// limit exhausted or pg_control unreadable: "unknown", never absent.
     pub blind_until: Duration,
     pub blind: u8,
+    /// The agent process is frozen (SIGSTOP) until then: no loop, no fence
+    /// timer, no API answers.
+    pub frozen_until: Duration,
+    /// `fence_keeper`: the process that outlives the agent (not the server).
+    pub keeper: Option<Keeper>,
     /// The failsafe promise on disk (`failsafe_promise`): the member
     /// confirmed this primary until this global time. Survives the agent.
     pub failsafe_promise: Option<(String, Duration)>,
+}
+
+/// `fence_keeper`'s process: the last deadline an agent handed it.
+pub struct Keeper {
+    /// Global time at which it stops PostgreSQL; None: disarmed.
+    pub deadline: Option<Duration>,
+    pub token: u64,
 }
 
 pub const BLIND_PG: u8 = 1;
@@ -122,6 +134,8 @@ pub struct Agent {
     /// The fence timer: the local deadline armed, and its event's token.
     pub fence_armed: Option<Duration>,
     pub fence_token: u64,
+    /// `Agent::lease_answered`.
+    pub lease_answered: bool,
     pub pending_promotion: Option<(Option<u64>, String)>,
     pub last_leader_seen: Option<String>,
     /// An operator request was acknowledged in the current pass.
@@ -163,6 +177,8 @@ impl Member {
             blind_until: Duration::ZERO,
             blind: 0,
             failsafe_promise: None,
+            frozen_until: Duration::ZERO,
+            keeper: None,
         }
     }
 }
@@ -239,6 +255,7 @@ impl World {
             system_id: None,
             fence_armed: None,
             fence_token: 0,
+            lease_answered: false,
             pending_promotion: None,
             last_leader_seen: None,
             acked_request: false,
@@ -263,6 +280,7 @@ impl World {
         self.members[i].agent = None;
         self.members[i].api = None;
         self.members[i].hung_until = Duration::ZERO;
+        self.members[i].frozen_until = Duration::ZERO;
     }
 
     // -------------------------------------------------- events into core
@@ -277,8 +295,23 @@ impl World {
         let Some(a) = self.members[i].agent.as_mut() else {
             return;
         };
+        if let Event::Lease {
+            outcome: LeaseOutcome::Held | LeaseOutcome::NotHeld,
+            ..
+        } = &event
+        {
+            a.lease_answered = true;
+        }
         a.core.handle(event, now);
         let deadline = a.core.fence_deadline();
+        // `KeeperFeed::arm`, as `Agent::handle` calls it.
+        if deadline.is_some() || a.lease_answered {
+            let at = deadline.map(|d| self.global_of(i, d).max(self.now));
+            self.feed_keeper(i, at);
+        }
+        let Some(a) = self.members[i].agent.as_mut() else {
+            return;
+        };
         if deadline != a.fence_armed {
             a.fence_armed = deadline;
             a.fence_token += 1;
@@ -291,10 +324,57 @@ impl World {
         }
     }
 
+    /// The keeper is started for a deadline to hold, never for a disarm.
+    fn feed_keeper(&mut self, i: usize, deadline: Option<Duration>) {
+        if self.mutation == Some(crate::ha::Mutation::NoFenceKeeper) {
+            return;
+        }
+        let keeper = match (&mut self.members[i].keeper, deadline) {
+            (Some(k), _) => k,
+            (None, None) => return,
+            (slot @ None, Some(_)) => slot.insert(Keeper {
+                deadline: None,
+                token: 0,
+            }),
+        };
+        if keeper.deadline == deadline {
+            return;
+        }
+        keeper.deadline = deadline;
+        keeper.token += 1;
+        let token = keeper.token;
+        if let Some(at) = deadline {
+            self.schedule(at, super::Ev::Keeper { m: i, token });
+        }
+    }
+
+    /// `fence_keeper::keeper::fence`: once per deadline.
+    pub fn keeper_fires(&mut self, i: usize, token: u64) {
+        let Some(k) = self.members[i].keeper.as_mut() else {
+            return;
+        };
+        if k.token != token || k.deadline.is_none() {
+            return;
+        }
+        k.deadline = None;
+        if self.members[i].pg.postmaster_alive() {
+            self.trace(Some(i), || {
+                "fence keeper: deadline passed, stopping PostgreSQL immediately".into()
+            });
+            self.members[i].pg.kill();
+        }
+    }
+
     pub fn fence_fires(&mut self, i: usize, inc: u64, token: u64) {
         let m = &self.members[i];
         let Some(a) = m.agent.as_ref() else { return };
         if m.incarnation != inc || a.fence_token != token {
+            return;
+        }
+        // A frozen process's timer fires when it runs again.
+        if self.now < m.frozen_until {
+            let at = m.frozen_until;
+            self.schedule(at, super::Ev::Fence { m: i, inc, token });
             return;
         }
         if self.members[i].pg.postmaster_alive() {
@@ -1165,21 +1245,25 @@ impl World {
                 let mut out = Vec::new();
                 for p in list {
                     let answer = match self.member_by_name(&p.name) {
-                        Some(j) if self.reachable(i, j) => match &self.members[j].api {
-                            Some(api) => crate::ha::PeerPosition {
-                                running_primary: api.pg_running && api.primary,
-                                candidate: api.candidate,
-                                resumes_on: api.resumes_on,
-                                timeline: api.timeline,
-                                ..p.answered_with_data(
-                                    api.pg_running
-                                        .then(|| api.receive_lsn.max(api.wal_lsn))
-                                        .flatten(),
-                                    api.system_id.clone(),
-                                )
-                            },
-                            None => p.unanswered(),
-                        },
+                        Some(j)
+                            if self.reachable(i, j) && self.now >= self.members[j].frozen_until =>
+                        {
+                            match &self.members[j].api {
+                                Some(api) => crate::ha::PeerPosition {
+                                    running_primary: api.pg_running && api.primary,
+                                    candidate: api.candidate,
+                                    resumes_on: api.resumes_on,
+                                    timeline: api.timeline,
+                                    ..p.answered_with_data(
+                                        api.pg_running
+                                            .then(|| api.receive_lsn.max(api.wal_lsn))
+                                            .flatten(),
+                                        api.system_id.clone(),
+                                    )
+                                },
+                                None => p.unanswered(),
+                            }
+                        }
                         _ => {
                             longest = longest.max(PEER_TIMEOUT);
                             p.unanswered()
@@ -1210,16 +1294,20 @@ impl World {
         for p in list {
             let j = self.member_by_name(&p.name);
             let yes = match j {
-                Some(j) if self.reachable(i, j) => match &self.members[j].api {
-                    Some(api) if self.members[j].agent.is_some() => crate::ha::failsafe_refusal(
-                        api.failsafe_mode,
-                        api.dcs_ok,
-                        api.pg_running && api.primary,
-                        api.leads,
-                    )
-                    .is_none(),
-                    _ => false,
-                },
+                Some(j) if self.reachable(i, j) && self.now >= self.members[j].frozen_until => {
+                    match &self.members[j].api {
+                        Some(api) if self.members[j].agent.is_some() => {
+                            crate::ha::failsafe_refusal(
+                                api.failsafe_mode,
+                                api.dcs_ok,
+                                api.pg_running && api.primary,
+                                api.leads,
+                            )
+                            .is_none()
+                        }
+                        _ => false,
+                    }
+                }
                 _ => {
                     longest = longest.max(FAILSAFE_TIMEOUT);
                     false

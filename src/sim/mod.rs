@@ -42,6 +42,11 @@ pub enum Ev {
         inc: u64,
         token: u64,
     },
+    /// The fence keeper's deadline (stale if its token moved on).
+    Keeper {
+        m: usize,
+        token: u64,
+    },
     JobStep {
         m: usize,
         inc: u64,
@@ -211,6 +216,7 @@ impl World {
         match ev {
             Ev::Agent { m, inc, token } => self.agent_runs(m, inc, token),
             Ev::Fence { m, inc, token } => self.fence_fires(m, inc, token),
+            Ev::Keeper { m, token } => self.keeper_fires(m, token),
             Ev::JobStep { m, inc, job } => self.job_step(m, inc, job),
             Ev::Pg { m } => self.pg_advance(m),
             Ev::Wake { m } => {

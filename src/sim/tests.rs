@@ -84,6 +84,10 @@ const REGRESSIONS: &[(u64, &str)] = &[
         "failsafe: a restarted agent holding the key released it with a promotion already signalled by its previous life; the promotion finished without the key",
     ),
     (
+        1051,
+        "fence keeper: an agent restarted after its leader's lease had nearly run out disarmed the keeper at its first etcd read, before its renewal was answered; the renewal failed and nothing fenced the running primary",
+    ),
+    (
         244266,
         "failsafe: ttl lowered during the outage; the confirming member's agent restarted and waited only the new, shorter ttl, ending before the leader's fence (long run at e19a456)",
     ),
@@ -317,6 +321,11 @@ fn mutant_old_freshness_rule_is_caught() {
 #[test]
 fn mutant_unknown_is_absent_is_caught() {
     caught(Mutation::UnknownIsAbsent);
+}
+
+#[test]
+fn mutant_no_fence_keeper_is_caught() {
+    caught(Mutation::NoFenceKeeper);
 }
 
 /// Not a check: lists the failures among the first PGWARDEN_SIM_SCHEDULES
