@@ -440,6 +440,11 @@ fn decide_empty(cluster: &ClusterView, local: &LocalView, now: Duration, d: &mut
                     "our bootstrap failed: leaving the next attempt to another member for now"
                         .into(),
                 );
+            } else if let Some(why) = failsafe_keeps_us_out(cluster, local, now) {
+                // A primary may be running on its failsafe confirmations
+                // (data this etcd does not know of): a bootstrap claim is
+                // a lease like any other.
+                d.waiting = Some(why);
             } else if nobody_holds_data(cluster, local, now, d) {
                 d.push(
                     Action::ClaimBootstrap,

@@ -2508,6 +2508,27 @@ fn failsafe_mode_decisions() {
         row("replica left out of the recorded members: never a candidate",
             failsafe(Some(&[N2])), local().data(SYSID).pg_replica(Some(addr(N2)), LSN), NOW,
             vec![]).waiting("not a candidate"),
+        row("empty member left out of the recorded members, no cluster in etcd: no bootstrap claim",
+            {
+                let mut c = cluster();
+                c.0.config.failsafe_mode = true;
+                c.0.failsafe = Some(vec![N2.to_string()]);
+                c
+            },
+            local(), NOW,
+            vec![]).waiting("not a candidate"),
+        row("empty member that confirmed a failsafe primary: no bootstrap claim",
+            {
+                let mut c = cluster();
+                c.0.config.failsafe_mode = true;
+                c
+            },
+            {
+                let mut l = local();
+                l.0.failsafe_granted = Some((N2.into(), secs(NOW + 5)));
+                l
+            }, NOW,
+            vec![]).waiting("we confirmed node2"),
         row("replica holding the key while a confirmation runs: holds it, does not promote",
             failsafe(Some(&[ME, N2])).led_by(ME), granted, NOW,
             vec![RenewLeader]).waiting("not promoting yet"),

@@ -88,6 +88,10 @@ const REGRESSIONS: &[(u64, &str)] = &[
         "fence keeper: an agent restarted after its leader's lease had nearly run out disarmed the keeper at its first etcd read, before its renewal was answered; the renewal failed and nothing fenced the running primary",
     ),
     (
+        308586,
+        "failsafe: a primary whose recorded topology named only itself kept writing cut from etcd, while a member outside that topology, finding no cluster in etcd, claimed the bootstrap (the leader key); the topology rule covered elections only (long run at 8fecce5)",
+    ),
+    (
         244266,
         "failsafe: ttl lowered during the outage; the confirming member's agent restarted and waited only the new, shorter ttl, ending before the leader's fence (long run at e19a456)",
     ),
