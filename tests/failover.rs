@@ -128,7 +128,25 @@ async fn primary_server_down_fails_over_and_the_old_primary_rejoins_by_rewind() 
     assert_eq!(last["leader"], c.members[new].name.as_str());
     assert_eq!(last["timeline"], 2);
 
+    // The new leader saw the old primary in etcd lately: its slot is
+    // ready before it comes back, so its first connection does not fail
+    // and sit out wal_retrieve_retry_interval.
+    let slot = c.members[old].name.to_lowercase();
+    eventually("the old primary's slot on the new leader", LONG, || async {
+        let client = c.sql(new).await.ok()?;
+        let row = client
+            .query_one(
+                "SELECT count(*) FROM pg_replication_slots WHERE slot_name = $1",
+                &[&slot],
+            )
+            .await
+            .ok()?;
+        (row.get::<_, i64>(0) == 1).then_some(())
+    })
+    .await;
+
     // The old primary comes back: it rewinds and streams from the new one.
+    let back = Instant::now();
     c.start_agent(old);
     eventually(
         "the old primary streams again as a replica",
@@ -138,6 +156,10 @@ async fn primary_server_down_fails_over_and_the_old_primary_rejoins_by_rewind() 
         },
     )
     .await;
+    eprintln!(
+        "old primary: agent started to /replica 200 in {:.1}s",
+        back.elapsed().as_secs_f64()
+    );
     monitor.finish().await;
     let log = c.agent_log(old);
     assert!(

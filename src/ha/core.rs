@@ -172,6 +172,8 @@ pub struct Core {
     /// The other members as last seen in etcd, kept while etcd holds none
     /// (wiped, or every lease expired): who may hold data.
     known_members: Vec<crate::dcs::MemberStatus>,
+    /// `LocalView::members_seen`.
+    members_seen: BTreeMap<String, Duration>,
     /// Since when etcd holds no `initialize` key (as observed).
     no_cluster_since: Option<Duration>,
     /// The last lease operation found the leader key naming us on a lease
@@ -250,6 +252,7 @@ impl Core {
             primary_down_since: None,
             peers: None,
             known_members: Vec::new(),
+            members_seen: BTreeMap::new(),
             no_cluster_since: None,
             leader_key_not_ours: false,
             failsafe_at: None,
@@ -426,6 +429,7 @@ impl Core {
             control: self.control.clone(),
             peers: self.peers.clone(),
             known_members: self.known_members.clone(),
+            members_seen: self.members_seen.clone(),
             no_cluster_since: self.no_cluster_since,
             leader_key_not_ours: self.leader_key_not_ours,
             failsafe_granted: self.failsafe_granted.clone(),
@@ -604,6 +608,12 @@ impl Core {
             .filter(|m| m.name != self.id.name)
             .cloned()
             .collect();
+        for m in &others {
+            self.members_seen.insert(m.name.clone(), now);
+        }
+        let keep = Duration::from_secs(self.cluster.config.member_slots_ttl);
+        self.members_seen
+            .retain(|_, seen| now.saturating_sub(*seen) < keep);
         if !others.is_empty() {
             self.known_members = others;
         }
@@ -870,6 +880,7 @@ impl Core {
         core.control = local.control.clone();
         core.primary_down_since = local.primary_down_since;
         core.known_members = local.known_members.clone();
+        core.members_seen = local.members_seen.clone();
         core.no_cluster_since = local.no_cluster_since;
         core.leader_key_not_ours = local.leader_key_not_ours;
         core.failsafe_granted = local.failsafe_granted.clone();

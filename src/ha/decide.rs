@@ -1275,8 +1275,9 @@ fn lag_too_big(cluster: &ClusterView, local: &LocalView, pg: &PgRunning) -> Opti
     })
 }
 
-/// The leader creates a slot for every other member and drops slots of
-/// members gone longer than member_slots_ttl.
+/// The leader creates a slot for every other member, also for one seen in
+/// etcd less than member_slots_ttl ago, and drops slots of members gone
+/// longer than that.
 fn manage_slots(
     cluster: &ClusterView,
     local: &LocalView,
@@ -1288,12 +1289,22 @@ fn manage_slots(
     if !cfg.use_slots {
         return;
     }
-    let wanted: Vec<String> = cluster
+    let mut wanted: Vec<String> = cluster
         .members
         .iter()
         .filter(|m| m.name != local.name)
         .map(|m| slot_name(&m.name))
         .collect();
+    // Members seen lately whose keys expired (the old primary of a
+    // failover, a server that crashed): their slot is there when they
+    // rejoin, so their first connection does not fail and wait out
+    // wal_retrieve_retry_interval.
+    for name in local.members_seen.keys().filter(|n| **n != local.name) {
+        let slot = slot_name(name);
+        if !wanted.contains(&slot) {
+            wanted.push(slot);
+        }
+    }
     let missing: Vec<String> = wanted
         .iter()
         .filter(|s| !pg.slots.contains(s))

@@ -190,6 +190,7 @@ fn local() -> Local {
         control: None,
         peers: None,
         known_members: vec![],
+        members_seen: BTreeMap::new(),
         // etcd empty for long: any bootstrap grace has passed.
         no_cluster_since: Some(Duration::ZERO),
         leader_key_not_ours: false,
@@ -310,6 +311,11 @@ impl Local {
         self
     }
     /// When the member behind this slot was last seen in etcd.
+    /// The member was last seen in etcd at `t`.
+    fn member_seen(mut self, member: &str, t: u64) -> Self {
+        self.0.members_seen.insert(member.into(), secs(t));
+        self
+    }
     fn slot_seen(mut self, member: &str, t: u64) -> Self {
         self.0.slot_last_seen.insert(slot_name(member), secs(t));
         self
@@ -1039,6 +1045,12 @@ fn running_primary() {
         row("slot names are sanitised member names",
             mine().replica("DB-03.b"), fresh().pg_primary(&[]), NOW,
             vec![RenewLeader, CreateSlots(vec!["db_03_b".into()]), WriteStatus]),
+        row("a member seen lately whose key expired (the old primary of a failover): its slot is ready for its return",
+            mine().replica(N2), fresh().pg_primary(&[N2]).slot_seen(N2, NOW).member_seen(N3, NOW - 12), NOW,
+            vec![RenewLeader, CreateSlots(slots(&[N3])), WriteStatus]),
+        row("a member last seen member_slots_ttl ago: no slot, and its old one goes",
+            mine().replica(N2), fresh().pg_primary(&[N2, N3]).slot_seen(N2, NOW).slot_seen(N3, NOW - 1800).member_seen(N3, NOW - 1800), NOW,
+            vec![RenewLeader, DropSlots(slots(&[N3])), WriteStatus]),
         row("slot of a member gone exactly member_slots_ttl: drop it",
             mine().replica(N2), fresh().pg_primary(&[N2, N3]).slot_seen(N2, NOW).slot_seen(N3, NOW - 1800), NOW,
             vec![RenewLeader, DropSlots(slots(&[N3])), WriteStatus]),

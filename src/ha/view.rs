@@ -32,6 +32,10 @@ pub struct LocalView {
     /// The other members as last seen in etcd while it held any: after a
     /// wipe, who may still hold this cluster's data.
     pub known_members: Vec<crate::dcs::MemberStatus>,
+    /// When each other member was last seen in etcd: a new leader keeps a
+    /// slot ready for one gone less than member_slots_ttl (the old primary
+    /// of a failover rejoins onto it without waiting for a retry).
+    pub members_seen: BTreeMap<String, Duration>,
     /// Since when etcd holds no `initialize` key, as observed.
     pub no_cluster_since: Option<Duration>,
     /// Our last lease operation found the leader key naming us on a lease
