@@ -1,7 +1,7 @@
 //! The agent's side: tells the keeper every new fence deadline, starting
 //! the keeper when there is a deadline to hold and none runs.
 
-use super::{instant_to_ns, socket_path, Feed, Reply};
+use super::{instant_to_ns, monotonic_ns, socket_path, Feed, Line, Reply};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
@@ -24,6 +24,8 @@ pub struct KeeperFeed {
     tx: watch::Sender<Option<Option<Instant>>>,
     task: tokio::task::JoinHandle<()>,
     sock: PathBuf,
+    /// `Line::agent`: when this agent started.
+    agent: u64,
 }
 
 impl KeeperFeed {
@@ -31,8 +33,14 @@ impl KeeperFeed {
     pub fn spawn(config: PathBuf, data_dir: &Path) -> KeeperFeed {
         let (tx, rx) = watch::channel(None);
         let sock = socket_path(data_dir);
-        let task = tokio::spawn(run(config, sock.clone(), rx));
-        KeeperFeed { tx, task, sock }
+        let agent = monotonic_ns();
+        let task = tokio::spawn(run(config, sock.clone(), agent, rx));
+        KeeperFeed {
+            tx,
+            task,
+            sock,
+            agent,
+        }
     }
 
     /// The core's current fence deadline (None: nothing writable).
@@ -53,7 +61,12 @@ impl KeeperFeed {
             return;
         };
         let mut conn = BufReader::new(stream);
-        if let Err(e) = exchange(&mut conn, &Feed::Exit).await {
+        let last = Line {
+            agent: self.agent,
+            seq: u64::MAX,
+            feed: Feed::Exit,
+        };
+        if let Err(e) = exchange(&mut conn, &last).await {
             tracing::warn!("cannot tell the fence keeper to exit: {e}");
         }
     }
@@ -65,7 +78,13 @@ impl KeeperFeed {
     }
 }
 
-async fn run(config: PathBuf, sock: PathBuf, mut rx: watch::Receiver<Option<Option<Instant>>>) {
+async fn run(
+    config: PathBuf,
+    sock: PathBuf,
+    agent: u64,
+    mut rx: watch::Receiver<Option<Option<Instant>>>,
+) {
+    let mut seq = 0u64;
     let mut conn: Option<BufReader<UnixStream>> = None;
     let mut last_spawn: Option<Instant> = None;
     let mut failing = false;
@@ -78,15 +97,20 @@ async fn run(config: PathBuf, sock: PathBuf, mut rx: watch::Receiver<Option<Opti
                 return;
             }
         };
-        let feed = match value {
-            Some(d) => Feed::Arm {
-                deadline_ns: instant_to_ns(d),
+        seq += 1;
+        let line = Line {
+            agent,
+            seq,
+            feed: match value {
+                Some(d) => Feed::Arm {
+                    deadline_ns: instant_to_ns(d),
+                },
+                None => Feed::Disarm,
             },
-            None => Feed::Disarm,
         };
         if conn.is_none() {
             // A disarm needs no keeper: start one only to hold a deadline.
-            let start = matches!(feed, Feed::Arm { .. });
+            let start = matches!(line.feed, Feed::Arm { .. });
             match connect(&sock, &config, start, &mut last_spawn).await {
                 Ok(Some(s)) => conn = Some(BufReader::new(s)),
                 Ok(None) => {
@@ -106,7 +130,7 @@ async fn run(config: PathBuf, sock: PathBuf, mut rx: watch::Receiver<Option<Opti
             }
         }
         let Some(c) = conn.as_mut() else { continue };
-        match exchange(c, &feed).await {
+        match exchange(c, &line).await {
             Ok(()) => {
                 if failing {
                     tracing::info!("the fence keeper holds our deadline again");
@@ -178,11 +202,11 @@ fn spawn_keeper(config: &Path) -> std::io::Result<()> {
         .map(drop)
 }
 
-async fn exchange(conn: &mut BufReader<UnixStream>, feed: &Feed) -> std::io::Result<()> {
-    let mut line = serde_json::to_string(feed).map_err(std::io::Error::other)?;
-    line.push('\n');
+async fn exchange(conn: &mut BufReader<UnixStream>, line: &Line) -> std::io::Result<()> {
+    let mut text = serde_json::to_string(line).map_err(std::io::Error::other)?;
+    text.push('\n');
     let round = async {
-        conn.get_mut().write_all(line.as_bytes()).await?;
+        conn.get_mut().write_all(text.as_bytes()).await?;
         let mut answer = String::new();
         if conn.read_line(&mut answer).await? == 0 {
             return Err(std::io::Error::new(

@@ -1,6 +1,6 @@
 //! The keeper process (`pgwarden fence-keeper`).
 
-use super::{lock_path, ns_to_instant, socket_path, Feed, Reply};
+use super::{lock_path, ns_to_instant, socket_path, Feed, Line, Reply};
 use crate::config::Config;
 use crate::postgres::{Instance, OsUser};
 use anyhow::{anyhow, Context};
@@ -83,7 +83,9 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         sock.display()
     );
 
-    let (tx, mut rx) = mpsc::channel::<Feed>(16);
+    // None: a line this keeper cannot read.
+    let (tx, mut rx) = mpsc::channel::<Option<Line>>(16);
+    let mut applied: Option<(u64, u64)> = None;
     let connections = Arc::new(AtomicUsize::new(0));
     let mut deadline: Option<Instant> = None;
     let mut last_contact = Instant::now();
@@ -97,9 +99,22 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         };
         tokio::select! {
             biased;
-            Some(feed) = rx.recv() => {
+            Some(line) = rx.recv() => {
                 last_contact = Instant::now();
-                match feed {
+                // Most likely an upgraded agent speaking a newer protocol:
+                // holding on would fence at a deadline that agent can no
+                // longer move. It starts a keeper of its own version as
+                // soon as this one is gone.
+                let Some(line) = line else {
+                    tracing::warn!("fence keeper: a line it cannot read (a newer agent?): exiting so the agent starts its own");
+                    break;
+                };
+                if !line.newer_than(applied) {
+                    tracing::debug!("fence keeper: ignoring a stale line {line:?}");
+                    continue;
+                }
+                applied = Some((line.agent, line.seq));
+                match line.feed {
                     Feed::Arm { deadline_ns } => {
                         if deadline.is_none() {
                             tracing::info!("fence armed by the agent");
@@ -175,7 +190,7 @@ async fn fence(pg: &Instance) {
 }
 
 /// One agent connection: a line in, a line out.
-async fn serve(stream: UnixStream, tx: mpsc::Sender<Feed>, connections: Arc<AtomicUsize>) {
+async fn serve(stream: UnixStream, tx: mpsc::Sender<Option<Line>>, connections: Arc<AtomicUsize>) {
     connections.fetch_add(1, Ordering::Relaxed);
     let _count = Decrement(connections);
     let (read, mut write) = stream.into_split();
@@ -188,13 +203,14 @@ async fn serve(stream: UnixStream, tx: mpsc::Sender<Feed>, connections: Arc<Atom
             Ok(n) if n > MAX_LINE => return,
             Ok(_) => {}
         }
-        let ok = match serde_json::from_str::<Feed>(line.trim_end()) {
-            Ok(feed) => tx.send(feed).await.is_ok(),
+        let ok = match serde_json::from_str::<Line>(line.trim_end()) {
+            Ok(feed) => tx.send(Some(feed)).await.is_ok(),
             Err(e) => {
                 tracing::warn!(
                     "fence keeper: not a feed line ({e}): {:.80}",
                     line.trim_end()
                 );
+                let _ = tx.send(None).await;
                 false
             }
         };

@@ -29,9 +29,32 @@ use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-/// One line from the agent.
+/// One line from the agent: what it says, and its place in the order of
+/// everything agents have said. A keeper that was stopped (SIGSTOP) finds
+/// lines from abandoned connections queued beside fresh ones and reads them
+/// in any order; a dead agent's last words may come after its successor's
+/// first. The newest line wins: a later agent (started later on this host),
+/// or a later line of the same agent.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
+pub struct Line {
+    /// CLOCK_MONOTONIC time the agent started, in nanoseconds.
+    pub agent: u64,
+    /// Counts the agent's lines.
+    pub seq: u64,
+    #[serde(flatten)]
+    pub feed: Feed,
+}
+
+impl Line {
+    /// Whether this line is newer than the newest applied so far.
+    pub fn newer_than(&self, applied: Option<(u64, u64)>) -> bool {
+        applied.is_none_or(|last| (self.agent, self.seq) > last)
+    }
+}
+
+/// What a line says.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
 pub enum Feed {
     /// Stop PostgreSQL at this CLOCK_MONOTONIC time (nanoseconds) unless a
     /// newer line moves it.
@@ -63,7 +86,7 @@ fn lock_path(data_dir: &Path) -> PathBuf {
     PathBuf::from(name)
 }
 
-fn monotonic_ns() -> u64 {
+pub fn monotonic_ns() -> u64 {
     match nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC) {
         Ok(t) => {
             let ns = i128::from(t.tv_sec()) * 1_000_000_000 + i128::from(t.tv_nsec());
@@ -100,6 +123,29 @@ pub fn ns_to_instant(ns: u64) -> Instant {
 mod tests {
     use super::*;
 
+    /// Stale lines never move the deadline: an older line of the same
+    /// agent, or any line of an agent started before the one that spoke.
+    #[test]
+    fn fence_keeper_applies_only_newer_lines() {
+        let line = |agent, seq| Line {
+            agent,
+            seq,
+            feed: Feed::Disarm,
+        };
+        assert!(line(5, 1).newer_than(None));
+        assert!(line(5, 2).newer_than(Some((5, 1))));
+        assert!(!line(5, 1).newer_than(Some((5, 2))));
+        assert!(!line(5, 2).newer_than(Some((5, 2))));
+        assert!(
+            line(6, 1).newer_than(Some((5, 900))),
+            "a new agent takes over"
+        );
+        assert!(
+            !line(5, u64::MAX).newer_than(Some((6, 1))),
+            "the old agent's last word"
+        );
+    }
+
     #[test]
     fn fence_keeper_deadlines_cross_as_absolute_times() {
         let d = Instant::now() + Duration::from_secs(7);
@@ -113,13 +159,22 @@ mod tests {
 
     #[test]
     fn fence_keeper_lines_are_tagged_json() {
-        let line = serde_json::to_string(&Feed::Arm { deadline_ns: 5 }).unwrap();
-        assert_eq!(line, r#"{"op":"arm","deadline_ns":5}"#);
+        let line = Line {
+            agent: 7,
+            seq: 2,
+            feed: Feed::Arm { deadline_ns: 5 },
+        };
+        let text = serde_json::to_string(&line).unwrap();
+        assert_eq!(text, r#"{"agent":7,"seq":2,"op":"arm","deadline_ns":5}"#);
+        assert_eq!(serde_json::from_str::<Line>(&text).unwrap(), line);
         assert_eq!(
-            serde_json::from_str::<Feed>(r#"{"op":"disarm"}"#).unwrap(),
+            serde_json::from_str::<Line>(r#"{"agent":1,"seq":1,"op":"disarm"}"#)
+                .unwrap()
+                .feed,
             Feed::Disarm
         );
-        assert!(serde_json::from_str::<Feed>(r#"{"op":"arm"}"#).is_err());
+        assert!(serde_json::from_str::<Line>(r#"{"agent":1,"seq":1,"op":"arm"}"#).is_err());
+        assert!(serde_json::from_str::<Line>(r#"{"op":"disarm"}"#).is_err());
         assert_eq!(
             socket_path(Path::new("/var/lib/pg/main")),
             Path::new("/var/lib/pg/main.pgwarden-fence.sock")
