@@ -35,8 +35,9 @@ struct Agent {
     /// The same deadline, held by a process that outlives this one.
     keeper: crate::fence_keeper::KeeperFeed,
     /// etcd has told this agent whether the leader key is ours (a lease
-    /// operation answered). Before that, "no deadline" means "not known
-    /// yet", not "nothing to fence".
+    /// operation answered). Before that, a restarted agent's deadline may
+    /// be later than the lease its predecessor kept, and "no deadline"
+    /// means "not known yet", not "nothing to fence".
     lease_answered: bool,
     /// Start of the last successful lease keep-alive.
     lease_kept_at: Option<Instant>,
@@ -87,12 +88,9 @@ impl Agent {
         self.core.handle(event, now);
         let deadline = self.core.fence_deadline().map(|d| self.epoch + d);
         self.fence.arm(deadline);
-        // A restarted agent adopting a running primary has no deadline of
-        // its own until etcd answers its first renewal: meanwhile the
-        // keeper holds the previous agent's.
-        if deadline.is_some() || self.lease_answered {
-            self.keeper.arm(deadline);
-        }
+        // Until etcd answers this agent's first lease operation the keeper
+        // only lets its deadline come forward (`Line::apply`).
+        self.keeper.arm(deadline, self.lease_answered);
     }
 }
 

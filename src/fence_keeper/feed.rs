@@ -17,11 +17,13 @@ const SPAWN_EVERY: Duration = Duration::from_secs(5);
 /// How long a keeper just started has to open its socket.
 const LISTEN_WAIT: Duration = Duration::from_secs(3);
 
+type Said = (Option<Instant>, bool);
+
 pub struct KeeperFeed {
-    /// None: nothing to say yet (a restarted agent does not know whether
-    /// its PostgreSQL may write: the keeper keeps the last agent's
-    /// deadline). Some(None): disarm. Some(Some(d)): arm at d.
-    tx: watch::Sender<Option<Option<Instant>>>,
+    /// None: nothing said yet. Some((deadline, confirmed)): the core's
+    /// deadline (None: nothing writable), and whether etcd has answered a
+    /// lease operation of this agent (`Line::confirmed`).
+    tx: watch::Sender<Option<Said>>,
     task: tokio::task::JoinHandle<()>,
     sock: PathBuf,
     /// `Line::agent`: when this agent started.
@@ -43,11 +45,13 @@ impl KeeperFeed {
         }
     }
 
-    /// The core's current fence deadline (None: nothing writable).
-    pub fn arm(&self, deadline: Option<Instant>) {
+    /// The core's current fence deadline (None: nothing writable), and
+    /// whether etcd has answered one of this agent's lease operations.
+    pub fn arm(&self, deadline: Option<Instant>, confirmed: bool) {
+        let said = Some((deadline, confirmed));
         self.tx.send_if_modified(|v| {
-            let changed = *v != Some(deadline);
-            *v = Some(deadline);
+            let changed = *v != said;
+            *v = said;
             changed
         });
     }
@@ -64,6 +68,7 @@ impl KeeperFeed {
         let last = Line {
             agent: self.agent,
             seq: u64::MAX,
+            confirmed: true,
             feed: Feed::Exit,
         };
         if let Err(e) = exchange(&mut conn, &last).await {
@@ -78,18 +83,13 @@ impl KeeperFeed {
     }
 }
 
-async fn run(
-    config: PathBuf,
-    sock: PathBuf,
-    agent: u64,
-    mut rx: watch::Receiver<Option<Option<Instant>>>,
-) {
+async fn run(config: PathBuf, sock: PathBuf, agent: u64, mut rx: watch::Receiver<Option<Said>>) {
     let mut seq = 0u64;
     let mut conn: Option<BufReader<UnixStream>> = None;
     let mut last_spawn: Option<Instant> = None;
     let mut failing = false;
     loop {
-        let value = loop {
+        let (value, confirmed) = loop {
             if let Some(v) = *rx.borrow_and_update() {
                 break v;
             }
@@ -101,6 +101,7 @@ async fn run(
         let line = Line {
             agent,
             seq,
+            confirmed,
             feed: match value {
                 Some(d) => Feed::Arm {
                     deadline_ns: instant_to_ns(d),

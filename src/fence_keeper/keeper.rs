@@ -87,10 +87,12 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let (tx, mut rx) = mpsc::channel::<Option<Line>>(16);
     let mut applied: Option<(u64, u64)> = None;
     let connections = Arc::new(AtomicUsize::new(0));
-    let mut deadline: Option<Instant> = None;
+    // The deadline held, as CLOCK_MONOTONIC nanoseconds.
+    let mut held: Option<u64> = None;
     let mut last_contact = Instant::now();
     let mut check = tokio::time::interval(CHECK_EVERY);
     loop {
+        let deadline = held.map(ns_to_instant);
         let fire = async {
             match deadline {
                 Some(d) => tokio::time::sleep_until(d.into()).await,
@@ -114,26 +116,22 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                     continue;
                 }
                 applied = Some((line.agent, line.seq));
-                match line.feed {
-                    Feed::Arm { deadline_ns } => {
-                        if deadline.is_none() {
-                            tracing::info!("fence armed by the agent");
-                        }
-                        deadline = Some(ns_to_instant(deadline_ns));
-                    }
-                    Feed::Disarm => {
-                        if deadline.take().is_some() {
-                            tracing::info!("fence disarmed by the agent: nothing writable to protect");
-                        }
-                    }
-                    Feed::Exit => {
-                        tracing::info!("the agent stopped PostgreSQL and shuts down: fence keeper exiting");
-                        break;
-                    }
+                if line.feed == Feed::Exit {
+                    tracing::info!("the agent stopped PostgreSQL and shuts down: fence keeper exiting");
+                    break;
                 }
+                let next = line.apply(held);
+                match (held, next) {
+                    (None, Some(_)) => tracing::info!("fence armed by the agent"),
+                    (Some(_), None) => {
+                        tracing::info!("fence disarmed by the agent: nothing writable to protect")
+                    }
+                    _ => {}
+                }
+                held = next;
             }
             _ = fire => {
-                deadline = None;
+                held = None;
                 fence(&pg).await;
             }
             accepted = listener.accept() => match accepted {
@@ -151,7 +149,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                     tracing::info!("{} is gone: fence keeper exiting", data_dir.display());
                     break;
                 }
-                if deadline.is_none()
+                if held.is_none()
                     && connections.load(Ordering::Relaxed) == 0
                     && last_contact.elapsed() > IDLE_EXIT
                 {

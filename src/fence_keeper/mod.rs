@@ -41,11 +41,28 @@ pub struct Line {
     pub agent: u64,
     /// Counts the agent's lines.
     pub seq: u64,
+    /// etcd has answered one of this agent's lease operations. Until then
+    /// (an agent restarted over a running primary) its deadlines may only
+    /// bring the held one forward: the lease the previous agent kept may
+    /// expire first, and "no deadline" means "not known yet".
+    pub confirmed: bool,
     #[serde(flatten)]
     pub feed: Feed,
 }
 
 impl Line {
+    /// The deadline after this line, from the one held before it.
+    pub fn apply(&self, held: Option<u64>) -> Option<u64> {
+        match (&self.feed, self.confirmed) {
+            (Feed::Arm { deadline_ns }, true) => Some(*deadline_ns),
+            (Feed::Arm { deadline_ns }, false) => {
+                Some(held.map_or(*deadline_ns, |h| h.min(*deadline_ns)))
+            }
+            (Feed::Disarm, true) => None,
+            (Feed::Disarm, false) | (Feed::Exit, _) => held,
+        }
+    }
+
     /// Whether this line is newer than the newest applied so far.
     pub fn newer_than(&self, applied: Option<(u64, u64)>) -> bool {
         applied.is_none_or(|last| (self.agent, self.seq) > last)
@@ -130,6 +147,7 @@ mod tests {
         let line = |agent, seq| Line {
             agent,
             seq,
+            confirmed: true,
             feed: Feed::Disarm,
         };
         assert!(line(5, 1).newer_than(None));
@@ -144,6 +162,25 @@ mod tests {
             !line(5, u64::MAX).newer_than(Some((6, 1))),
             "the old agent's last word"
         );
+    }
+
+    /// An agent that etcd has not answered yet only brings the deadline
+    /// forward; once answered, its deadline is the deadline.
+    #[test]
+    fn fence_keeper_trusts_an_agent_only_once_etcd_answered_it() {
+        let line = |confirmed, feed| Line {
+            agent: 1,
+            seq: 1,
+            confirmed,
+            feed,
+        };
+        let arm = |d| Feed::Arm { deadline_ns: d };
+        assert_eq!(line(false, arm(50)).apply(Some(40)), Some(40));
+        assert_eq!(line(false, arm(30)).apply(Some(40)), Some(30));
+        assert_eq!(line(false, arm(30)).apply(None), Some(30));
+        assert_eq!(line(false, Feed::Disarm).apply(Some(40)), Some(40));
+        assert_eq!(line(true, arm(50)).apply(Some(40)), Some(50));
+        assert_eq!(line(true, Feed::Disarm).apply(Some(40)), None);
     }
 
     #[test]
@@ -162,18 +199,25 @@ mod tests {
         let line = Line {
             agent: 7,
             seq: 2,
+            confirmed: true,
             feed: Feed::Arm { deadline_ns: 5 },
         };
         let text = serde_json::to_string(&line).unwrap();
-        assert_eq!(text, r#"{"agent":7,"seq":2,"op":"arm","deadline_ns":5}"#);
+        assert_eq!(
+            text,
+            r#"{"agent":7,"seq":2,"confirmed":true,"op":"arm","deadline_ns":5}"#
+        );
         assert_eq!(serde_json::from_str::<Line>(&text).unwrap(), line);
         assert_eq!(
-            serde_json::from_str::<Line>(r#"{"agent":1,"seq":1,"op":"disarm"}"#)
+            serde_json::from_str::<Line>(r#"{"agent":1,"seq":1,"confirmed":true,"op":"disarm"}"#)
                 .unwrap()
                 .feed,
             Feed::Disarm
         );
-        assert!(serde_json::from_str::<Line>(r#"{"agent":1,"seq":1,"op":"arm"}"#).is_err());
+        assert!(
+            serde_json::from_str::<Line>(r#"{"agent":1,"seq":1,"confirmed":true,"op":"arm"}"#)
+                .is_err()
+        );
         assert!(serde_json::from_str::<Line>(r#"{"op":"disarm"}"#).is_err());
         assert_eq!(
             socket_path(Path::new("/var/lib/pg/main")),

@@ -636,6 +636,20 @@ impl Core {
             return;
         }
         self.phase = Phase::Acting;
+        let takes_lease = d.steps.iter().any(|s| {
+            s.action.is_lease_op()
+                && !matches!(s.action, Action::ReleaseLeader | Action::AbandonBootstrap)
+        });
+        if takes_lease && self.may_write() {
+            // The operation may put the leader key on a lease etcd grants
+            // now with the current ttl, and its answer may never come (a
+            // hung loop, a timeout after the write applied): that lease can
+            // expire from `pass_started + ttl` on. A restarted agent
+            // adopting its primary has no deadline at all before this. Set
+            // here, in `handle`, so the runtime arms it before it acts.
+            let provisional = (self.pass_started + self.ttl()).saturating_sub(FENCE_MARGIN);
+            self.fence_at = Some(self.fence_at.map_or(provisional, |f| f.min(provisional)));
+        }
         self.queue.extend(d.steps.iter().cloned());
         self.queue.push_back(Step {
             action: Action::Publish,
@@ -840,6 +854,11 @@ impl Core {
         self.cluster.leader.as_deref() == Some(self.id.name.as_str())
     }
 
+    /// PostgreSQL is, or may be (unknown, starting, promoting), writable.
+    fn may_write(&self) -> bool {
+        may_write(&self.job, &self.pg)
+    }
+
     fn ttl(&self) -> Duration {
         Duration::from_secs(self.cluster.config.ttl)
     }
@@ -869,9 +888,7 @@ impl Core {
         core.last_renew = local.last_renew;
         core.renewed_ttl = core.ttl();
         core.serving = local.last_renew.is_some();
-        let may_write = local.job.is_some()
-            || !matches!(local.pg, PgRun::Stopped)
-                && local.pg.running().is_none_or(|p| !p.in_recovery);
+        let may_write = may_write(&local.job, &local.pg);
         core.fence_at = local
             .last_renew
             .filter(|_| may_write)
@@ -904,4 +921,8 @@ impl Core {
             disk: local.disk,
         }
     }
+}
+
+fn may_write(job: &Option<JobKind>, pg: &PgRun) -> bool {
+    job.is_some() || !matches!(pg, PgRun::Stopped) && pg.running().is_none_or(|p| !p.in_recovery)
 }

@@ -305,10 +305,9 @@ impl World {
         a.core.handle(event, now);
         let deadline = a.core.fence_deadline();
         // `KeeperFeed::arm`, as `Agent::handle` calls it.
-        if deadline.is_some() || a.lease_answered {
-            let at = deadline.map(|d| self.global_of(i, d).max(self.now));
-            self.feed_keeper(i, at);
-        }
+        let confirmed = a.lease_answered;
+        let at = deadline.map(|d| self.global_of(i, d).max(self.now));
+        self.feed_keeper(i, at, confirmed);
         let Some(a) = self.members[i].agent.as_mut() else {
             return;
         };
@@ -324,26 +323,39 @@ impl World {
         }
     }
 
-    /// The keeper is started for a deadline to hold, never for a disarm.
-    fn feed_keeper(&mut self, i: usize, deadline: Option<Duration>) {
+    /// The keeper is started for a deadline to hold, never for a disarm;
+    /// what it holds next is `fence_keeper::Line::apply`'s rule itself.
+    fn feed_keeper(&mut self, i: usize, deadline: Option<Duration>, confirmed: bool) {
         if self.mutation == Some(crate::ha::Mutation::NoFenceKeeper) {
             return;
         }
-        let keeper = match (&mut self.members[i].keeper, deadline) {
-            (Some(k), _) => k,
-            (None, None) => return,
-            (slot @ None, Some(_)) => slot.insert(Keeper {
-                deadline: None,
-                token: 0,
-            }),
-        };
-        if keeper.deadline == deadline {
+        if deadline.is_none() && self.members[i].keeper.is_none() {
             return;
         }
-        keeper.deadline = deadline;
+        let keeper = self.members[i].keeper.get_or_insert(Keeper {
+            deadline: None,
+            token: 0,
+        });
+        let ns = |d: Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        let line = crate::fence_keeper::Line {
+            agent: 0,
+            seq: 0,
+            confirmed,
+            feed: match deadline {
+                Some(d) => crate::fence_keeper::Feed::Arm { deadline_ns: ns(d) },
+                None => crate::fence_keeper::Feed::Disarm,
+            },
+        };
+        let next = line
+            .apply(keeper.deadline.map(ns))
+            .map(Duration::from_nanos);
+        if keeper.deadline == next {
+            return;
+        }
+        keeper.deadline = next;
         keeper.token += 1;
         let token = keeper.token;
-        if let Some(at) = deadline {
+        if let Some(at) = next {
             self.schedule(at, super::Ev::Keeper { m: i, token });
         }
     }

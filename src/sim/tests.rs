@@ -92,6 +92,10 @@ const REGRESSIONS: &[(u64, &str)] = &[
         "failsafe: a primary whose recorded topology named only itself kept writing cut from etcd, while a member outside that topology, finding no cluster in etcd, claimed the bootstrap (the leader key); the topology rule covered elections only (long run at 8fecce5)",
     ),
     (
+        135054,
+        "a restarted agent adopting its primary moved the leader key onto a new lease with the (lowered) current ttl, then hung before the answer came: no deadline was armed for that lease, and the keeper held the longer one of the previous agent (long run at c44daae)",
+    ),
+    (
         244266,
         "failsafe: ttl lowered during the outage; the confirming member's agent restarted and waited only the new, shorter ttl, ending before the leader's fence (long run at e19a456)",
     ),
