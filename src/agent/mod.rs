@@ -15,7 +15,7 @@ pub use startup::run;
 use crate::api::SharedState;
 use crate::config::Config;
 use crate::dcs::{Dcs, MemberStatus};
-use crate::ha::{Core, Event, LeaseOutcome, Step};
+use crate::ha::{Core, Event, Step};
 use crate::postgres::Instance;
 
 use std::time::{Duration, Instant};
@@ -34,11 +34,6 @@ struct Agent {
     fence: fence::FenceTimer,
     /// The same deadline, held by a process that outlives this one.
     keeper: crate::fence_keeper::KeeperFeed,
-    /// etcd has told this agent whether the leader key is ours (a lease
-    /// operation answered). Before that, a restarted agent's deadline may
-    /// be later than the lease its predecessor kept, and "no deadline"
-    /// means "not known yet", not "nothing to fence".
-    lease_answered: bool,
     /// Start of the last successful lease keep-alive.
     lease_kept_at: Option<Instant>,
     /// Cached system identifier of the data directory (pg_controldata).
@@ -78,19 +73,12 @@ impl Agent {
     /// deadline the core now holds.
     fn handle(&mut self, event: Event) {
         let now = self.now();
-        if let Event::Lease {
-            outcome: LeaseOutcome::Held | LeaseOutcome::NotHeld,
-            ..
-        } = &event
-        {
-            self.lease_answered = true;
-        }
         self.core.handle(event, now);
         let deadline = self.core.fence_deadline().map(|d| self.epoch + d);
         self.fence.arm(deadline);
         // Until etcd answers this agent's first lease operation the keeper
         // only lets its deadline come forward (`Line::apply`).
-        self.keeper.arm(deadline, self.lease_answered);
+        self.keeper.arm(deadline, self.core.lease_answered());
     }
 }
 

@@ -17,26 +17,14 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let path = cfg.source.clone();
     let user = OsUser::resolve(&cfg.postgresql.os_user)
         .map_err(|m| ConfigError::key(&path, "postgresql.os_user", m))?;
-    let probe = Instance::new(
+    let probe = Instance::from_config(
+        &cfg,
         cfg.postgresql.bin_dir.clone().unwrap_or_default(),
-        cfg.postgresql.data_dir.clone(),
-        cfg.postgresql.listen,
         user,
-        cfg.postgresql.authentication.superuser.clone(),
-        cfg.postgresql.authentication.replication.clone(),
-        Duration::from_secs(cfg.postgresql.start_timeout),
     );
     let pg_running = probe.postmaster_pid().is_some();
     let bin_dir = config::validate(&cfg, pg_running)?;
-    let mut pg = Instance::new(
-        bin_dir.clone(),
-        cfg.postgresql.data_dir.clone(),
-        cfg.postgresql.listen,
-        user,
-        cfg.postgresql.authentication.superuser.clone(),
-        cfg.postgresql.authentication.replication.clone(),
-        Duration::from_secs(cfg.postgresql.start_timeout),
-    );
+    let mut pg = Instance::from_config(&cfg, bin_dir.clone(), user);
     let major = pg
         .binary_major()
         .await
@@ -170,7 +158,6 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             cfg.source.clone(),
             &cfg.postgresql.data_dir,
         ),
-        lease_answered: false,
         pg,
         api,
         epoch,
@@ -340,7 +327,9 @@ impl Agent {
                 }
             }
         }
-        if self.pg.postmaster_pid().is_none() {
+        // Only a postmaster known gone lets the keeper go: an unreadable
+        // postmaster.pid may hide a running primary.
+        if matches!(self.pg.postmaster(), Ok(crate::postgres::Postmaster::None)) {
             self.keeper.exit().await;
         } else {
             tracing::warn!("PostgreSQL still runs: the fence keeper keeps our last deadline");

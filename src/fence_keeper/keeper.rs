@@ -64,14 +64,10 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o600))
         .with_context(|| format!("cannot restrict {}", sock.display()))?;
     let user = OsUser::resolve(&cfg.postgresql.os_user).map_err(|m| anyhow!(m))?;
-    let pg = Instance::new(
+    let pg = Instance::from_config(
+        &cfg,
         cfg.postgresql.bin_dir.clone().unwrap_or_default(),
-        data_dir.clone(),
-        cfg.postgresql.listen,
         user,
-        cfg.postgresql.authentication.superuser.clone(),
-        cfg.postgresql.authentication.replication.clone(),
-        Duration::from_secs(cfg.postgresql.start_timeout),
     );
     // The postmaster's PID, read now while descriptors are plenty: the
     // fence works from it even if postmaster.pid cannot be read later.

@@ -172,6 +172,11 @@ pub struct Core {
     /// The other members as last seen in etcd, kept while etcd holds none
     /// (wiped, or every lease expired): who may hold data.
     known_members: Vec<crate::dcs::MemberStatus>,
+    /// etcd has answered one of this agent's lease operations (held or
+    /// not). Before that, a restarted agent's fence deadline may be later
+    /// than the lease its predecessor kept, and "no deadline" means "not
+    /// known yet": the fence keeper trusts it only afterwards.
+    lease_answered: bool,
     /// `LocalView::members_seen`.
     members_seen: BTreeMap<String, Duration>,
     /// Since when etcd holds no `initialize` key (as observed).
@@ -253,6 +258,7 @@ impl Core {
             peers: None,
             known_members: Vec::new(),
             members_seen: BTreeMap::new(),
+            lease_answered: false,
             no_cluster_since: None,
             leader_key_not_ours: false,
             failsafe_at: None,
@@ -468,6 +474,11 @@ impl Core {
         self.fence_at.or(self.fenced_at)
     }
 
+    /// See the field: what `fence_keeper::Line::confirmed` reports.
+    pub fn lease_answered(&self) -> bool {
+        self.lease_answered
+    }
+
     /// Holds the leader key as far as we know and means to serve writes.
     pub fn serving(&self) -> bool {
         self.serving
@@ -663,6 +674,9 @@ impl Core {
             return;
         }
         self.lease_op_pending = false;
+        if !matches!(outcome, LeaseOutcome::Failed(_)) {
+            self.lease_answered = true;
+        }
         match outcome {
             LeaseOutcome::Held => {
                 if self.last_renew.is_none() || !self.serving {

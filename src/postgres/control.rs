@@ -70,6 +70,24 @@ const IMMEDIATE_STOP_WAIT: Duration = Duration::from_secs(10);
 const FAST_STOP_WAIT: Duration = Duration::from_secs(60);
 
 impl Instance {
+    /// The instance a config describes, with `bin_dir` as resolved by
+    /// validation (the agent, its start-up probe, the fence keeper).
+    pub fn from_config(
+        cfg: &crate::config::Config,
+        bin_dir: PathBuf,
+        user: Option<OsUser>,
+    ) -> Instance {
+        Instance::new(
+            bin_dir,
+            cfg.postgresql.data_dir.clone(),
+            cfg.postgresql.listen,
+            user,
+            cfg.postgresql.authentication.superuser.clone(),
+            cfg.postgresql.authentication.replication.clone(),
+            Duration::from_secs(cfg.postgresql.start_timeout),
+        )
+    }
+
     pub fn new(
         bin_dir: PathBuf,
         data_dir: PathBuf,

@@ -134,8 +134,6 @@ pub struct Agent {
     /// The fence timer: the local deadline armed, and its event's token.
     pub fence_armed: Option<Duration>,
     pub fence_token: u64,
-    /// `Agent::lease_answered`.
-    pub lease_answered: bool,
     pub pending_promotion: Option<(Option<u64>, String)>,
     pub last_leader_seen: Option<String>,
     /// An operator request was acknowledged in the current pass.
@@ -255,7 +253,6 @@ impl World {
             system_id: None,
             fence_armed: None,
             fence_token: 0,
-            lease_answered: false,
             pending_promotion: None,
             last_leader_seen: None,
             acked_request: false,
@@ -295,17 +292,10 @@ impl World {
         let Some(a) = self.members[i].agent.as_mut() else {
             return;
         };
-        if let Event::Lease {
-            outcome: LeaseOutcome::Held | LeaseOutcome::NotHeld,
-            ..
-        } = &event
-        {
-            a.lease_answered = true;
-        }
         a.core.handle(event, now);
         let deadline = a.core.fence_deadline();
         // `KeeperFeed::arm`, as `Agent::handle` calls it.
-        let confirmed = a.lease_answered;
+        let confirmed = a.core.lease_answered();
         let at = deadline.map(|d| self.global_of(i, d).max(self.now));
         self.feed_keeper(i, at, confirmed);
         let Some(a) = self.members[i].agent.as_mut() else {
