@@ -90,6 +90,10 @@ pub struct Member {
     pub frozen_until: Duration,
     /// `fence_keeper`: the process that outlives the agent (not the server).
     pub keeper: Option<Keeper>,
+    /// Identifies the keeper's timer events. Kept across keepers: a timer
+    /// of a keeper that died with its server must not match its successor
+    /// (seed 231435 was the simulator disarming a live keeper so).
+    pub keeper_token: u64,
     /// The failsafe promise on disk (`failsafe_promise`): the member
     /// confirmed this primary until this global time. Survives the agent.
     pub failsafe_promise: Option<(String, Duration)>,
@@ -99,7 +103,6 @@ pub struct Member {
 pub struct Keeper {
     /// Global time at which it stops PostgreSQL; None: disarmed.
     pub deadline: Option<Duration>,
-    pub token: u64,
 }
 
 pub const BLIND_PG: u8 = 1;
@@ -177,6 +180,7 @@ impl Member {
             failsafe_promise: None,
             frozen_until: Duration::ZERO,
             keeper: None,
+            keeper_token: 0,
         }
     }
 }
@@ -322,10 +326,9 @@ impl World {
         if deadline.is_none() && self.members[i].keeper.is_none() {
             return;
         }
-        let keeper = self.members[i].keeper.get_or_insert(Keeper {
-            deadline: None,
-            token: 0,
-        });
+        let keeper = self.members[i]
+            .keeper
+            .get_or_insert(Keeper { deadline: None });
         let ns = |d: Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
         let line = crate::fence_keeper::Line {
             agent: 0,
@@ -343,8 +346,8 @@ impl World {
             return;
         }
         keeper.deadline = next;
-        keeper.token += 1;
-        let token = keeper.token;
+        self.members[i].keeper_token += 1;
+        let token = self.members[i].keeper_token;
         if let Some(at) = next {
             self.schedule(at, super::Ev::Keeper { m: i, token });
         }
@@ -352,10 +355,11 @@ impl World {
 
     /// `fence_keeper::keeper::fence`: once per deadline.
     pub fn keeper_fires(&mut self, i: usize, token: u64) {
+        let current = self.members[i].keeper_token;
         let Some(k) = self.members[i].keeper.as_mut() else {
             return;
         };
-        if k.token != token || k.deadline.is_none() {
+        if current != token || k.deadline.is_none() {
             return;
         }
         k.deadline = None;
