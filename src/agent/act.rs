@@ -70,6 +70,8 @@ impl Agent {
         let quiet = matches!(step.action, Action::RenewLeader | Action::WriteStatus);
         if quiet || self.last_steps.contains(step) {
             tracing::debug!("{}", step.reason);
+        } else if matches!(&step.action, Action::WriteSync(l) if l.is_empty()) {
+            tracing::warn!("{}", step.reason);
         } else {
             tracing::info!("{}", step.reason);
         }
@@ -335,6 +337,21 @@ impl Agent {
             Action::WriteFailsafe(names) => {
                 self.dcs_mut()?.write_failsafe(names).await?;
             }
+            Action::WriteSync(standbys) => {
+                let sync = crate::dcs::SyncState {
+                    leader: name.clone(),
+                    sync_standby: standbys.clone(),
+                };
+                if self.dcs_mut()?.write_sync(&sync).await? == LeaderOutcome::Lost {
+                    anyhow::bail!("not written: the leader key does not name us on our lease");
+                }
+            }
+            Action::SetSyncStandbys(standbys) => {
+                let value =
+                    ha::render_standby_names(standbys, cluster.config.synchronous_mode_strict);
+                self.pg.set_sync_standbys(&value)?;
+                self.pg.reload().await?;
+            }
             Action::ClearFailover => {
                 self.dcs_mut()?.clear_failover().await?;
             }
@@ -465,6 +482,7 @@ impl Agent {
                 application_name: self.cfg.name.clone(),
                 slot: use_slots.then(|| slot_name(&self.cfg.name)),
             }),
+            synchronous_mode: cluster.config.synchronous_mode,
         }
     }
 }

@@ -10,6 +10,7 @@ impl Agent {
         let (role, state) = crate::ha::published_role_state(
             local,
             cluster.leader.as_deref() == Some(self.cfg.name.as_str()),
+            cluster.is_sync_standby(&self.cfg.name),
         );
         let error = self
             .core
@@ -104,7 +105,7 @@ impl Agent {
             in_recovery: running.is_some_and(|pg| pg.in_recovery),
             streaming: running.is_some_and(|pg| pg.streaming),
             lag_bytes,
-            is_sync: false,
+            is_sync: cluster.is_sync_standby(&self.cfg.name),
             last_loop: Instant::now(),
             ttl,
             paused: cluster.config.pause,

@@ -31,7 +31,7 @@ pub(crate) fn render(snap: &ApiSnapshot, now: Instant) -> String {
         ),
         Some(1),
     );
-    let gauges: [(&str, &str, Option<u64>); 14] = [
+    let gauges: [(&str, &str, Option<u64>); 15] = [
         (
             "pgwarden_primary",
             "1 if this member holds an unexpired leader lease and PostgreSQL is writable.",
@@ -46,6 +46,19 @@ pub(crate) fn render(snap: &ApiSnapshot, now: Instant) -> String {
             "pgwarden_sync_standby",
             "1 if this member is listed as a synchronous standby.",
             Some(flag(snap.is_sync).into()),
+        ),
+        (
+            "pgwarden_sync_fallback",
+            "1 if this member leads in synchronous_mode with no synchronous standby and commits run unprotected (not strict).",
+            Some(
+                flag(
+                    snap.holds_leader_key
+                        && snap.cluster.as_ref().is_some_and(|c| {
+                            crate::ha::replication_mode(c) == crate::ha::ReplicationMode::Fallback
+                        }),
+                )
+                .into(),
+            ),
         ),
         (
             "pgwarden_postgres_running",

@@ -502,6 +502,7 @@ mod tests {
             history: Vec::new(),
             failover: None,
             failsafe: None,
+            sync: None,
             config_revision: 5,
             problems: vec![],
         }

@@ -57,6 +57,7 @@ fn view(leader: Option<&str>) -> ClusterView {
         }],
         failover: None,
         failsafe: None,
+        sync: None,
         config_revision: 1,
         problems: vec![],
     }
@@ -907,7 +908,7 @@ async fn bad_bodies_are_400_or_413_with_a_reason() {
         ("PATCH", "/config", "{\"ttl\":", 400, "malformed JSON body: EOF while parsing a value at line 1 column 7"),
         ("PATCH", "/config", &big, 413, "request body too large: the limit is 65536 bytes"),
         ("PUT", "/config", "{\"ttl\": 5}", 400, "invalid config: key `ttl`: ttl (5) must be >= loop_wait + 2 * retry_timeout (1 + 2 * 4 = 9)"),
-        ("PUT", "/config", "{\"tll\": 5}", 400, "invalid config: key `tll`: unknown field `tll`, expected one of `ttl`, `loop_wait`, `retry_timeout`, `maximum_lag_on_failover`, `use_slots`, `use_pg_rewind`, `member_slots_ttl`, `primary_start_timeout`, `synchronous_mode`, `failsafe_mode`, `pause`, `postgresql`"),
+        ("PUT", "/config", "{\"tll\": 5}", 400, "invalid config: key `tll`: unknown field `tll`, expected one of `ttl`, `loop_wait`, `retry_timeout`, `maximum_lag_on_failover`, `use_slots`, `use_pg_rewind`, `member_slots_ttl`, `primary_start_timeout`, `synchronous_mode`, `synchronous_mode_strict`, `synchronous_node_count`, `failsafe_mode`, `pause`, `postgresql`"),
         ("POST", "/restart", "{\"schedule\": \"now\"}", 400, "invalid request body: unknown field `schedule`, there are no fields at line 1 column 11"),
         ("POST", "/reload", &big, 413, "request body too large: the limit is 65536 bytes"),
     ];

@@ -27,6 +27,10 @@ pub(crate) struct StatusBody<'a> {
     in_recovery: bool,
     streaming: bool,
     is_sync: bool,
+    /// How the leader's commits are protected (`ha::replication_mode`):
+    /// "asynchronous", "synchronous (m2)", or a fallback or strict wait.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    replication_mode: Option<String>,
     lag_bytes: Option<u64>,
     loop_age_seconds: f64,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -60,6 +64,10 @@ impl<'a> StatusBody<'a> {
             in_recovery: snap.in_recovery,
             streaming: snap.streaming,
             is_sync: snap.is_sync,
+            replication_mode: snap
+                .cluster
+                .as_ref()
+                .map(|c| crate::ha::replication_mode(c).to_string()),
             lag_bytes: snap.lag_bytes,
             loop_age_seconds: now.saturating_duration_since(snap.last_loop).as_secs_f64(),
             postmaster_start: snap.postmaster_start.as_deref(),

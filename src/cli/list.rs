@@ -125,6 +125,12 @@ pub fn render_table(scope: &str, view: &ClusterView) -> String {
     if view.config.pause {
         out.push_str(" Maintenance mode: on (pgwarden resume ends it)\n");
     }
+    if view.config.synchronous_mode {
+        out.push_str(&format!(
+            " Replication: {}\n",
+            crate::ha::replication_mode(view)
+        ));
+    }
     if let Some(f) = &view.failover {
         out.push_str(&format!(
             " Pending {:?}: {} -> {}{}\n",
@@ -182,6 +188,7 @@ mod tests {
             history: Vec::new(),
             failover: None,
             failsafe: None,
+            sync: None,
             config_revision: 3,
             problems,
         }

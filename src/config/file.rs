@@ -318,6 +318,10 @@ pub struct Tags {
     pub nofailover: bool,
     #[serde(default)]
     pub noloadbalance: bool,
+    /// Never chosen as a synchronous standby. Written only when set, so that
+    /// agents that do not know the tag still read the member key.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub nosync: bool,
     /// Higher wins a tie between equally advanced failover candidates.
     #[serde(default = "default_failover_priority")]
     pub failover_priority: u32,
@@ -346,6 +350,7 @@ impl Default for Tags {
         Tags {
             nofailover: false,
             noloadbalance: false,
+            nosync: false,
             failover_priority: default_failover_priority(),
             custom: BTreeMap::new(),
         }
@@ -384,8 +389,18 @@ pub struct DynamicConfig {
     /// before it releases the lease to a replica.
     #[serde(default = "default_primary_start_timeout")]
     pub primary_start_timeout: u64,
+    /// Rule 4: the leader names synchronous standbys in PostgreSQL's
+    /// `synchronous_standby_names` and in `sync`; after a failure only a
+    /// member listed there may take the lease.
     #[serde(default)]
     pub synchronous_mode: bool,
+    /// With no synchronous standby available, commits wait (`'*'`) rather
+    /// than run unprotected.
+    #[serde(default)]
+    pub synchronous_mode_strict: bool,
+    /// How many synchronous standbys every commit waits for.
+    #[serde(default = "default_synchronous_node_count")]
+    pub synchronous_node_count: u32,
     /// While etcd is unreachable, a primary whose every last-known member
     /// confirms over its API that it cannot reach etcd either keeps
     /// running (Patroni's `failsafe_mode`); otherwise it stops as usual.
@@ -396,6 +411,10 @@ pub struct DynamicConfig {
     pub pause: bool,
     #[serde(default)]
     pub postgresql: DynamicPostgres,
+}
+
+fn default_synchronous_node_count() -> u32 {
+    1
 }
 
 fn default_primary_start_timeout() -> u64 {
@@ -440,6 +459,8 @@ impl Default for DynamicConfig {
             member_slots_ttl: default_member_slots_ttl(),
             primary_start_timeout: default_primary_start_timeout(),
             synchronous_mode: false,
+            synchronous_mode_strict: false,
+            synchronous_node_count: default_synchronous_node_count(),
             failsafe_mode: false,
             pause: false,
             postgresql: DynamicPostgres::default(),
@@ -454,10 +475,11 @@ impl DynamicConfig {
         if self.loop_wait == 0 {
             return Err(("loop_wait", "must be at least 1 second".into()));
         }
-        if self.synchronous_mode {
+        if self.synchronous_node_count == 0 {
             return Err((
-                "synchronous_mode",
-                "synchronous replication is not implemented yet; leave it off (asynchronous replication may lose the last transactions on failover)".into(),
+                "synchronous_node_count",
+                "must be at least 1 (turn synchronous_mode off for asynchronous replication)"
+                    .into(),
             ));
         }
         if self.retry_timeout == 0 {

@@ -102,6 +102,7 @@ fn minimal_config_parses_with_documented_defaults() {
         Tags {
             nofailover: false,
             noloadbalance: false,
+            nosync: false,
             failover_priority: 1,
             custom: Default::default(),
         }
@@ -360,7 +361,7 @@ fn bad_configs_are_rejected_with_one_line_naming_the_key() {
             append("[bootstrap.dcs]\nsynchronous = true\n"),
             Key(
                 "bootstrap.dcs.synchronous",
-                "unknown field `synchronous`, expected one of `ttl`, `loop_wait`, `retry_timeout`, `maximum_lag_on_failover`, `use_slots`, `use_pg_rewind`, `member_slots_ttl`, `primary_start_timeout`, `synchronous_mode`, `failsafe_mode`, `pause`, `postgresql`",
+                "unknown field `synchronous`, expected one of `ttl`, `loop_wait`, `retry_timeout`, `maximum_lag_on_failover`, `use_slots`, `use_pg_rewind`, `member_slots_ttl`, `primary_start_timeout`, `synchronous_mode`, `synchronous_mode_strict`, `synchronous_node_count`, `failsafe_mode`, `pause`, `postgresql`",
             ),
         ),
         (

@@ -1,4 +1,4 @@
-use super::{ClusterStatus, ClusterView, HistoryEntry, Initialize, Keys, MemberStatus};
+use super::{ClusterStatus, ClusterView, HistoryEntry, Initialize, Keys, MemberStatus, SyncState};
 use crate::config::DynamicConfig;
 use etcd_client::{
     Client, Compare, CompareOp, ConnectOptions, GetOptions, LeaseKeepAliveStream, LeaseKeeper,
@@ -621,6 +621,27 @@ impl Dcs {
         Ok(())
     }
 
+    /// Rule 4's `sync` key, written only while `leader` names us on our
+    /// lease: a deposed leader's late write must not name standbys that
+    /// lack the new leader's commits. Lost: we are not the leader.
+    pub async fn write_sync(&mut self, sync: &SyncState) -> Result<LeaderOutcome, DcsError> {
+        let (key, leader) = (self.keys.sync(), self.keys.leader());
+        let value = serde_json::to_vec(sync).map_err(|source| DcsError::Decode {
+            key: key.clone(),
+            source,
+        })?;
+        let Some(lease) = self.lease else {
+            return Ok(LeaderOutcome::Lost);
+        };
+        let txn = Txn::new()
+            .when([
+                Compare::value(leader.clone(), CompareOp::Equal, sync.leader.as_str()),
+                Compare::lease(leader, CompareOp::Equal, lease),
+            ])
+            .and_then([TxnOp::put(key, value, None)]);
+        self.run_txn(txn).await
+    }
+
     pub async fn write_status(&mut self, status: &ClusterStatus) -> Result<(), DcsError> {
         let key = self.keys.status();
         let value = serde_json::to_vec(status).map_err(|source| DcsError::Decode {
@@ -911,6 +932,13 @@ pub(super) fn decode_cluster<'a>(
                     None
                 }
                 Err(e) => Some((e, "no failsafe topology is seen")),
+            },
+            "sync" => match serde_json::from_slice::<SyncState>(value) {
+                Ok(sync) => {
+                    view.sync = Some(sync);
+                    None
+                }
+                Err(e) => Some((e, "no synchronous standby is seen")),
             },
             "failover" => match serde_json::from_slice(value) {
                 Ok(request) => {

@@ -119,6 +119,28 @@ pub struct ClusterStatus {
     pub slots: BTreeMap<String, u64>,
 }
 
+/// The `sync` key (rule 4): every member in `sync_standby` has every
+/// commit `leader` acknowledged. Written by the leader only while it holds
+/// the leader key; an empty list means its commits are not protected
+/// (asynchronous, or a non-strict fallback).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SyncState {
+    pub leader: String,
+    #[serde(default)]
+    pub sync_standby: Vec<String>,
+}
+
+impl SyncState {
+    /// May `name` take the lease after a failure in synchronous mode? Only
+    /// a listed standby or the leader the list is about; anyone when the
+    /// list is empty (nothing was protected).
+    pub fn allows(&self, name: &str) -> bool {
+        self.sync_standby.is_empty()
+            || self.leader == name
+            || self.sync_standby.iter().any(|s| s == name)
+    }
+}
+
 /// One timeline switch, appended to `history` on promotion.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct HistoryEntry {
@@ -188,6 +210,8 @@ pub struct ClusterView {
     /// Failsafe mode: the member names the leader recorded as those it asks
     /// to confirm it while etcd is unreachable (None: not recorded).
     pub failsafe: Option<Vec<String>>,
+    /// Synchronous mode: the leader's synchronous standbys (None: no key).
+    pub sync: Option<SyncState>,
     /// etcd revision of `config` (0: absent), for compare-and-swap edits.
     pub config_revision: i64,
     /// Keys that held something this agent cannot decode, one line each
@@ -209,12 +233,26 @@ impl ClusterView {
             history: Vec::new(),
             failover: None,
             failsafe: None,
+            sync: None,
             config_revision: 0,
             problems: Vec::new(),
         }
     }
     pub fn member(&self, name: &str) -> Option<&MemberStatus> {
         self.members.iter().find(|m| m.name == name)
+    }
+    /// Synchronous mode is on and `sync` keeps `name` from taking the lease
+    /// after a failure.
+    pub fn sync_excludes(&self, name: &str) -> bool {
+        self.config.synchronous_mode && self.sync.as_ref().is_some_and(|s| !s.allows(name))
+    }
+    /// `name` is listed as a synchronous standby of the current leader.
+    pub fn is_sync_standby(&self, name: &str) -> bool {
+        self.config.synchronous_mode
+            && self.sync.as_ref().is_some_and(|s| {
+                self.leader.as_deref() == Some(s.leader.as_str())
+                    && s.sync_standby.iter().any(|x| x == name)
+            })
     }
     pub fn leader_member(&self) -> Option<&MemberStatus> {
         self.leader.as_deref().and_then(|l| self.member(l))

@@ -179,6 +179,8 @@ pub struct Core {
     lease_answered: bool,
     /// `LocalView::members_seen`.
     members_seen: BTreeMap<String, Duration>,
+    /// `LocalView::sync_applied_at`.
+    sync_applied_at: BTreeMap<String, u64>,
     /// Since when etcd holds no `initialize` key (as observed).
     no_cluster_since: Option<Duration>,
     /// The last lease operation found the leader key naming us on a lease
@@ -258,6 +260,7 @@ impl Core {
             peers: None,
             known_members: Vec::new(),
             members_seen: BTreeMap::new(),
+            sync_applied_at: BTreeMap::new(),
             lease_answered: false,
             no_cluster_since: None,
             leader_key_not_ours: false,
@@ -436,6 +439,7 @@ impl Core {
             peers: self.peers.clone(),
             known_members: self.known_members.clone(),
             members_seen: self.members_seen.clone(),
+            sync_applied_at: self.sync_applied_at.clone(),
             no_cluster_since: self.no_cluster_since,
             leader_key_not_ours: self.leader_key_not_ours,
             failsafe_granted: self.failsafe_granted.clone(),
@@ -607,6 +611,7 @@ impl Core {
             self.demoting = false;
         }
         self.track_slots(now);
+        super::sync::track_applied(&mut self.sync_applied_at, self.pg.running());
         self.track_primary_down(now);
         self.run_policy(now);
     }
@@ -912,6 +917,7 @@ impl Core {
         core.primary_down_since = local.primary_down_since;
         core.known_members = local.known_members.clone();
         core.members_seen = local.members_seen.clone();
+        core.sync_applied_at = local.sync_applied_at.clone();
         core.no_cluster_since = local.no_cluster_since;
         core.leader_key_not_ours = local.leader_key_not_ours;
         core.failsafe_granted = local.failsafe_granted.clone();

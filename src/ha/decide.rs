@@ -35,6 +35,16 @@ pub fn not_a_candidate(cluster: &ClusterView, local: &LocalView, now: Duration) 
     if let Some(full) = disk_full(local) {
         return Some(full);
     }
+    if cluster.sync_excludes(&local.name) {
+        let listed = cluster
+            .sync
+            .as_ref()
+            .map(|s| s.sync_standby.join(", "))
+            .unwrap_or_default();
+        return Some(format!(
+            "synchronous_mode: only a member listed in `sync` ({listed}) may take over: it alone has every acknowledged commit"
+        ));
+    }
     let failed = local
         .last_failure
         .as_ref()
@@ -798,6 +808,7 @@ fn decide_primary(
             }
             manage_slots(cluster, local, pg, now, d);
             d.push(Action::WriteStatus, "publishing the primary's WAL position");
+            super::sync::manage_sync(cluster, local, pg, d);
             if cluster.config.failsafe_mode {
                 let topology = failsafe_topology(cluster, local);
                 if cluster.failsafe.as_ref() != Some(&topology) {
@@ -1232,6 +1243,7 @@ fn better_candidate(
             .filter(|p| p.name != local.name)
             .filter(|p| of_this_cluster(cluster, p))
             .filter(in_topology)
+            .filter(|p| !cluster.sync_excludes(&p.name))
     };
     // A peer already running as primary takes the lease without a new
     // timeline: electing a replica instead would rewind a healthy primary.
@@ -1262,8 +1274,16 @@ fn lag_too_big(cluster: &ClusterView, local: &LocalView, pg: &PgRunning) -> Opti
     if local.mutation == Some(super::Mutation::IgnoreMaximumLag) {
         return None;
     }
-    #[cfg(not(test))]
-    let _ = local;
+    // A synchronous standby has every acknowledged commit; how far it
+    // replayed does not matter.
+    if cluster.config.synchronous_mode
+        && cluster
+            .sync
+            .as_ref()
+            .is_some_and(|s| s.sync_standby.contains(&local.name))
+    {
+        return None;
+    }
     let status = cluster.status.as_ref()?;
     let ours = pg.receive_lsn.max(pg.wal_lsn).unwrap_or(0);
     let lag = status.wal_lsn.saturating_sub(ours);

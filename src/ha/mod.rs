@@ -19,6 +19,7 @@ pub const PEER_ASK_TIMEOUT: Duration = Duration::from_millis(1500);
 pub const FAILSAFE_ASK_TIMEOUT: Duration = Duration::from_millis(800);
 
 mod operator;
+mod sync;
 mod view;
 
 pub use self::core::{Core, Event, Identity, LeaseOutcome, Observation};
@@ -26,6 +27,7 @@ pub use decide::{
     conf_role, decide, disk_full, not_a_candidate, resumable_primary, MIN_FREE_BYTES,
 };
 pub use operator::switchover_candidate_problem;
+pub use sync::{parse_standby_names, render_standby_names, replication_mode, ReplicationMode};
 pub use view::*;
 
 /// Deliberately broken policies, each caught by the simulator.

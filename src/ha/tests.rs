@@ -66,6 +66,7 @@ fn cluster() -> Cluster {
         history: vec![],
         failover: None,
         failsafe: None,
+        sync: None,
         config_revision: 1,
         problems: vec![],
     })
@@ -121,6 +122,23 @@ impl Cluster {
     fn timeline(mut self, name: &str, tl: Option<u32>) -> Self {
         for m in self.0.members.iter_mut().filter(|m| m.name == name) {
             m.timeline = tl;
+        }
+        self
+    }
+    /// synchronous_mode on (strict or not) with `sync` naming `leader`'s
+    /// standbys (None: no `sync` key).
+    fn sync_mode(mut self, strict: bool, sync: Option<(&str, &[&str])>) -> Self {
+        self.0.config.synchronous_mode = true;
+        self.0.config.synchronous_mode_strict = strict;
+        self.0.sync = sync.map(|(leader, list)| crate::dcs::SyncState {
+            leader: leader.into(),
+            sync_standby: list.iter().map(|s| s.to_string()).collect(),
+        });
+        self
+    }
+    fn tagged_nosync(mut self, name: &str) -> Self {
+        for m in self.0.members.iter_mut().filter(|m| m.name == name) {
+            m.tags.nosync = true;
         }
         self
     }
@@ -191,6 +209,7 @@ fn local() -> Local {
         peers: None,
         known_members: vec![],
         members_seen: BTreeMap::new(),
+        sync_applied_at: BTreeMap::new(),
         // etcd empty for long: any bootstrap grace has passed.
         no_cluster_since: Some(Duration::ZERO),
         leader_key_not_ours: false,
@@ -259,6 +278,8 @@ impl Local {
             slots: slots(slot_members),
             pending_restart: false,
             postmaster_start: String::new(),
+            synchronous_standby_names: String::new(),
+            replication: vec![],
         });
         self
     }
@@ -275,6 +296,8 @@ impl Local {
             slots: vec![],
             pending_restart: false,
             postmaster_start: String::new(),
+            synchronous_standby_names: String::new(),
+            replication: vec![],
         });
         self
     }
@@ -290,6 +313,8 @@ impl Local {
             slots: vec![],
             pending_restart: false,
             postmaster_start: String::new(),
+            synchronous_standby_names: String::new(),
+            replication: vec![],
         });
         self
     }
@@ -306,6 +331,28 @@ impl Local {
         self
     }
     /// Start of the last successful lease renewal.
+    /// A running primary's `synchronous_standby_names` and
+    /// `pg_stat_replication` rows (name, flushed up to).
+    fn sync_pg(mut self, standby_names: &str, streaming: &[(&str, u64)]) -> Self {
+        if let PgRun::Running(r) = &mut self.0.pg {
+            r.synchronous_standby_names = standby_names.into();
+            r.replication = streaming
+                .iter()
+                .map(|(n, lsn)| Standby {
+                    name: n.to_string(),
+                    streaming: true,
+                    flush_lsn: Some(*lsn),
+                })
+                .collect();
+        }
+        self
+    }
+    /// `name` was seen in the applied synchronous_standby_names when the
+    /// primary stood at `lsn`.
+    fn sync_applied(mut self, name: &str, lsn: u64) -> Self {
+        self.0.sync_applied_at.insert(name.into(), lsn);
+        self
+    }
     fn renewed_at(mut self, t: u64) -> Self {
         self.0.last_renew = Some(secs(t));
         self
@@ -2484,6 +2531,89 @@ fn a_failsafe_leader_stays_primary_only_while_every_member_confirms() {
             last_round + secs(ttl)
         );
     }
+}
+
+/// Rule 4: names go into synchronous_standby_names before `sync`, and
+/// leave `sync` before they leave synchronous_standby_names; only a listed
+/// standby may take over.
+#[test]
+#[rustfmt::skip]
+fn synchronous_mode_decisions() {
+    use Action::*;
+    let s = |names: &[&str]| names.iter().map(|n| n.to_string()).collect::<Vec<_>>();
+    let c = |strict: bool, sync: Option<(&str, &[&str])>| {
+        cluster().initialized(SYSID).led_by(ME).replica(N2).replica(N3).sync_mode(strict, sync)
+    };
+    let leader = || local().data(SYSID).pg_primary(&[N2, N3]).slot_seen(N2, NOW).slot_seen(N3, NOW).renewed_at(NOW - 1);
+    let first_n2 = "FIRST 1 (\"node2\")";
+    let both = "FIRST 2 (\"node3\", \"node2\")";
+    let leaderless = |sync: (&str, &[&str])| {
+        cluster().initialized(SYSID).replica(N2).replica(N3).primary_lsn(LSN + 10 * MB).sync_mode(false, Some(sync))
+    };
+    check(vec![
+        row("a standby streams, none named yet: into synchronous_standby_names first, not into `sync`",
+            c(false, None), leader().sync_pg("*", &[(N2, LSN), (N3, LSN - 1)]), NOW,
+            vec![RenewLeader, WriteStatus, SetSyncStandbys(s(&[N2]))]),
+        row("named in PostgreSQL, first seen applied: not yet in `sync`",
+            c(false, None), leader().sync_pg(first_n2, &[(N2, LSN), (N3, LSN)]), NOW,
+            vec![RenewLeader, WriteStatus]),
+        row("applied, flushed past where the primary stood: publish it in `sync`",
+            c(false, None), leader().sync_pg(first_n2, &[(N2, LSN), (N3, LSN)]).sync_applied(N2, LSN - 1), NOW,
+            vec![RenewLeader, WriteStatus, WriteSync(s(&[N2]))]),
+        row("applied but not flushed that far: wait",
+            c(false, None), leader().sync_pg(first_n2, &[(N2, LSN - 2), (N3, LSN)]).sync_applied(N2, LSN - 1), NOW,
+            vec![RenewLeader, WriteStatus]),
+        row("published and healthy: nothing to do",
+            c(false, Some((ME, &[N2]))), leader().sync_pg(first_n2, &[(N2, LSN), (N3, LSN)]), NOW,
+            vec![RenewLeader, WriteStatus]),
+        row("sticky: a further standby does not replace a healthy synchronous one",
+            c(false, Some((ME, &[N2]))), leader().sync_pg(first_n2, &[(N2, LSN - MB), (N3, LSN)]), NOW,
+            vec![RenewLeader, WriteStatus]),
+        row("the synchronous standby is gone, another streams: it joins PostgreSQL's list, the key stays",
+            c(false, Some((ME, &[N2]))), leader().sync_pg(first_n2, &[(N3, LSN)]), NOW,
+            vec![RenewLeader, WriteStatus, SetSyncStandbys(s(&[N3, N2]))]),
+        row("the replacement caught up: `sync` names it alone, PostgreSQL keeps both this pass",
+            c(false, Some((ME, &[N2]))), leader().sync_pg(both, &[(N3, LSN)]).sync_applied(N3, LSN - 1).sync_applied(N2, LSN - 1), NOW,
+            vec![RenewLeader, WriteStatus, WriteSync(s(&[N3]))]),
+        row("after the key moved: the old standby leaves PostgreSQL's list",
+            c(false, Some((ME, &[N3]))), leader().sync_pg(both, &[(N3, LSN)]).sync_applied(N3, LSN - 1), NOW,
+            vec![RenewLeader, WriteStatus, SetSyncStandbys(s(&[N3]))]),
+        row("no standby left, not strict: `sync` emptied first (asynchronous fallback)",
+            c(false, Some((ME, &[N2]))), leader().sync_pg(first_n2, &[]), NOW,
+            vec![RenewLeader, WriteStatus, WriteSync(vec![])]),
+        row("fallen back: then out of PostgreSQL's list",
+            c(false, Some((ME, &[]))), leader().sync_pg(first_n2, &[]), NOW,
+            vec![RenewLeader, WriteStatus, SetSyncStandbys(vec![])]),
+        row("no standby left, strict: the key and PostgreSQL's list stay, commits wait",
+            c(true, Some((ME, &[N2]))), leader().sync_pg(first_n2, &[]), NOW,
+            vec![RenewLeader, WriteStatus]),
+        row("strict, never had a standby: commits wait for any ('*')",
+            c(true, None), leader().sync_pg("", &[]), NOW,
+            vec![RenewLeader, WriteStatus, SetSyncStandbys(vec![])]),
+        row("a standby tagged nosync is never chosen",
+            c(false, None).tagged_nosync(N2), leader().sync_pg("*", &[(N2, LSN), (N3, LSN - 1)]), NOW,
+            vec![RenewLeader, WriteStatus, SetSyncStandbys(s(&[N3]))]),
+        row("newly promoted, the old leader's key names us: our standby first, the listed others kept in PostgreSQL",
+            c(false, Some((N2, &[ME, N3]))), leader().sync_pg("*", &[(N3, LSN)]), NOW,
+            vec![RenewLeader, WriteStatus, SetSyncStandbys(s(&[N3]))]),
+        row("synchronous_mode switched off: `sync` emptied",
+            {
+                let mut c = c(false, Some((ME, &[N2])));
+                c.0.config.synchronous_mode = false;
+                c
+            },
+            leader().sync_pg(first_n2, &[(N2, LSN)]), NOW,
+            vec![RenewLeader, WriteStatus, WriteSync(vec![])]),
+        row("no leader, not listed in `sync`: not a candidate",
+            leaderless((N2, &[N3])), local().data(SYSID).pg_replica(None, LSN), NOW,
+            vec![]).waiting("only a member listed in `sync`"),
+        row("no leader, listed in `sync` but far behind `status`: still a candidate, it has every acknowledged commit",
+            leaderless((N2, &[ME])), local().data(SYSID).pg_replica(None, LSN).peer(N3, Some(LSN + MB)), NOW,
+            vec![AcquireLeader]),
+        row("no leader, the old leader's `sync` is empty: anyone, by position",
+            leaderless((N2, &[])), local().data(SYSID).pg_replica(None, LSN + 10 * MB).peer(N3, Some(LSN)), NOW,
+            vec![AcquireLeader]),
+    ]);
 }
 
 #[test]

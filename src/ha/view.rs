@@ -36,6 +36,10 @@ pub struct LocalView {
     /// slot ready for one gone less than member_slots_ttl (the old primary
     /// of a failover rejoins onto it without waiting for a retry).
     pub members_seen: BTreeMap<String, Duration>,
+    /// Synchronous mode, leader only: per standby in the applied
+    /// `synchronous_standby_names`, the WAL position it must have flushed
+    /// before `sync` may name it (`sync::track_applied`).
+    pub sync_applied_at: BTreeMap<String, u64>,
     /// Since when etcd holds no `initialize` key, as observed.
     pub no_cluster_since: Option<Duration>,
     /// Our last lease operation found the leader key naming us on a lease
@@ -167,6 +171,21 @@ pub struct PgRunning {
     pub pending_restart: bool,
     /// `pg_postmaster_start_time()`: a new value proves a restart.
     pub postmaster_start: String,
+    /// The `synchronous_standby_names` in force (as the probe's session
+    /// sees it).
+    pub synchronous_standby_names: String,
+    /// `pg_stat_replication`: who streams from this instance.
+    pub replication: Vec<Standby>,
+}
+
+/// One row of `pg_stat_replication`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Standby {
+    /// application_name: the member name pgwarden puts in primary_conninfo.
+    pub name: String,
+    /// state = 'streaming' (caught up once, not in catch-up or backup).
+    pub streaming: bool,
+    pub flush_lsn: Option<u64>,
 }
 
 impl PgRun {
@@ -283,6 +302,12 @@ pub enum Action {
     AskFailsafe(Vec<PeerAddress>),
     /// Failsafe mode: record in etcd the members we would ask (us included).
     WriteFailsafe(Vec<String>),
+    /// Synchronous mode: write `sync` naming these standbys (only while we
+    /// hold the leader key).
+    WriteSync(Vec<String>),
+    /// Synchronous mode: every commit waits for each of these standbys
+    /// (`sync::render_standby_names`), then reload.
+    SetSyncStandbys(Vec<String>),
 }
 
 /// What the policy needs to know about other members before it can decide.
@@ -422,11 +447,13 @@ pub fn failsafe_refusal(
 pub fn published_role_state(
     local: &LocalView,
     i_lead: bool,
+    sync_standby: bool,
 ) -> (crate::dcs::Role, crate::dcs::PgState) {
     use crate::dcs::{PgState, Role};
     let role = match &local.data {
         DataDir::Empty if local.job != Some(JobKind::Bootstrap) => Role::Uninitialized,
         _ if i_lead => Role::Leader,
+        _ if sync_standby => Role::SyncStandby,
         _ => Role::Replica,
     };
     let state = match (&local.job, &local.pg) {

@@ -6,6 +6,10 @@ use std::net::SocketAddr;
 /// includes it, so an operator's own postgresql.conf edits stay theirs.
 pub const MANAGED_CONF: &str = "pgwarden.conf";
 pub const INCLUDE_LINE: &str = "include_if_exists = 'pgwarden.conf'  # added by pgwarden";
+/// The leader's `synchronous_standby_names` in synchronous mode, included
+/// last by pgwarden.conf: rewritten on its own, without re-rendering the
+/// rest (`Instance::set_sync_standbys`).
+pub const SYNC_CONF: &str = "pgwarden-sync.conf";
 
 /// Everything that decides the content of PostgreSQL's config files.
 #[derive(Debug, Clone)]
@@ -21,6 +25,10 @@ pub struct ConfInputs {
     pub pg_hba: Vec<String>,
     /// None: run as primary.
     pub replica: Option<ReplicaSettings>,
+    /// Synchronous mode: until the leader names its standbys in SYNC_CONF,
+    /// commits wait for any standby (`*`): a freshly promoted primary must
+    /// not acknowledge what no standby has.
+    pub synchronous_mode: bool,
 }
 
 #[derive(Clone, PartialEq, Eq)]
@@ -116,6 +124,12 @@ pub fn render_conf(inp: &ConfInputs) -> ConfFiles {
         ParamValue::Text(inp.listen.ip().to_string()),
     );
     params.insert("port".into(), ParamValue::Int(i64::from(inp.listen.port())));
+    if inp.synchronous_mode {
+        params.insert(
+            "synchronous_standby_names".into(),
+            ParamValue::Text("*".into()),
+        );
+    }
     let recovery = inp
         .replica
         .as_ref()
@@ -126,6 +140,9 @@ pub fn render_conf(inp: &ConfInputs) -> ConfFiles {
     );
     for (k, v) in &params {
         conf.push_str(&format!("{k} = {}\n", v.render()));
+    }
+    if inp.synchronous_mode {
+        conf.push_str(&format!("include_if_exists = '{SYNC_CONF}'\n"));
     }
     let mut recovery_conf = None;
     if inp.major >= 12 {
@@ -217,7 +234,26 @@ mod tests {
                 application_name: "node2".into(),
                 slot: Some("node2".into()),
             }),
+            synchronous_mode: false,
         }
+    }
+
+    #[test]
+    fn synchronous_mode_waits_for_any_standby_until_the_leader_names_them() {
+        let mut inp = inputs(15, false);
+        let off = render_conf(&inp).managed_conf;
+        assert!(!off.contains("synchronous_standby_names"), "{off}");
+        assert!(!off.contains(SYNC_CONF), "{off}");
+        inp.synchronous_mode = true;
+        let on = render_conf(&inp).managed_conf;
+        let default = on.find("synchronous_standby_names = '*'").expect("default");
+        let include = on
+            .find(&format!("include_if_exists = '{SYNC_CONF}'"))
+            .expect("include");
+        assert!(
+            default < include,
+            "the leader's choice must come last: {on}"
+        );
     }
 
     #[test]

@@ -522,6 +522,17 @@ impl Instance {
         Ok(changed)
     }
 
+    /// Synchronous mode: the leader's `synchronous_standby_names`, in the
+    /// file pgwarden.conf includes last (a reload applies it).
+    pub fn set_sync_standbys(&self, value: &str) -> anyhow::Result<()> {
+        let line = format!(
+            "# Written by the pgwarden leader (synchronous_mode).\nsynchronous_standby_names = {}\n",
+            crate::config::ParamValue::Text(value.to_string()).render()
+        );
+        self.write_if_changed(&self.data_dir.join(super::conf::SYNC_CONF), &line)?;
+        Ok(())
+    }
+
     fn write_if_changed(&self, path: &Path, text: &str) -> anyhow::Result<bool> {
         if std::fs::read_to_string(path).ok().as_deref() == Some(text) {
             return Ok(false);

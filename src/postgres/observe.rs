@@ -1,5 +1,5 @@
 use crate::dcs::parse_lsn;
-use crate::ha::PgRunning;
+use crate::ha::{PgRunning, Standby};
 use tokio_postgres::{Client, NoTls};
 
 /// The result of one SQL probe of a running instance.
@@ -24,7 +24,19 @@ SELECT pg_is_in_recovery(),
        coalesce((SELECT array_agg(slot_name::text ORDER BY slot_name)
                  FROM pg_replication_slots WHERE slot_type = 'physical'), '{}'),
        EXISTS (SELECT FROM pg_settings WHERE pending_restart),
-       pg_postmaster_start_time()::text";
+       pg_postmaster_start_time()::text,
+       current_setting('synchronous_standby_names'),
+       (SELECT coalesce(json_agg(json_build_object('name', application_name, 'state', state,
+                                                   'flush', flush_lsn::text)), '[]'::json)
+        FROM pg_stat_replication)::text";
+
+/// One `pg_stat_replication` row as the probe returns it.
+#[derive(serde::Deserialize)]
+struct ReplicationRow {
+    name: Option<String>,
+    state: Option<String>,
+    flush: Option<String>,
+}
 
 pub async fn probe(client: &Client) -> Result<Observed, tokio_postgres::Error> {
     let row = client.query_one(PROBE, &[]).await?;
@@ -38,6 +50,21 @@ pub async fn probe(client: &Client) -> Result<Observed, tokio_postgres::Error> {
     let slots: Vec<String> = row.try_get(7)?;
     let pending_restart: bool = row.try_get(8)?;
     let postmaster_start: String = row.try_get(9)?;
+    let synchronous_standby_names: String = row.try_get(10)?;
+    let replication: String = row.try_get(11)?;
+    // Our own query's JSON: a row that does not decode is left out (it
+    // names no standby pgwarden could list).
+    let replication = serde_json::from_str::<Vec<ReplicationRow>>(&replication)
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|r| {
+            Some(Standby {
+                name: r.name?,
+                streaming: r.state.as_deref() == Some("streaming"),
+                flush_lsn: r.flush.as_deref().and_then(parse_lsn),
+            })
+        })
+        .collect();
     Ok(Observed {
         state: PgRunning {
             in_recovery,
@@ -53,6 +80,8 @@ pub async fn probe(client: &Client) -> Result<Observed, tokio_postgres::Error> {
             slots,
             pending_restart,
             postmaster_start,
+            synchronous_standby_names,
+            replication,
         },
         major: (version / 10000) as u32,
     })

@@ -20,6 +20,7 @@ pub enum Value {
     History(Vec<HistoryEntry>),
     Failover(FailoverRequest),
     Names(Vec<String>),
+    Sync(crate::dcs::SyncState),
 }
 
 #[derive(Debug, Clone)]
@@ -52,6 +53,7 @@ pub const STATUS: &str = "status";
 pub const HISTORY: &str = "history";
 pub const FAILOVER: &str = "failover";
 pub const FAILSAFE: &str = "failsafe";
+pub const SYNC: &str = "sync";
 
 pub fn member_key(name: &str) -> String {
     format!("members/{name}")
@@ -229,6 +231,7 @@ impl Etcd {
                 }
                 (FAILOVER, Value::Failover(f)) => view.failover = Some(f.clone()),
                 (FAILSAFE, Value::Names(n)) => view.failsafe = Some(n.clone()),
+                (SYNC, Value::Sync(s)) => view.sync = Some(s.clone()),
                 (STATUS, Value::Status(s)) => view.status = Some(s.clone()),
                 (HISTORY, Value::History(h)) => view.history = h.clone(),
                 (_, Value::Member(m)) => view.members.push((**m).clone()),
@@ -342,6 +345,22 @@ impl Etcd {
 
     pub fn write_status(&mut self, status: ClusterStatus, now: Duration) {
         let _ = self.put(STATUS, Value::Status(status), 0, now);
+    }
+
+    /// `Dcs::write_sync`: only while `leader` names the writer on its lease.
+    pub fn write_sync(
+        &mut self,
+        sync: crate::dcs::SyncState,
+        lease: Option<i64>,
+        now: Duration,
+    ) -> bool {
+        let Some(lease) = lease else { return false };
+        let ours = self.text_is(LEADER, &sync.leader)
+            && self.kv.get(LEADER).is_some_and(|kv| kv.lease == lease);
+        if ours {
+            let _ = self.put(SYNC, Value::Sync(sync), 0, now);
+        }
+        ours
     }
 
     pub fn append_history(&mut self, entry: HistoryEntry, now: Duration) {

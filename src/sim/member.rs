@@ -721,6 +721,25 @@ impl World {
                 self.etcd_call(i, elapsed, |e, now| e.put(etcd::FAILSAFE, v, 0, now))?
                     .map_err(|e| format!("etcd: {e:?}"))?;
             }
+            Action::WriteSync(standbys) => {
+                let sync = crate::dcs::SyncState {
+                    leader: name.clone(),
+                    sync_standby: standbys.clone(),
+                };
+                let lease = self.agent(i).lease;
+                let won = self.etcd_call(i, elapsed, |e, now| e.write_sync(sync, lease, now))?;
+                if !won {
+                    return Err("not written: the leader key does not name us on our lease".into());
+                }
+            }
+            Action::SetSyncStandbys(standbys) => {
+                if !self.members[i].pg.postmaster_alive() {
+                    return Err("pg_ctl reload: no server running".into());
+                }
+                let strict = self.agent(i).core.cluster().config.synchronous_mode_strict;
+                self.members[i].pg.standby_names =
+                    crate::ha::render_standby_names(standbys, strict);
+            }
             Action::InitConfig => {
                 let defaults = self.plan.bootstrap_config();
                 self.etcd_call(i, elapsed, |e, now| e.init_config(&defaults, now))?;
@@ -1192,7 +1211,13 @@ impl World {
             PgRun::Stopped
         } else {
             match pg.run {
-                Run::Running { .. } | Run::Promoting { .. } => PgRun::Running(running_of(pg)),
+                Run::Running { .. } | Run::Promoting { .. } => {
+                    let mut r = running_of(pg);
+                    if !r.in_recovery {
+                        r.replication = self.replication_of(i);
+                    }
+                    PgRun::Running(r)
+                }
                 _ => PgRun::Unresponsive,
             }
         };
@@ -1402,6 +1427,7 @@ impl World {
         let (role, state) = crate::ha::published_role_state(
             local,
             cluster.leader.as_deref() == Some(m.name.as_str()),
+            cluster.is_sync_standby(&m.name),
         );
         let upstream = running.and_then(|pg| pg.upstream.clone()).and_then(|addr| {
             cluster
@@ -1437,6 +1463,20 @@ impl World {
         self.members.iter().position(|m| m.name == name)
     }
 
+    /// `pg_stat_replication` of member `i`: the replicas streaming from it.
+    fn replication_of(&self, i: usize) -> Vec<crate::ha::Standby> {
+        let address = &self.members[i].address;
+        self.members
+            .iter()
+            .filter(|m| m.pg.replica() && m.pg.upstream.as_ref() == Some(address))
+            .map(|m| crate::ha::Standby {
+                name: m.name.clone(),
+                streaming: m.pg.streaming,
+                flush_lsn: m.pg.data.as_ref().map(|d| d.lsn),
+            })
+            .collect()
+    }
+
     pub fn wall_clock(&self) -> u64 {
         1_700_000_000 + self.now.as_secs()
     }
@@ -1456,6 +1496,8 @@ fn running_of(pg: &Pg) -> PgRunning {
         slots: d.map(|d| d.slots.clone()).unwrap_or_default(),
         pending_restart: false,
         postmaster_start: pg.starts.to_string(),
+        synchronous_standby_names: pg.standby_names.clone(),
+        replication: Vec::new(),
     }
 }
 

@@ -82,6 +82,9 @@ pub struct Pg {
     pub generation: u64,
     /// Counter standing for pg_postmaster_start_time().
     pub starts: u64,
+    /// synchronous_standby_names as last reloaded (kept in the data
+    /// directory's pgwarden-sync.conf in the real thing).
+    pub standby_names: String,
 }
 
 impl Pg {
@@ -93,6 +96,7 @@ impl Pg {
             streaming: false,
             generation: 0,
             starts: 0,
+            standby_names: String::new(),
         }
     }
 

@@ -1,0 +1,325 @@
+//! Synchronous mode, the leader's side of rule 4: which standbys every
+//! commit waits for (`synchronous_standby_names`, "P" below) and which the
+//! `sync` key lets take over after a failure ("K").
+//!
+//! The claim `sync` makes: every listed standby has every commit the named
+//! leader acknowledged. It stays true because
+//! - P always contains K, before and after every write (a removal leaves
+//!   the key before it leaves P; P is rendered `FIRST n (…)` with n = its
+//!   size, so every member of P acknowledges every commit);
+//! - a standby enters K only once P containing it is applied *and* it has
+//!   flushed past the primary's WAL position at the first observation
+//!   that showed it applied (everything acknowledged before that lies
+//!   behind that position; everything after waited for it).
+
+use super::view::{Action, Decision, LocalView, PgRunning};
+use crate::dcs::ClusterView;
+use std::collections::btree_map::Entry;
+use std::collections::{BTreeMap, BTreeSet};
+
+/// What the leader does this pass about synchronous replication.
+pub(super) fn manage_sync(
+    cluster: &ClusterView,
+    local: &LocalView,
+    pg: &PgRunning,
+    d: &mut Decision,
+) {
+    let cfg = &cluster.config;
+    let me = local.name.as_str();
+    if !cfg.synchronous_mode {
+        // An old list would restrict elections if the mode came back on.
+        if cluster
+            .sync
+            .as_ref()
+            .is_some_and(|s| !s.sync_standby.is_empty())
+        {
+            d.push(
+                Action::WriteSync(Vec::new()),
+                "synchronous_mode is off: clearing the synchronous standbys in etcd",
+            );
+        }
+        return;
+    }
+    let strict = cfg.synchronous_mode_strict;
+    let key_ours = cluster.sync.as_ref().is_some_and(|s| s.leader == me);
+    let listed: Vec<String> = cluster
+        .sync
+        .as_ref()
+        .map(|s| {
+            s.sync_standby
+                .iter()
+                .filter(|n| *n != me)
+                .cloned()
+                .collect()
+        })
+        .unwrap_or_default();
+    let k_cur: Vec<String> = if key_ours { listed.clone() } else { Vec::new() };
+    let applied = parse_standby_names(&pg.synchronous_standby_names);
+    let wanted = choose(cluster, me, pg, &k_cur, applied.as_ref());
+    let caught_up = |name: &String| {
+        let since = local.sync_applied_at.get(name);
+        let flushed = pg
+            .replication
+            .iter()
+            .find(|r| &r.name == name)
+            .and_then(|r| r.flush_lsn);
+        applied.as_ref().is_some_and(|p| p.contains(name))
+            && matches!((since, flushed), (Some(s), Some(f)) if f >= *s)
+    };
+    let k_next: Vec<String> = wanted
+        .iter()
+        .filter(|n| k_cur.contains(n) || caught_up(n))
+        .cloned()
+        .collect();
+    let write = if key_ours && same_set(&k_next, &k_cur) {
+        None
+    } else if !k_next.is_empty() {
+        Some(k_next)
+    } else if strict || !wanted.is_empty() || (key_ours && k_cur.is_empty()) {
+        // Strict: never unprotected, the key stays and commits wait for
+        // its standbys. A candidate is there: commits wait until it has
+        // caught up and replaces the key's standbys, rather than run
+        // unprotected meanwhile.
+        None
+    } else {
+        Some(Vec::new())
+    };
+    // P covers the key in force before the write (it may fail) and after.
+    let before = if key_ours { &k_cur } else { &listed };
+    let mut p_next: Vec<String> = wanted.clone();
+    for n in before.iter().chain(write.iter().flatten()) {
+        if !p_next.contains(n) {
+            p_next.push(n.clone());
+        }
+    }
+    match write {
+        Some(list) if list.is_empty() => d.push(
+            Action::WriteSync(list),
+            "synchronous_mode: no synchronous standby is available: falling back to asynchronous replication (commits are not protected until one returns)",
+        ),
+        Some(list) => {
+            let names = list.join(", ");
+            d.push(
+                Action::WriteSync(list),
+                format!("synchronous_mode: publishing the synchronous standbys in etcd: {names}"),
+            )
+        }
+        None => {}
+    }
+    let render = render_standby_names(&p_next, strict);
+    if pg.synchronous_standby_names != render {
+        d.push(
+            Action::SetSyncStandbys(p_next),
+            format!("synchronous_mode: synchronous_standby_names = '{render}'"),
+        );
+    }
+}
+
+/// Up to synchronous_node_count healthy standbys: streaming from us, not
+/// tagged nosync or nofailover (a standby that may not be promoted
+/// protects nothing). Sticky: those in the key, then those already in P,
+/// then the furthest ahead.
+fn choose(
+    cluster: &ClusterView,
+    me: &str,
+    pg: &PgRunning,
+    key: &[String],
+    applied: Option<&BTreeSet<String>>,
+) -> Vec<String> {
+    let mut healthy: Vec<(u8, std::cmp::Reverse<u64>, String)> = pg
+        .replication
+        .iter()
+        .filter(|r| r.streaming && r.name != me)
+        .filter(|r| {
+            cluster
+                .member(&r.name)
+                .is_some_and(|m| !m.tags.nosync && !m.tags.nofailover)
+        })
+        .map(|r| {
+            let rank = if key.contains(&r.name) {
+                0
+            } else if applied.is_some_and(|p| p.contains(&r.name)) {
+                1
+            } else {
+                2
+            };
+            (
+                rank,
+                std::cmp::Reverse(r.flush_lsn.unwrap_or(0)),
+                r.name.clone(),
+            )
+        })
+        .collect();
+    healthy.sort();
+    healthy.dedup_by(|a, b| a.2 == b.2);
+    healthy
+        .into_iter()
+        .take(cluster.config.synchronous_node_count as usize)
+        .map(|(_, _, n)| n)
+        .collect()
+}
+
+fn same_set(a: &[String], b: &[String]) -> bool {
+    a.iter().collect::<BTreeSet<_>>() == b.iter().collect::<BTreeSet<_>>()
+}
+
+/// `FIRST n ("a", "b")` with n the number of names, so every one of them
+/// acknowledges every commit; with none, `*` in strict mode (commits wait
+/// for any standby) and empty otherwise (asynchronous).
+pub fn render_standby_names(names: &[String], strict: bool) -> String {
+    if names.is_empty() {
+        return if strict { "*".into() } else { String::new() };
+    }
+    let quoted: Vec<String> = names
+        .iter()
+        .map(|n| format!("\"{}\"", n.replace('"', "\"\"")))
+        .collect();
+    format!("FIRST {} ({})", names.len(), quoted.join(", "))
+}
+
+/// The standbys every commit waits for under a value pgwarden rendered;
+/// `*` and empty: none by name. None: a value pgwarden did not write (or a
+/// quorum `ANY`): nothing is known to be applied.
+pub fn parse_standby_names(value: &str) -> Option<BTreeSet<String>> {
+    let v = value.trim();
+    if v.is_empty() || v == "*" {
+        return Some(BTreeSet::new());
+    }
+    let rest = v.strip_prefix("FIRST ")?;
+    let (count, rest) = rest.split_once(' ')?;
+    let count: usize = count.parse().ok()?;
+    let inner = rest.trim().strip_prefix('(')?.strip_suffix(')')?;
+    let mut names = BTreeSet::new();
+    let mut chars = inner.chars().peekable();
+    loop {
+        while chars.peek().is_some_and(|c| c.is_whitespace()) {
+            chars.next();
+        }
+        if chars.next()? != '"' {
+            return None;
+        }
+        let mut name = String::new();
+        loop {
+            match chars.next()? {
+                '"' if chars.peek() == Some(&'"') => {
+                    chars.next();
+                    name.push('"');
+                }
+                '"' => break,
+                c => name.push(c),
+            }
+        }
+        names.insert(name);
+        while chars.peek().is_some_and(|c| c.is_whitespace()) {
+            chars.next();
+        }
+        match chars.next() {
+            None => break,
+            Some(',') => continue,
+            Some(_) => return None,
+        }
+    }
+    (count == names.len()).then_some(names)
+}
+
+/// The core's bookkeeping for `caught_up`: per standby in the applied
+/// `synchronous_standby_names`, the primary's WAL position at the second
+/// observation that showed it there. Not the first: a reload reaches the
+/// WAL senders a moment after the probe's own session, and a commit
+/// acknowledged in between may lie past the first position. Until then
+/// `NOT_YET` (never caught up). Cleared when we are not a primary.
+pub(super) fn track_applied(map: &mut BTreeMap<String, u64>, pg: Option<&PgRunning>) {
+    let Some(pg) = pg.filter(|p| !p.in_recovery) else {
+        map.clear();
+        return;
+    };
+    let Some(applied) = parse_standby_names(&pg.synchronous_standby_names) else {
+        map.clear();
+        return;
+    };
+    map.retain(|n, _| applied.contains(n));
+    let lsn = pg.wal_lsn.unwrap_or(NOT_YET);
+    for n in applied {
+        match map.entry(n) {
+            Entry::Vacant(v) => {
+                v.insert(NOT_YET);
+            }
+            Entry::Occupied(mut o) if *o.get() == NOT_YET => {
+                o.insert(lsn);
+            }
+            Entry::Occupied(_) => {}
+        }
+    }
+}
+
+/// Above any WAL position: a standby is not caught up to it.
+const NOT_YET: u64 = u64::MAX - 1;
+
+/// How the leader's commits are protected, in words for `/status`,
+/// `list` and `/metrics` (`pgwarden_synchronous_fallback`).
+pub fn replication_mode(cluster: &ClusterView) -> ReplicationMode {
+    let cfg = &cluster.config;
+    if !cfg.synchronous_mode {
+        return ReplicationMode::Asynchronous;
+    }
+    let listed = cluster
+        .sync
+        .as_ref()
+        .filter(|s| cluster.leader.as_deref() == Some(s.leader.as_str()))
+        .map(|s| s.sync_standby.clone())
+        .unwrap_or_default();
+    match (listed.is_empty(), cfg.synchronous_mode_strict) {
+        (false, _) => ReplicationMode::Synchronous(listed),
+        (true, true) => ReplicationMode::StrictWaiting,
+        (true, false) => ReplicationMode::Fallback,
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReplicationMode {
+    Asynchronous,
+    Synchronous(Vec<String>),
+    /// Strict mode with no synchronous standby: commits wait.
+    StrictWaiting,
+    /// Non-strict mode with no synchronous standby: commits run unprotected.
+    Fallback,
+}
+
+impl std::fmt::Display for ReplicationMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ReplicationMode::Asynchronous => write!(f, "asynchronous"),
+            ReplicationMode::Synchronous(l) => write!(f, "synchronous ({})", l.join(", ")),
+            ReplicationMode::StrictWaiting => write!(
+                f,
+                "synchronous (strict): no synchronous standby, commits wait"
+            ),
+            ReplicationMode::Fallback => write!(
+                f,
+                "asynchronous fallback: no synchronous standby, commits are not protected"
+            ),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn standby_names_round_trip() {
+        let names = vec!["m2".to_string(), "we\"ird name".to_string()];
+        let v = render_standby_names(&names, false);
+        assert_eq!(v, "FIRST 2 (\"m2\", \"we\"\"ird name\")");
+        assert_eq!(parse_standby_names(&v), Some(names.into_iter().collect()));
+        assert_eq!(render_standby_names(&[], true), "*");
+        assert_eq!(render_standby_names(&[], false), "");
+        assert_eq!(parse_standby_names("*"), Some(BTreeSet::new()));
+        assert_eq!(parse_standby_names(""), Some(BTreeSet::new()));
+        // Not ours: nothing is known to be applied.
+        assert_eq!(parse_standby_names("ANY 1 (a, b)"), None);
+        assert_eq!(parse_standby_names("FIRST 1 (\"a\", \"b\")"), None);
+        assert_eq!(parse_standby_names("m2"), None);
+        assert_eq!(parse_standby_names("FIRST 1 (\"a\""), None);
+    }
+}
