@@ -483,6 +483,7 @@ impl Agent {
                 slot: use_slots.then(|| slot_name(&self.cfg.name)),
             }),
             synchronous_mode: cluster.config.synchronous_mode,
+            synchronous_mode_strict: cluster.config.synchronous_mode_strict,
         }
     }
 }

@@ -132,12 +132,12 @@ pub struct SyncState {
 
 impl SyncState {
     /// May `name` take the lease after a failure in synchronous mode? Only
-    /// a listed standby or the leader the list is about; anyone when the
-    /// list is empty (nothing was protected).
+    /// a listed standby; anyone when the list is empty (nothing was
+    /// protected). Not the leader the list is about: once a listed standby
+    /// was promoted, that old primary lacks what the new one acknowledged
+    /// (a primary still running takes its lease back without an election).
     pub fn allows(&self, name: &str) -> bool {
-        self.sync_standby.is_empty()
-            || self.leader == name
-            || self.sync_standby.iter().any(|s| s == name)
+        self.sync_standby.is_empty() || self.sync_standby.iter().any(|s| s == name)
     }
 }
 

@@ -27,7 +27,10 @@ pub use decide::{
     conf_role, decide, disk_full, not_a_candidate, resumable_primary, MIN_FREE_BYTES,
 };
 pub use operator::switchover_candidate_problem;
-pub use sync::{parse_standby_names, render_standby_names, replication_mode, ReplicationMode};
+pub use sync::{
+    default_standby_names, parse_standby_names, render_standby_names, replication_mode,
+    ReplicationMode, NOBODY,
+};
 pub use view::*;
 
 /// Deliberately broken policies, each caught by the simulator.

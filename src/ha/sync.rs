@@ -54,8 +54,15 @@ pub(super) fn manage_sync(
         })
         .unwrap_or_default();
     let k_cur: Vec<String> = if key_ours { listed.clone() } else { Vec::new() };
+    // The standbys the key in force lets take over besides us: they must
+    // acknowledge our commits too (P covers them until the key moves).
+    let before = if key_ours { &k_cur } else { &listed };
     let applied = parse_standby_names(&pg.synchronous_standby_names);
     let wanted = choose(cluster, me, pg, &k_cur, applied.as_ref());
+    if strict && before.is_empty() {
+        strict_without_standby(pg, &wanted, d);
+        return;
+    }
     let caught_up = |name: &String| {
         let since = local.sync_applied_at.get(name);
         let flushed = pg
@@ -85,7 +92,6 @@ pub(super) fn manage_sync(
         Some(Vec::new())
     };
     // P covers the key in force before the write (it may fail) and after.
-    let before = if key_ours { &k_cur } else { &listed };
     let mut p_next: Vec<String> = wanted.clone();
     for n in before.iter().chain(write.iter().flatten()) {
         if !p_next.contains(n) {
@@ -112,6 +118,53 @@ pub(super) fn manage_sync(
             Action::SetSyncStandbys(p_next),
             format!("synchronous_mode: synchronous_standby_names = '{render}'"),
         );
+    }
+}
+
+/// Strict mode, no standby in the key: nothing may be acknowledged that
+/// no listed standby has, so P is a name no standby has (`NOBODY`) until
+/// the key names one; a standby is named once it has flushed everything
+/// this primary wrote (with nothing acknowledged meanwhile, that is every
+/// commit it must have). P follows on the next pass, after the key.
+fn strict_without_standby(pg: &PgRunning, wanted: &[String], d: &mut Decision) {
+    if pg.synchronous_standby_names != NOBODY {
+        d.push(
+            Action::SetSyncStandbys(Vec::new()),
+            format!("synchronous_mode_strict: no synchronous standby yet: commits wait (synchronous_standby_names = '{NOBODY}')"),
+        );
+        return;
+    }
+    let ready: Vec<String> = wanted
+        .iter()
+        .filter(|n| {
+            pg.replication.iter().any(|r| {
+                &r.name == *n && matches!((r.flush_lsn, pg.wal_lsn), (Some(f), Some(w)) if f >= w)
+            })
+        })
+        .cloned()
+        .collect();
+    if !ready.is_empty() {
+        let names = ready.join(", ");
+        d.push(
+            Action::WriteSync(ready),
+            format!("synchronous_mode: publishing the synchronous standbys in etcd: {names}"),
+        );
+    }
+}
+
+/// Strict mode's synchronous_standby_names while no standby is listed: a
+/// standby name no member has, so every commit waits (`*` would let any
+/// standby, listed or not, acknowledge).
+pub const NOBODY: &str = "FIRST 1 (\"pgwarden: no synchronous standby\")";
+
+/// What pgwarden.conf sets before the leader names standbys: strict waits
+/// for nobody; otherwise any standby (`*`) acknowledges, so that a freshly
+/// promoted primary acknowledges nothing no standby has.
+pub fn default_standby_names(strict: bool) -> &'static str {
+    if strict {
+        NOBODY
+    } else {
+        "*"
     }
 }
 
@@ -164,11 +217,11 @@ fn same_set(a: &[String], b: &[String]) -> bool {
 }
 
 /// `FIRST n ("a", "b")` with n the number of names, so every one of them
-/// acknowledges every commit; with none, `*` in strict mode (commits wait
-/// for any standby) and empty otherwise (asynchronous).
+/// acknowledges every commit; with none, `NOBODY` in strict mode (commits
+/// wait) and empty otherwise (asynchronous).
 pub fn render_standby_names(names: &[String], strict: bool) -> String {
     if names.is_empty() {
-        return if strict { "*".into() } else { String::new() };
+        return if strict { NOBODY.into() } else { String::new() };
     }
     let quoted: Vec<String> = names
         .iter()
@@ -182,7 +235,7 @@ pub fn render_standby_names(names: &[String], strict: bool) -> String {
 /// quorum `ANY`): nothing is known to be applied.
 pub fn parse_standby_names(value: &str) -> Option<BTreeSet<String>> {
     let v = value.trim();
-    if v.is_empty() || v == "*" {
+    if v.is_empty() || v == "*" || v == NOBODY {
         return Some(BTreeSet::new());
     }
     let rest = v.strip_prefix("FIRST ")?;
@@ -312,7 +365,8 @@ mod tests {
         let v = render_standby_names(&names, false);
         assert_eq!(v, "FIRST 2 (\"m2\", \"we\"\"ird name\")");
         assert_eq!(parse_standby_names(&v), Some(names.into_iter().collect()));
-        assert_eq!(render_standby_names(&[], true), "*");
+        assert_eq!(render_standby_names(&[], true), NOBODY);
+        assert_eq!(parse_standby_names(NOBODY), Some(BTreeSet::new()));
         assert_eq!(render_standby_names(&[], false), "");
         assert_eq!(parse_standby_names("*"), Some(BTreeSet::new()));
         assert_eq!(parse_standby_names(""), Some(BTreeSet::new()));

@@ -26,9 +26,10 @@ pub struct ConfInputs {
     /// None: run as primary.
     pub replica: Option<ReplicaSettings>,
     /// Synchronous mode: until the leader names its standbys in SYNC_CONF,
-    /// commits wait for any standby (`*`): a freshly promoted primary must
-    /// not acknowledge what no standby has.
+    /// commits wait (`ha::default_standby_names`): a freshly promoted
+    /// primary must not acknowledge what no standby has.
     pub synchronous_mode: bool,
+    pub synchronous_mode_strict: bool,
 }
 
 #[derive(Clone, PartialEq, Eq)]
@@ -64,6 +65,10 @@ pub struct ConfFiles {
     pub standby_signal: bool,
     /// PostgreSQL 10/11: recovery.conf content, or None to remove it.
     pub recovery_conf: Option<String>,
+    /// SYNC_CONF reset to the default (a replica in synchronous mode: a
+    /// list left from when it led must not apply when it is promoted);
+    /// None: leave it to the leader's policy.
+    pub sync_conf: Option<String>,
 }
 
 // By hand: primary_conninfo in the rendered files carries the replication
@@ -124,10 +129,11 @@ pub fn render_conf(inp: &ConfInputs) -> ConfFiles {
         ParamValue::Text(inp.listen.ip().to_string()),
     );
     params.insert("port".into(), ParamValue::Int(i64::from(inp.listen.port())));
+    let default_sync = crate::ha::default_standby_names(inp.synchronous_mode_strict);
     if inp.synchronous_mode {
         params.insert(
             "synchronous_standby_names".into(),
-            ParamValue::Text("*".into()),
+            ParamValue::Text(default_sync.into()),
         );
     }
     let recovery = inp
@@ -167,7 +173,17 @@ pub fn render_conf(inp: &ConfInputs) -> ConfFiles {
         pg_hba: hba,
         standby_signal: inp.major >= 12 && inp.replica.is_some(),
         recovery_conf,
+        sync_conf: (inp.synchronous_mode && inp.replica.is_some())
+            .then(|| sync_conf_text(default_sync)),
     }
+}
+
+/// SYNC_CONF's content for one `synchronous_standby_names` value.
+pub fn sync_conf_text(value: &str) -> String {
+    format!(
+        "# Written by pgwarden (synchronous_mode).\nsynchronous_standby_names = {}\n",
+        ParamValue::Text(value.to_string()).render()
+    )
 }
 
 fn recovery_parameters(r: &ReplicaSettings) -> Vec<(String, ParamValue)> {
@@ -235,6 +251,7 @@ mod tests {
                 slot: Some("node2".into()),
             }),
             synchronous_mode: false,
+            synchronous_mode_strict: false,
         }
     }
 

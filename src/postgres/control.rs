@@ -483,8 +483,6 @@ impl Instance {
         Ok(())
     }
 
-    /// Writes the managed config files for the role in `inputs`. Returns
-    /// whether anything changed.
     /// Whether the managed config file differs from what `inputs` render.
     pub fn conf_differs(&self, inputs: &ConfInputs) -> bool {
         let files = render_conf(inputs);
@@ -498,6 +496,8 @@ impl Instance {
                 != Some(files.pg_hba.as_str())
     }
 
+    /// Writes the managed config files for the role in `inputs`. Returns
+    /// whether anything changed.
     pub fn write_conf(&self, inputs: &ConfInputs) -> anyhow::Result<bool> {
         let files = render_conf(inputs);
         let mut changed = false;
@@ -509,6 +509,9 @@ impl Instance {
         } else if signal.exists() {
             std::fs::remove_file(&signal)?;
             changed = true;
+        }
+        if let Some(text) = &files.sync_conf {
+            changed |= self.write_if_changed(&self.data_dir.join(super::conf::SYNC_CONF), text)?;
         }
         let recovery = self.data_dir.join("recovery.conf");
         match &files.recovery_conf {
@@ -525,11 +528,8 @@ impl Instance {
     /// Synchronous mode: the leader's `synchronous_standby_names`, in the
     /// file pgwarden.conf includes last (a reload applies it).
     pub fn set_sync_standbys(&self, value: &str) -> anyhow::Result<()> {
-        let line = format!(
-            "# Written by the pgwarden leader (synchronous_mode).\nsynchronous_standby_names = {}\n",
-            crate::config::ParamValue::Text(value.to_string()).render()
-        );
-        self.write_if_changed(&self.data_dir.join(super::conf::SYNC_CONF), &line)?;
+        let text = super::conf::sync_conf_text(value);
+        self.write_if_changed(&self.data_dir.join(super::conf::SYNC_CONF), &text)?;
         Ok(())
     }
 
