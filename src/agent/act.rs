@@ -346,10 +346,8 @@ impl Agent {
                     anyhow::bail!("not written: the leader key does not name us on our lease");
                 }
             }
-            Action::SetSyncStandbys(standbys) => {
-                let value =
-                    ha::render_standby_names(standbys, cluster.config.synchronous_mode_strict);
-                self.pg.set_sync_standbys(&value)?;
+            Action::SetSyncStandbys(value) => {
+                self.pg.set_sync_standbys(value)?;
                 self.pg.reload().await?;
             }
             Action::ClearFailover => {
@@ -483,7 +481,6 @@ impl Agent {
                 slot: use_slots.then(|| slot_name(&self.cfg.name)),
             }),
             synchronous_mode: cluster.config.synchronous_mode,
-            synchronous_mode_strict: cluster.config.synchronous_mode_strict,
         }
     }
 }

@@ -61,6 +61,10 @@ pub struct SwitchoverBody {
 pub struct FailoverBody {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub candidate: Option<String>,
+    /// synchronous_mode: fail over to a member not listed in `sync`, which
+    /// may lack acknowledged commits.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub force: bool,
 }
 
 /// `POST /restart`, `/reinitialize`, `/reload`: no fields yet, but a body
@@ -107,6 +111,7 @@ fn request(
         scheduled_unix: None,
         requested_at: format_time(now),
         requested_unix: now,
+        force: false,
     }
 }
 
@@ -315,7 +320,7 @@ pub fn check_switchover(
                 .any(|m| switchover_candidate_problem(view, leader, &m.name, scope).is_none());
             if !any {
                 return Err(Refusal::precondition(
-                    "no candidate to switch over to: no other member is streaming, within maximum_lag_on_failover and not tagged nofailover",
+                    "no candidate to switch over to: no other member is streaming, within maximum_lag_on_failover, not tagged nofailover and (in synchronous_mode) listed in `sync`",
                 ));
             }
         }
@@ -365,15 +370,27 @@ pub fn check_failover(
             "candidate {name} is already the leader"
         )));
     }
+    if view.sync_excludes(name) && !body.force {
+        let listed = view
+            .sync
+            .as_ref()
+            .map(|s| s.sync_standby.join(", "))
+            .unwrap_or_default();
+        return Err(Refusal::precondition(format!(
+            "candidate {name} is not a synchronous standby (sync: {listed}): it may lack acknowledged commits; force to fail over anyway"
+        )));
+    }
     if let Some(pending) = &view.failover {
         return Err(pending_refusal(pending));
     }
-    Ok(request(
+    let mut req = request(
         FailoverKind::Failover,
         view.leader.clone(),
         Some(name.to_string()),
         now,
-    ))
+    );
+    req.force = body.force && view.sync_excludes(name);
+    Ok(req)
 }
 
 /// RFC 7386 JSON merge patch: objects merge key by key, `null` removes a
@@ -559,7 +576,7 @@ mod tests {
             ("nofailover", view(), so(None, Some("n4"), None), Err((412, "candidate n4 is tagged nofailover"))),
             ("lagging", view(), so(None, Some("n3"), None), Err((412, "candidate n3 lags 9999000 bytes behind the leader (maximum_lag_on_failover is 1048576)"))),
             ("stopped", view(), so(None, Some("n5"), None), Err((412, "candidate n5 is not streaming from the leader (state: stopped)"))),
-            ("nobody healthy", all_bad, so(None, None, None), Err((412, "no candidate to switch over to: no other member is streaming, within maximum_lag_on_failover and not tagged nofailover"))),
+            ("nobody healthy", all_bad, so(None, None, None), Err((412, "no candidate to switch over to: no other member is streaming, within maximum_lag_on_failover, not tagged nofailover and (in synchronous_mode) listed in `sync`"))),
             ("pending", pending, so(None, Some("n2"), None), Err((409, "a switchover to n2 is already pending: cancel it first (DELETE /switchover or `pgwarden switchover --cancel`)"))),
             ("past", view(), so(None, Some("n2"), Some(&earlier)), Err((400, "scheduled_at 2027-01-15T08:00:00Z is in the past (now is 2027-01-15T08:00:00Z)"))),
         ];
@@ -596,6 +613,7 @@ mod tests {
     fn failover_table() {
         let fo = |c: Option<&str>| FailoverBody {
             candidate: c.map(Into::into),
+            force: false,
         };
         let leaderless = ClusterView {
             leader: None,
@@ -618,6 +636,27 @@ mod tests {
             "candidate n4 is tagged nofailover"
         );
         assert_eq!(bad(&view(), Some("n1")).status.as_u16(), 412);
+
+        // synchronous_mode: only a listed standby, unless forced.
+        let mut sync = leaderless.clone();
+        sync.config.synchronous_mode = true;
+        sync.sync = Some(crate::dcs::SyncState {
+            leader: "n1".into(),
+            sync_standby: vec!["n2".into()],
+        });
+        let refused = bad(&sync, Some("n3"));
+        assert_eq!(refused.status.as_u16(), 412);
+        assert_eq!(
+            refused.message,
+            "candidate n3 is not a synchronous standby (sync: n2): it may lack acknowledged commits; force to fail over anyway"
+        );
+        let listed = check_failover(&sync, &fo(Some("n2")), NOW, "c").unwrap();
+        assert!(!listed.force);
+        let forced = FailoverBody {
+            force: true,
+            ..fo(Some("n3"))
+        };
+        assert!(check_failover(&sync, &forced, NOW, "c").unwrap().force);
     }
 
     #[test]

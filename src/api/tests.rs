@@ -1045,6 +1045,7 @@ async fn cluster_view_shows_pause_and_pending_request() {
         scheduled_unix: Some(1_893_456_000),
         requested_at: "2029-12-31T00:00:00Z".into(),
         requested_unix: 1_893_369_600,
+        force: false,
     });
     let server = Server::start(snap).await;
     let (_, v) = server.json("/cluster").await;

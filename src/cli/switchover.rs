@@ -44,7 +44,9 @@ pub struct FailoverArgs {
     /// The member to promote.
     #[arg(long, value_name = "NAME", required = true)]
     pub candidate: String,
-    /// Do not ask for confirmation.
+    /// Do not ask for confirmation; in synchronous_mode, also fail over to
+    /// a member not listed in `sync` (with a warning: it may lack
+    /// acknowledged commits).
     #[arg(long)]
     pub force: bool,
 }
@@ -129,9 +131,16 @@ pub async fn failover(cfg: &Config, args: &FailoverArgs) -> anyhow::Result<()> {
     let view = read_view(cfg, &mut dcs).await?;
     let body = FailoverBody {
         candidate: Some(args.candidate.clone()),
+        force: args.force,
     };
     let req = check_failover(&view, &body, now_unix(), &cfg.scope)
         .map_err(|r| anyhow!("failover refused: {r}"))?;
+    if req.force {
+        eprintln!(
+            "warning: {} is not a synchronous standby: commits the old primary acknowledged may be lost",
+            args.candidate
+        );
+    }
     if !args.force {
         let question = match view.leader.as_deref() {
             Some(l) => format!(

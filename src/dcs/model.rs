@@ -131,13 +131,15 @@ pub struct SyncState {
 }
 
 impl SyncState {
-    /// May `name` take the lease after a failure in synchronous mode? Only
-    /// a listed standby; anyone when the list is empty (nothing was
-    /// protected). Not the leader the list is about: once a listed standby
-    /// was promoted, that old primary lacks what the new one acknowledged
-    /// (a primary still running takes its lease back without an election).
+    /// May `name` take the lease after a failure in synchronous mode? A
+    /// listed standby, or the leader the list is about (a new leader writes
+    /// the key before it acknowledges anything, so until then the old one
+    /// has every acknowledged commit); anyone when the list is empty
+    /// (nothing was protected).
     pub fn allows(&self, name: &str) -> bool {
-        self.sync_standby.is_empty() || self.sync_standby.iter().any(|s| s == name)
+        self.sync_standby.is_empty()
+            || self.leader == name
+            || self.sync_standby.iter().any(|s| s == name)
     }
 }
 
@@ -174,6 +176,10 @@ pub struct FailoverRequest {
     /// on for a while no longer holds elections back.
     #[serde(default)]
     pub requested_unix: u64,
+    /// A failover an operator forced onto a member synchronous_mode would
+    /// not elect (not listed in `sync`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub force: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

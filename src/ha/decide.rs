@@ -1132,6 +1132,9 @@ fn decide_paused(cluster: &ClusterView, local: &LocalView, now: Duration, d: &mu
                 d.push(Action::RenewLeader, "renewing the leader lease");
                 manage_slots(cluster, local, pg, now, d);
                 d.push(Action::WriteStatus, "publishing the primary's WAL position");
+                // Not a lifecycle action: commits would otherwise wait (or
+                // run unprotected) for the whole maintenance.
+                super::sync::manage_sync(cluster, local, pg, d);
                 operator::leader_handles_request(cluster, local, pg, d);
             }
             Some(l) => {

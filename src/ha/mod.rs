@@ -28,8 +28,7 @@ pub use decide::{
 };
 pub use operator::switchover_candidate_problem;
 pub use sync::{
-    default_standby_names, parse_standby_names, render_standby_names, replication_mode,
-    ReplicationMode, NOBODY,
+    parse_standby_names, render_standby_names, replication_mode, ReplicationMode, NOBODY,
 };
 pub use view::*;
 

@@ -165,6 +165,20 @@ pub(super) fn replica_verdict(cluster: &ClusterView, local: &LocalView) -> Optio
     let f = live_request(cluster, local)?;
     let candidate = f.candidate.as_deref()?;
     if candidate == local.name {
+        // Also a switchover: its leader may have died before the hand-over
+        // proved we have its shutdown checkpoint.
+        if cluster.sync_excludes(&local.name) {
+            if !f.force {
+                return Some(ReplicaVerdict::LeaveTo(format!(
+                    "{} names us, but synchronous_mode elects only a member listed in `sync` and it was not forced",
+                    kind_word(f.kind)
+                )));
+            }
+            return Some(ReplicaVerdict::TakeLease(format!(
+                "forced {} names us although we are not a synchronous standby: taking the leader lease; commits acknowledged by the old primary may be lost",
+                kind_word(f.kind)
+            )));
+        }
         Some(ReplicaVerdict::TakeLease(format!(
             "{} names us: taking the leader lease",
             kind_word(f.kind)
@@ -201,6 +215,16 @@ pub fn switchover_candidate_problem(
     }
     if m.tags.nofailover {
         return Err(format!("candidate {name} is tagged nofailover"));
+    }
+    if cluster.sync_excludes(name) {
+        let listed = cluster
+            .sync
+            .as_ref()
+            .map(|s| s.sync_standby.join(", "))
+            .unwrap_or_default();
+        return Err(format!(
+            "candidate {name} is not a synchronous standby (sync: {listed})"
+        ));
     }
     if !matches!(m.role, Role::Replica | Role::SyncStandby) || m.state != PgState::Streaming {
         return Err(format!(

@@ -53,14 +53,20 @@ pub(super) fn manage_sync(
                 .collect()
         })
         .unwrap_or_default();
-    let k_cur: Vec<String> = if key_ours { listed.clone() } else { Vec::new() };
-    // The standbys the key in force lets take over besides us: they must
-    // acknowledge our commits too (P covers them until the key moves).
-    let before = if key_ours { &k_cur } else { &listed };
+    if !key_ours && !listed.is_empty() {
+        // A new leader takes the key over before it acknowledges anything
+        // (P names nobody until then): the old leader's other standbys
+        // have every commit it acknowledged, and with P covering them
+        // they will have ours.
+        push_key(d, listed);
+        set_names(pg, NOBODY.into(), d);
+        return;
+    }
+    let k_cur: Vec<String> = if key_ours { listed } else { Vec::new() };
     let applied = parse_standby_names(&pg.synchronous_standby_names);
     let wanted = choose(cluster, me, pg, &k_cur, applied.as_ref());
-    if strict && before.is_empty() {
-        strict_without_standby(pg, &wanted, d);
+    if k_cur.is_empty() && (strict || !key_ours) {
+        without_listed_standby(key_ours, strict, pg, &wanted, d);
         return;
     }
     let caught_up = |name: &String| {
@@ -78,11 +84,11 @@ pub(super) fn manage_sync(
         .filter(|n| k_cur.contains(n) || caught_up(n))
         .cloned()
         .collect();
-    let write = if key_ours && same_set(&k_next, &k_cur) {
+    let write = if same_set(&k_next, &k_cur) {
         None
     } else if !k_next.is_empty() {
         Some(k_next)
-    } else if strict || !wanted.is_empty() || (key_ours && k_cur.is_empty()) {
+    } else if strict || !wanted.is_empty() {
         // Strict: never unprotected, the key stays and commits wait for
         // its standbys. A candidate is there: commits wait until it has
         // caught up and replaces the key's standbys, rather than run
@@ -93,45 +99,64 @@ pub(super) fn manage_sync(
     };
     // P covers the key in force before the write (it may fail) and after.
     let mut p_next: Vec<String> = wanted.clone();
-    for n in before.iter().chain(write.iter().flatten()) {
+    for n in k_cur.iter().chain(write.iter().flatten()) {
         if !p_next.contains(n) {
             p_next.push(n.clone());
         }
     }
-    match write {
-        Some(list) if list.is_empty() => d.push(
+    if let Some(list) = write {
+        push_key(d, list);
+    }
+    set_names(pg, render_standby_names(&p_next, strict), d);
+}
+
+fn push_key(d: &mut Decision, list: Vec<String>) {
+    if list.is_empty() {
+        d.push(
             Action::WriteSync(list),
             "synchronous_mode: no synchronous standby is available: falling back to asynchronous replication (commits are not protected until one returns)",
-        ),
-        Some(list) => {
-            let names = list.join(", ");
-            d.push(
-                Action::WriteSync(list),
-                format!("synchronous_mode: publishing the synchronous standbys in etcd: {names}"),
-            )
-        }
-        None => {}
-    }
-    let render = render_standby_names(&p_next, strict);
-    if pg.synchronous_standby_names != render {
+        );
+    } else {
+        let names = list.join(", ");
         d.push(
-            Action::SetSyncStandbys(p_next),
-            format!("synchronous_mode: synchronous_standby_names = '{render}'"),
+            Action::WriteSync(list),
+            format!("synchronous_mode: publishing the synchronous standbys in etcd: {names}"),
         );
     }
 }
 
-/// Strict mode, no standby in the key: nothing may be acknowledged that
-/// no listed standby has, so P is a name no standby has (`NOBODY`) until
-/// the key names one; a standby is named once it has flushed everything
-/// this primary wrote (with nothing acknowledged meanwhile, that is every
-/// commit it must have). P follows on the next pass, after the key.
-fn strict_without_standby(pg: &PgRunning, wanted: &[String], d: &mut Decision) {
-    if pg.synchronous_standby_names != NOBODY {
+fn set_names(pg: &PgRunning, value: String, d: &mut Decision) {
+    if pg.synchronous_standby_names != value {
         d.push(
-            Action::SetSyncStandbys(Vec::new()),
-            format!("synchronous_mode_strict: no synchronous standby yet: commits wait (synchronous_standby_names = '{NOBODY}')"),
+            Action::SetSyncStandbys(value.clone()),
+            format!("synchronous_mode: synchronous_standby_names = '{value}'"),
         );
+    }
+}
+
+/// No standby in the key protects our commits yet (strict mode, or a new
+/// leader): nothing may be acknowledged that no listed standby has, so P
+/// names nobody (`NOBODY`) until the key names one; a standby is named once
+/// it has flushed everything this primary wrote (with nothing acknowledged
+/// meanwhile, that is every commit it must have). P follows on the next
+/// pass, after the key. Not strict and no candidate at all: fall back to
+/// asynchronous commits, said in the key.
+fn without_listed_standby(
+    key_ours: bool,
+    strict: bool,
+    pg: &PgRunning,
+    wanted: &[String],
+    d: &mut Decision,
+) {
+    if !strict && wanted.is_empty() {
+        if !key_ours {
+            push_key(d, Vec::new());
+        }
+        set_names(pg, String::new(), d);
+        return;
+    }
+    if pg.synchronous_standby_names != NOBODY {
+        set_names(pg, NOBODY.into(), d);
         return;
     }
     let ready: Vec<String> = wanted
@@ -144,29 +169,16 @@ fn strict_without_standby(pg: &PgRunning, wanted: &[String], d: &mut Decision) {
         .cloned()
         .collect();
     if !ready.is_empty() {
-        let names = ready.join(", ");
-        d.push(
-            Action::WriteSync(ready),
-            format!("synchronous_mode: publishing the synchronous standbys in etcd: {names}"),
-        );
+        push_key(d, ready);
     }
 }
 
-/// Strict mode's synchronous_standby_names while no standby is listed: a
-/// standby name no member has, so every commit waits (`*` would let any
-/// standby, listed or not, acknowledge).
+/// A standby name no member has, so every commit waits: strict mode's
+/// synchronous_standby_names while no standby is listed, and what
+/// pgwarden.conf sets before the leader names standbys, so that a freshly
+/// promoted primary acknowledges nothing before its first pass (`*` would
+/// let any standby, listed or not, acknowledge).
 pub const NOBODY: &str = "FIRST 1 (\"pgwarden: no synchronous standby\")";
-
-/// What pgwarden.conf sets before the leader names standbys: strict waits
-/// for nobody; otherwise any standby (`*`) acknowledges, so that a freshly
-/// promoted primary acknowledges nothing no standby has.
-pub fn default_standby_names(strict: bool) -> &'static str {
-    if strict {
-        NOBODY
-    } else {
-        "*"
-    }
-}
 
 /// Up to synchronous_node_count healthy standbys: streaming from us, not
 /// tagged nosync or nofailover (a standby that may not be promoted

@@ -1940,6 +1940,7 @@ impl Cluster {
             scheduled_unix: None,
             requested_at: "2027-01-15T08:00:00Z".into(),
             requested_unix: 1_800_000_000,
+            force: false,
         });
         self
     }
@@ -2545,23 +2546,33 @@ fn synchronous_mode_decisions() {
         cluster().initialized(SYSID).led_by(ME).replica(N2).replica(N3).sync_mode(strict, sync)
     };
     let leader = || local().data(SYSID).pg_primary(&[N2, N3]).slot_seen(N2, NOW).slot_seen(N3, NOW).renewed_at(NOW - 1);
+    let names = |list: &[&str]| render_standby_names(&s(list), false);
     let first_n2 = "FIRST 1 (\"node2\")";
     let both = "FIRST 2 (\"node3\", \"node2\")";
     let leaderless = |sync: (&str, &[&str])| {
         cluster().initialized(SYSID).replica(N2).replica(N3).primary_lsn(LSN + 10 * MB).sync_mode(false, Some(sync))
     };
     check(vec![
-        row("a standby streams, none named yet: into synchronous_standby_names first, not into `sync`",
-            c(false, None), leader().sync_pg("*", &[(N2, LSN), (N3, LSN - 1)]), NOW,
-            vec![RenewLeader, WriteStatus, SetSyncStandbys(s(&[N2]))]),
+        row("new leader, no key: a standby that flushed all we wrote goes into `sync` first (nothing acknowledged meanwhile)",
+            c(false, None), leader().sync_pg(NOBODY, &[(N2, LSN), (N3, LSN - 1)]), NOW,
+            vec![RenewLeader, WriteStatus, WriteSync(s(&[N2]))]),
+        row("new leader, no key, PostgreSQL acknowledging: it first waits for nobody",
+            c(false, None), leader().sync_pg("*", &[(N2, LSN)]), NOW,
+            vec![RenewLeader, WriteStatus, SetSyncStandbys(NOBODY.into())]),
+        row("new leader, no standby at all, not strict: asynchronous at once, said in `sync`",
+            c(false, None), leader().sync_pg(NOBODY, &[]), NOW,
+            vec![RenewLeader, WriteStatus, WriteSync(vec![]), SetSyncStandbys(String::new())]),
+        row("fallen back, a standby streams again: into synchronous_standby_names first, not into `sync`",
+            c(false, Some((ME, &[]))), leader().sync_pg("", &[(N2, LSN), (N3, LSN - 1)]), NOW,
+            vec![RenewLeader, WriteStatus, SetSyncStandbys(names(&[N2]))]),
         row("named in PostgreSQL, first seen applied: not yet in `sync`",
-            c(false, None), leader().sync_pg(first_n2, &[(N2, LSN), (N3, LSN)]), NOW,
+            c(false, Some((ME, &[]))), leader().sync_pg(first_n2, &[(N2, LSN), (N3, LSN)]), NOW,
             vec![RenewLeader, WriteStatus]),
         row("applied, flushed past where the primary stood: publish it in `sync`",
-            c(false, None), leader().sync_pg(first_n2, &[(N2, LSN), (N3, LSN)]).sync_applied(N2, LSN - 1), NOW,
+            c(false, Some((ME, &[]))), leader().sync_pg(first_n2, &[(N2, LSN), (N3, LSN)]).sync_applied(N2, LSN - 1), NOW,
             vec![RenewLeader, WriteStatus, WriteSync(s(&[N2]))]),
         row("applied but not flushed that far: wait",
-            c(false, None), leader().sync_pg(first_n2, &[(N2, LSN - 2), (N3, LSN)]).sync_applied(N2, LSN - 1), NOW,
+            c(false, Some((ME, &[]))), leader().sync_pg(first_n2, &[(N2, LSN - 2), (N3, LSN)]).sync_applied(N2, LSN - 1), NOW,
             vec![RenewLeader, WriteStatus]),
         row("published and healthy: nothing to do",
             c(false, Some((ME, &[N2]))), leader().sync_pg(first_n2, &[(N2, LSN), (N3, LSN)]), NOW,
@@ -2571,43 +2582,43 @@ fn synchronous_mode_decisions() {
             vec![RenewLeader, WriteStatus]),
         row("the synchronous standby is gone, another streams: it joins PostgreSQL's list, the key stays",
             c(false, Some((ME, &[N2]))), leader().sync_pg(first_n2, &[(N3, LSN)]), NOW,
-            vec![RenewLeader, WriteStatus, SetSyncStandbys(s(&[N3, N2]))]),
+            vec![RenewLeader, WriteStatus, SetSyncStandbys(both.into())]),
         row("the replacement caught up: `sync` names it alone, PostgreSQL keeps both this pass",
             c(false, Some((ME, &[N2]))), leader().sync_pg(both, &[(N3, LSN)]).sync_applied(N3, LSN - 1).sync_applied(N2, LSN - 1), NOW,
             vec![RenewLeader, WriteStatus, WriteSync(s(&[N3]))]),
         row("after the key moved: the old standby leaves PostgreSQL's list",
             c(false, Some((ME, &[N3]))), leader().sync_pg(both, &[(N3, LSN)]).sync_applied(N3, LSN - 1), NOW,
-            vec![RenewLeader, WriteStatus, SetSyncStandbys(s(&[N3]))]),
+            vec![RenewLeader, WriteStatus, SetSyncStandbys(names(&[N3]))]),
         row("no standby left, not strict: `sync` emptied first (asynchronous fallback)",
             c(false, Some((ME, &[N2]))), leader().sync_pg(first_n2, &[]), NOW,
             vec![RenewLeader, WriteStatus, WriteSync(vec![])]),
         row("fallen back: then out of PostgreSQL's list",
             c(false, Some((ME, &[]))), leader().sync_pg(first_n2, &[]), NOW,
-            vec![RenewLeader, WriteStatus, SetSyncStandbys(vec![])]),
+            vec![RenewLeader, WriteStatus, SetSyncStandbys(String::new())]),
         row("no standby left, strict: the key and PostgreSQL's list stay, commits wait",
             c(true, Some((ME, &[N2]))), leader().sync_pg(first_n2, &[]), NOW,
             vec![RenewLeader, WriteStatus]),
-        row("strict, never had a standby: commits wait for any ('*')",
+        row("strict, never had a standby: commits wait for nobody",
             c(true, None), leader().sync_pg("", &[]), NOW,
-            vec![RenewLeader, WriteStatus, SetSyncStandbys(vec![])]),
+            vec![RenewLeader, WriteStatus, SetSyncStandbys(NOBODY.into())]),
         row("strict, nothing listed, commits waiting for nobody: a standby that flushed all we wrote goes into `sync` first",
-            c(true, None), leader().sync_pg(NOBODY, &[(N2, LSN), (N3, LSN - 1)]), NOW,
+            c(true, Some((ME, &[]))), leader().sync_pg(NOBODY, &[(N2, LSN), (N3, LSN - 1)]), NOW,
             vec![RenewLeader, WriteStatus, WriteSync(s(&[N2]))]),
         row("strict, nothing listed, no standby has flushed all we wrote: wait",
             c(true, None), leader().sync_pg(NOBODY, &[(N2, LSN - 1)]), NOW,
             vec![RenewLeader, WriteStatus]),
         row("strict, just listed: then into synchronous_standby_names",
             c(true, Some((ME, &[N2]))), leader().sync_pg(NOBODY, &[(N2, LSN)]), NOW,
-            vec![RenewLeader, WriteStatus, SetSyncStandbys(s(&[N2]))]),
+            vec![RenewLeader, WriteStatus, SetSyncStandbys(names(&[N2]))]),
         row("strict, the old leader's key names only us: commits wait for nobody until a standby is listed",
             c(true, Some((N2, &[ME]))), leader().sync_pg("*", &[(N3, LSN)]), NOW,
-            vec![RenewLeader, WriteStatus, SetSyncStandbys(vec![])]),
+            vec![RenewLeader, WriteStatus, SetSyncStandbys(NOBODY.into())]),
         row("a standby tagged nosync is never chosen",
-            c(false, None).tagged_nosync(N2), leader().sync_pg("*", &[(N2, LSN), (N3, LSN - 1)]), NOW,
-            vec![RenewLeader, WriteStatus, SetSyncStandbys(s(&[N3]))]),
-        row("newly promoted, the old leader's key names us: our standby first, the listed others kept in PostgreSQL",
+            c(false, None).tagged_nosync(N2), leader().sync_pg(NOBODY, &[(N2, LSN), (N3, LSN)]), NOW,
+            vec![RenewLeader, WriteStatus, WriteSync(s(&[N3]))]),
+        row("newly promoted, the old leader's key names us and another: the key is ours first, PostgreSQL waits for nobody",
             c(false, Some((N2, &[ME, N3]))), leader().sync_pg("*", &[(N3, LSN)]), NOW,
-            vec![RenewLeader, WriteStatus, SetSyncStandbys(s(&[N3]))]),
+            vec![RenewLeader, WriteStatus, WriteSync(s(&[N3])), SetSyncStandbys(NOBODY.into())]),
         row("synchronous_mode switched off: `sync` emptied",
             {
                 let mut c = c(false, Some((ME, &[N2])));
@@ -2621,6 +2632,19 @@ fn synchronous_mode_decisions() {
             vec![]).waiting("only a member listed in `sync`"),
         row("no leader, listed in `sync` but far behind `status`: still a candidate, it has every acknowledged commit",
             leaderless((N2, &[ME])), local().data(SYSID).pg_replica(None, LSN).peer(N3, Some(LSN + MB)), NOW,
+            vec![AcquireLeader]),
+        row("manual failover to a member not listed in `sync`: refused by the candidate",
+            leaderless((N2, &[N3])).request(crate::dcs::FailoverKind::Failover, None, Some(ME)), local().data(SYSID).pg_replica(None, LSN), NOW,
+            vec![]).waiting("synchronous_mode elects only a member listed in `sync`"),
+        row("forced manual failover to a member not listed in `sync`: taken, with a warning",
+            {
+                let mut c = leaderless((N2, &[N3])).request(crate::dcs::FailoverKind::Failover, None, Some(ME));
+                if let Some(f) = c.0.failover.as_mut() {
+                    f.force = true;
+                }
+                c
+            },
+            local().data(SYSID).pg_replica(None, LSN), NOW,
             vec![AcquireLeader]),
         row("no leader, the old leader's `sync` is empty: anyone, by position",
             leaderless((N2, &[])), local().data(SYSID).pg_replica(None, LSN + 10 * MB).peer(N3, Some(LSN)), NOW,

@@ -305,9 +305,9 @@ pub enum Action {
     /// Synchronous mode: write `sync` naming these standbys (only while we
     /// hold the leader key).
     WriteSync(Vec<String>),
-    /// Synchronous mode: every commit waits for each of these standbys
-    /// (`sync::render_standby_names`), then reload.
-    SetSyncStandbys(Vec<String>),
+    /// Synchronous mode: set synchronous_standby_names to this value
+    /// (`sync::render_standby_names`, or `NOBODY`), then reload.
+    SetSyncStandbys(String),
 }
 
 /// What the policy needs to know about other members before it can decide.

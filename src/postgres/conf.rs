@@ -26,10 +26,9 @@ pub struct ConfInputs {
     /// None: run as primary.
     pub replica: Option<ReplicaSettings>,
     /// Synchronous mode: until the leader names its standbys in SYNC_CONF,
-    /// commits wait (`ha::default_standby_names`): a freshly promoted
-    /// primary must not acknowledge what no standby has.
+    /// commits wait (`ha::NOBODY`): a freshly promoted primary must not
+    /// acknowledge what no listed standby has.
     pub synchronous_mode: bool,
-    pub synchronous_mode_strict: bool,
 }
 
 #[derive(Clone, PartialEq, Eq)]
@@ -129,7 +128,7 @@ pub fn render_conf(inp: &ConfInputs) -> ConfFiles {
         ParamValue::Text(inp.listen.ip().to_string()),
     );
     params.insert("port".into(), ParamValue::Int(i64::from(inp.listen.port())));
-    let default_sync = crate::ha::default_standby_names(inp.synchronous_mode_strict);
+    let default_sync = crate::ha::NOBODY;
     if inp.synchronous_mode {
         params.insert(
             "synchronous_standby_names".into(),
@@ -251,19 +250,20 @@ mod tests {
                 slot: Some("node2".into()),
             }),
             synchronous_mode: false,
-            synchronous_mode_strict: false,
         }
     }
 
     #[test]
-    fn synchronous_mode_waits_for_any_standby_until_the_leader_names_them() {
+    fn synchronous_mode_acknowledges_nothing_until_the_leader_names_standbys() {
         let mut inp = inputs(15, false);
         let off = render_conf(&inp).managed_conf;
         assert!(!off.contains("synchronous_standby_names"), "{off}");
         assert!(!off.contains(SYNC_CONF), "{off}");
         inp.synchronous_mode = true;
         let on = render_conf(&inp).managed_conf;
-        let default = on.find("synchronous_standby_names = '*'").expect("default");
+        let default = on
+            .find("synchronous_standby_names = 'FIRST 1 (\"pgwarden: no synchronous standby\")'")
+            .expect("default");
         let include = on
             .find(&format!("include_if_exists = '{SYNC_CONF}'"))
             .expect("include");

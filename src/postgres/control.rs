@@ -897,8 +897,12 @@ impl Instance {
     }
 
     pub async fn create_replication_user(&mut self) -> anyhow::Result<()> {
+        // At bootstrap no standby exists yet: in synchronous mode a commit
+        // waiting for one would never return (nothing is acknowledged to
+        // clients here; replicas get the role with their base backup).
         let sql = format!(
             "DO $pgw$ BEGIN
+               PERFORM set_config('synchronous_commit', 'local', true);
                IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = {name_lit}) THEN
                  CREATE ROLE {name_ident} WITH REPLICATION LOGIN PASSWORD {pw};
                ELSE

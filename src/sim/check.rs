@@ -33,6 +33,7 @@ impl World {
             return;
         }
         for &i in &writable {
+            self.check_no_loss(i);
             let name = &self.members[i].name;
             match self.etcd.leader() {
                 Some(l) if l == name => {}
@@ -45,6 +46,78 @@ impl World {
                     "{name} is writable but no leader key exists (its lease expired or was never taken)"
                 )),
             }
+        }
+    }
+
+    /// Synchronous mode: how far the writable primary's commits are
+    /// acknowledged, by its synchronous_standby_names as PostgreSQL applies
+    /// them (`FIRST n (…)`: every listed standby has flushed it; empty:
+    /// at once, unprotected).
+    pub fn acknowledge(&mut self) {
+        if self.plan.sync.is_none() {
+            return;
+        }
+        let Some(p) = (0..self.members.len()).find(|&i| self.members[i].pg.writable()) else {
+            return;
+        };
+        let Some(d) = self.members[p].pg.data.clone() else {
+            return;
+        };
+        let names = self.members[p].pg.standby_names.trim().to_string();
+        let has = |m: &super::member::Member| {
+            m.pg.data
+                .as_ref()
+                .filter(|x| x.can_follow(&d))
+                .map_or(0, |x| x.lsn)
+        };
+        let point = if names.is_empty() {
+            if d.lsn > self.acked.as_ref().map_or(0, |a| a.1) && self.plan.sync == Some(false) {
+                self.unprotected = true;
+            }
+            d.lsn
+        } else {
+            match crate::ha::parse_standby_names(&names) {
+                Some(set) if set.is_empty() => 0,
+                Some(set) => set
+                    .iter()
+                    .map(|n| self.members.iter().find(|m| &m.name == n).map_or(0, has))
+                    .min()
+                    .unwrap_or(0),
+                // Not a value pgwarden writes.
+                None => 0,
+            }
+        }
+        .min(d.lsn);
+        if point > self.acked.as_ref().map_or(0, |a| a.1) || self.acked.is_none() && point > 0 {
+            self.acked = Some((d.history.clone(), point));
+        }
+    }
+
+    /// Synchronous mode: a writable primary has every acknowledged commit.
+    fn check_no_loss(&mut self, i: usize) {
+        let Some((history, lsn)) = self.acked.clone() else {
+            return;
+        };
+        if self.unprotected {
+            return;
+        }
+        let timeline_at = |h: &[(u32, u64)]| {
+            h.iter()
+                .take_while(|(_, start)| *start < lsn)
+                .last()
+                .map_or(1, |(t, _)| *t)
+        };
+        let has = self.members[i]
+            .pg
+            .data
+            .as_ref()
+            .is_some_and(|d| d.lsn >= lsn && timeline_at(&d.history) == timeline_at(&history));
+        if !has {
+            let name = self.members[i].name.clone();
+            self.fail(format!(
+                "{name} is writable without the acknowledged commit ending at {lsn:#x} on timeline {}: synchronous mode lost it",
+                timeline_at(&history)
+            ));
         }
     }
 
@@ -89,6 +162,15 @@ impl World {
         if let Some(Value::Failover(f)) = self.etcd.get(etcd::FAILOVER) {
             if f.candidate.as_deref() == Some(name.as_str()) {
                 return;
+            }
+        }
+        // Synchronous mode: a listed standby has every acknowledged commit
+        // (checked by `check_no_loss`); its replay lag does not matter.
+        if self.plan.sync.is_some() {
+            if let Some(Value::Sync(s)) = self.etcd.get(etcd::SYNC) {
+                if s.sync_standby.contains(&name) {
+                    return;
+                }
             }
         }
         let Some(Value::Status(status)) = self.etcd.get(etcd::STATUS) else {
@@ -183,6 +265,16 @@ impl World {
     /// and every other member streaming from it.
     pub fn check_liveness(&mut self) {
         let Some(leader) = self.etcd.leader().map(str::to_string) else {
+            if self.no_candidate_sync_allows() {
+                // Rule 4 working as designed: only a forced failover may
+                // elect a member that may lack acknowledged commits.
+                self.trace(None, || {
+                    "EXPECTED: no member `sync` allows can take over".into()
+                });
+                self.known
+                    .push("synchronous mode: no member `sync` allows can take over".into());
+                return;
+            }
             if self.no_candidate_within_lag() {
                 // Rule 3 working as designed: nobody may take over
                 // automatically; an operator's manual failover must.
@@ -329,6 +421,33 @@ impl World {
 
     /// No leader, and no member with data within maximum_lag_on_failover
     /// of the last primary position in `status`.
+    /// Synchronous mode: every member `sync` lets take over lost its data
+    /// (a reinit, a clone that never finished) or, the old leader, is
+    /// beyond maximum_lag_on_failover of a later primary.
+    fn no_candidate_sync_allows(&self) -> bool {
+        if self.plan.sync.is_none() {
+            return false;
+        }
+        let Some(Value::Sync(s)) = self.etcd.get(etcd::SYNC) else {
+            return false;
+        };
+        if s.sync_standby.is_empty() {
+            return false;
+        }
+        let status = match self.etcd.get(etcd::STATUS) {
+            Some(Value::Status(st)) => st.wal_lsn,
+            _ => 0,
+        };
+        let max = self.config().maximum_lag_on_failover;
+        self.members
+            .iter()
+            .filter(|m| s.allows(&m.name))
+            .all(|m| match m.pg.data.as_ref() {
+                None => true,
+                Some(d) => !s.sync_standby.contains(&m.name) && status > d.lsn.saturating_add(max),
+            })
+    }
+
     fn no_candidate_within_lag(&self) -> bool {
         let Some(Value::Status(st)) = self.etcd.get(etcd::STATUS) else {
             return false;

@@ -31,6 +31,9 @@ pub struct Plan {
     pub primary_start_timeout: u64,
     /// `failsafe_mode` in the bootstrap config.
     pub failsafe: bool,
+    /// Synchronous mode (Some(strict)) and synchronous_node_count.
+    pub sync: Option<bool>,
+    pub sync_count: u32,
     /// Whether faults are injected at all (a quiet run checks that no
     /// leader ever changes).
     pub faults: bool,
@@ -59,6 +62,8 @@ impl Plan {
             max_lag: *rng.pick(&[64 << 10, 256 << 10, 1 << 20]),
             primary_start_timeout: *rng.pick(&[10, 10, 30]),
             failsafe: false,
+            sync: None,
+            sync_count: 1,
             faults,
             fault_from,
             fault_until: fault_from + span,
@@ -82,6 +87,8 @@ impl Plan {
             max_lag: 1 << 20,
             primary_start_timeout: 10,
             failsafe: false,
+            sync: None,
+            sync_count: 1,
             faults: false,
             fault_from: length,
             fault_until: length,
@@ -98,6 +105,9 @@ impl Plan {
             maximum_lag_on_failover: self.max_lag,
             primary_start_timeout: self.primary_start_timeout,
             failsafe_mode: self.failsafe,
+            synchronous_mode: self.sync.is_some(),
+            synchronous_mode_strict: self.sync == Some(true),
+            synchronous_node_count: self.sync_count,
             ..DynamicConfig::default()
         }
     }
@@ -371,6 +381,7 @@ impl World {
         let view = self.etcd.read_cluster(&self.plan.bootstrap_config());
         let body = FailoverBody {
             candidate: Some(self.members[i].name.clone()),
+            force: false,
         };
         match check_failover(&view, &body, self.wall_clock(), "sim") {
             Ok(req) => {

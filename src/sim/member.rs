@@ -732,13 +732,11 @@ impl World {
                     return Err("not written: the leader key does not name us on our lease".into());
                 }
             }
-            Action::SetSyncStandbys(standbys) => {
+            Action::SetSyncStandbys(value) => {
                 if !self.members[i].pg.postmaster_alive() {
                     return Err("pg_ctl reload: no server running".into());
                 }
-                let strict = self.agent(i).core.cluster().config.synchronous_mode_strict;
-                self.members[i].pg.standby_names =
-                    crate::ha::render_standby_names(standbys, strict);
+                self.members[i].pg.standby_names = value.clone();
             }
             Action::InitConfig => {
                 let defaults = self.plan.bootstrap_config();
@@ -765,6 +763,9 @@ impl World {
                     return Err("pg_ctl reload: no server running".into());
                 }
                 self.members[i].pg.upstream = Some(upstream.address.clone());
+                if self.plan.sync.is_some() {
+                    self.members[i].pg.standby_names = crate::ha::NOBODY.into();
+                }
             }
             Action::Reload => {
                 if !self.members[i].pg.postmaster_alive() {
@@ -989,6 +990,11 @@ impl World {
                     return Some(Err("initdb: directory not empty".into()));
                 }
                 self.bootstrap_seq += 1;
+                self.members[i].pg.standby_names = if self.plan.sync.is_some() {
+                    crate::ha::NOBODY.into()
+                } else {
+                    String::new()
+                };
                 self.members[i].pg.data = Some(Data {
                     system_id: format!("7{:018}", self.bootstrap_seq),
                     history: vec![(1, 0)],
@@ -1106,6 +1112,12 @@ impl World {
         } else {
             self.rng.millis(200, 1000)
         };
+        // pgwarden.conf's default (`ha::NOBODY`); a replica's
+        // pgwarden-sync.conf is reset with its config files, a primary's
+        // keeps the leader's list.
+        if !primary && self.plan.sync.is_some() {
+            self.members[i].pg.standby_names = crate::ha::NOBODY.into();
+        }
         self.members[i].pg.start(primary, upstream, self.now + took);
         self.schedule_pg(i);
         job.generation = self.members[i].pg.generation;

@@ -94,6 +94,12 @@ pub struct World {
     /// Acknowledged writes: (member, timeline, lsn) of the last, and count.
     pub writes: u64,
     pub last_write: Option<(usize, u32, u64)>,
+    /// Synchronous mode: the last commit a primary acknowledged, as (its
+    /// timeline history then, end LSN); every later primary must have it.
+    pub acked: Option<(Vec<(u32, u64)>, u64)>,
+    /// Not strict, and a primary acknowledged commits asynchronously
+    /// (fallback): from then on a failover may lose them.
+    pub unprotected: bool,
     pub steps: u64,
 }
 
@@ -124,7 +130,13 @@ impl World {
             // One run in eight in failsafe mode, chosen without a draw from
             // the rng so that every other seed replays as before.
             p.failsafe = seed % 8 == 2;
-            if p.failsafe {
+            // Synchronous mode runs have seeds of their own, so that every
+            // asynchronous seed replays as before.
+            if seed >= SYNC_SEEDS {
+                p.sync = Some(seed % 2 == 0);
+                p.sync_count = if p.n >= 3 && seed % 3 == 0 { 2 } else { 1 };
+            }
+            if p.failsafe || p.sync.is_some() {
                 p.end = p.fault_until + p.liveness_bound(&p.bootstrap_config());
             }
             p
@@ -159,6 +171,8 @@ impl World {
             bootstrap_seq: 0,
             writes: 0,
             last_write: None,
+            acked: None,
+            unprotected: false,
             steps: 0,
         }
     }
@@ -188,6 +202,7 @@ impl World {
             self.etcd.expire(self.now);
             self.dispatch(ev);
             self.replicate();
+            self.acknowledge();
             self.watch();
             self.check_safety();
             if self.failure.is_some() {
@@ -418,6 +433,9 @@ impl World {
         }
     }
 }
+
+/// Seeds from here on run in synchronous mode (even: strict).
+pub const SYNC_SEEDS: u64 = 1 << 40;
 
 /// Runs one seed. `trace_keep`: None for no trace, Some(0) for all of it,
 /// Some(n) for the last n lines.

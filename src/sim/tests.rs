@@ -169,6 +169,11 @@ fn report(o: &Outcome) -> String {
 /// Runs seeds `0..count` over two threads until one fails (then stops
 /// early). Returns the failing seed with its trace, and how many ran.
 fn sweep(count: u64, mutation: Option<Mutation>) -> (Option<Outcome>, u64) {
+    sweep_from(0, count, mutation)
+}
+
+/// `sweep` over seeds `base..base + count`.
+fn sweep_from(base: u64, count: u64, mutation: Option<Mutation>) -> (Option<Outcome>, u64) {
     let stop = AtomicBool::new(false);
     let ran = AtomicU64::new(0);
     let found = std::sync::Mutex::new(None::<u64>);
@@ -179,8 +184,8 @@ fn sweep(count: u64, mutation: Option<Mutation>) -> (Option<Outcome>, u64) {
         for t in 0..THREADS {
             let (stop, ran, found, known) = (&stop, &ran, &found, &known);
             s.spawn(move || {
-                let mut seed = t;
-                while seed < count && !stop.load(Ordering::Relaxed) {
+                let mut seed = base + t;
+                while seed < base + count && !stop.load(Ordering::Relaxed) {
                     let o = run_seed(seed, mutation, None);
                     let done = ran.fetch_add(1, Ordering::Relaxed) + 1;
                     if done % PROGRESS_EVERY == 0 {
@@ -245,6 +250,25 @@ fn random_schedules() {
     let (failing, ran) = sweep(count, None);
     println!(
         "simulator: {ran} schedules in {:.1}s",
+        started.elapsed().as_secs_f64()
+    );
+    if let Some(o) = failing {
+        panic!("{}", report(&o));
+    }
+    assert_eq!(ran, count);
+}
+
+/// Synchronous mode (seeds from `SYNC_SEEDS`, half of them strict): the
+/// same faults, and every acknowledged commit must be on each later
+/// primary (rule 4), unless a non-strict primary fell back to
+/// asynchronous commits.
+#[test]
+fn synchronous_schedules() {
+    let count = env_u64("PGWARDEN_SIM_SYNC_SCHEDULES").unwrap_or(CI_SCHEDULES / 4);
+    let started = Instant::now();
+    let (failing, ran) = sweep_from(super::SYNC_SEEDS, count, None);
+    println!(
+        "simulator: {ran} synchronous-mode schedules in {:.1}s",
         started.elapsed().as_secs_f64()
     );
     if let Some(o) = failing {
