@@ -475,7 +475,13 @@ impl Core {
         if self.mutation == Some(super::Mutation::NoDemotion) {
             return None;
         }
-        self.fence_at.or(self.fenced_at)
+        // A deadline that passed stays until a renewal clears it: a later
+        // provisional one (a pass retrying the lease after the fence fired)
+        // must not reopen the jobs' fence gate (simulator seed 455374).
+        match (self.fence_at, self.fenced_at) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
     /// See the field: what `fence_keeper::Line::confirmed` reports.
