@@ -162,7 +162,7 @@ fn rows() -> Vec<Row> {
                 c.line(
                     "tags.nofailovr",
                     "unknown field `nofailovr`, expected one of `nofailover`, `noloadbalance`, \
-                     `failover_priority`, `custom`",
+                     `nosync`, `failover_priority`, `custom`",
                 )
             },
         },
@@ -188,7 +188,9 @@ fn rows() -> Vec<Row> {
                     "bootstrap.dcs.loop_wiat",
                     "unknown field `loop_wiat`, expected one of `ttl`, `loop_wait`, \
                      `retry_timeout`, `maximum_lag_on_failover`, `use_slots`, `use_pg_rewind`, \
-                     `member_slots_ttl`, `primary_start_timeout`, `synchronous_mode`, `failsafe_mode`, `pause`, `postgresql`",
+                     `member_slots_ttl`, `primary_start_timeout`, `synchronous_mode`, \
+                     `synchronous_mode_strict`, `synchronous_node_count`, `failsafe_mode`, `pause`, \
+                     `postgresql`",
                 )
             },
         },

@@ -240,7 +240,7 @@ async fn refused_requests_change_nothing() {
         // The config.
         (leader, "PATCH", "/config", ok, "{\"ttl\": 5}", 400, "invalid config: key `ttl`: ttl (5) must be >= loop_wait + 2 * retry_timeout (1 + 2 * 4 = 9)"),
         (replica, "PATCH", "/config", ok, "{\"retry_timeout\": 10}", 400, "invalid config: key `ttl`: ttl (10) must be >= loop_wait + 2 * retry_timeout (1 + 2 * 10 = 21)"),
-        (leader, "PATCH", "/config", ok, "{\"tll\": 30}", 400, "invalid config: key `tll`: unknown field `tll`, expected one of `ttl`, `loop_wait`, `retry_timeout`, `maximum_lag_on_failover`, `use_slots`, `use_pg_rewind`, `member_slots_ttl`, `primary_start_timeout`, `synchronous_mode`, `failsafe_mode`, `pause`, `postgresql`"),
+        (leader, "PATCH", "/config", ok, "{\"tll\": 30}", 400, "invalid config: key `tll`: unknown field `tll`, expected one of `ttl`, `loop_wait`, `retry_timeout`, `maximum_lag_on_failover`, `use_slots`, `use_pg_rewind`, `member_slots_ttl`, `primary_start_timeout`, `synchronous_mode`, `synchronous_mode_strict`, `synchronous_node_count`, `failsafe_mode`, `pause`, `postgresql`"),
         (leader, "PATCH", "/config", ok, "{\"postgresql\": {\"parameters\": {\"port\": 5433}}}", 400, "invalid config: key `postgresql.parameters.port`: is managed by pgwarden and cannot be set here"),
         (leader, "PATCH", "/config", ok, "{\"loop_wait\": \"fast\"}", 400, "invalid config: key `loop_wait`: invalid type: string \"fast\", expected u64"),
         (leader, "PATCH", "/config", ok, "[\"ttl\"]", 400, "the config patch must be a JSON object (RFC 7386 merge patch)"),
@@ -350,7 +350,7 @@ async fn cli_refusals_are_one_line_and_change_nothing() {
         (0, vec!["failover", "--candidate", "node3", "--force"], "", "pgwarden: failover refused: candidate node3 is tagged nofailover"),
         (0, vec!["failover", "--candidate", "node1", "--force"], "", "pgwarden: failover refused: candidate node1 is already the leader"),
         (0, vec!["edit-config", "--set", "ttl=5"], "", "pgwarden: invalid config: key `ttl`: ttl (5) must be >= loop_wait + 2 * retry_timeout (1 + 2 * 4 = 9)"),
-        (0, vec!["edit-config", "--set", "tll=30"], "", "pgwarden: invalid config: key `tll`: unknown field `tll`, expected one of `ttl`, `loop_wait`, `retry_timeout`, `maximum_lag_on_failover`, `use_slots`, `use_pg_rewind`, `member_slots_ttl`, `primary_start_timeout`, `synchronous_mode`, `failsafe_mode`, `pause`, `postgresql`"),
+        (0, vec!["edit-config", "--set", "tll=30"], "", "pgwarden: invalid config: key `tll`: unknown field `tll`, expected one of `ttl`, `loop_wait`, `retry_timeout`, `maximum_lag_on_failover`, `use_slots`, `use_pg_rewind`, `member_slots_ttl`, `primary_start_timeout`, `synchronous_mode`, `synchronous_mode_strict`, `synchronous_node_count`, `failsafe_mode`, `pause`, `postgresql`"),
         (0, vec!["edit-config", "--set", "postgresql.parameters.port=5433"], "", "pgwarden: invalid config: key `postgresql.parameters.port`: is managed by pgwarden and cannot be set here"),
         (0, vec!["edit-config", "--set", "ttl"], "", "pgwarden: --set \"ttl\": expected KEY=VALUE"),
         (0, vec!["remove", "other"], "", "pgwarden: other is not the cluster of this config file (its scope is it)"),

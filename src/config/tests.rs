@@ -365,6 +365,22 @@ fn bad_configs_are_rejected_with_one_line_naming_the_key() {
             ),
         ),
         (
+            "no synchronous standby to wait for",
+            append("[bootstrap.dcs]\nsynchronous_mode = true\nsynchronous_node_count = 0\n"),
+            Key(
+                "bootstrap.dcs.synchronous_node_count",
+                "must be at least 1 (turn synchronous_mode off for asynchronous replication)",
+            ),
+        ),
+        (
+            "quorum commit is not implemented",
+            append("[bootstrap.dcs]\nsynchronous_mode = \"quorum\"\n"),
+            Key(
+                "bootstrap.dcs.synchronous_mode",
+                "invalid type: string \"quorum\", expected a boolean",
+            ),
+        ),
+        (
             "unknown table",
             append("[etcd3]\nendpoints = []\n"),
             Key(

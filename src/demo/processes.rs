@@ -11,7 +11,13 @@ pub struct Child {
 
 impl Child {
     pub fn spawn(name: &str, program: &Path, args: &[&str], log: &Path) -> anyhow::Result<Child> {
-        let log_file = std::fs::File::create(log)
+        // Appended to: a child's own children (the fence keeper) may keep
+        // the file open after it was killed and restarted; a truncating
+        // open would have them write over the new lines.
+        let log_file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
             .with_context(|| format!("cannot create {}", log.display()))?;
         let err_file = log_file.try_clone()?;
         let child = tokio::process::Command::new(program)

@@ -672,6 +672,15 @@ impl Core {
             let provisional = (self.pass_started + self.ttl()).saturating_sub(FENCE_MARGIN);
             self.fence_at = Some(self.fence_at.map_or(provisional, |f| f.min(provisional)));
         }
+        if d.steps
+            .iter()
+            .any(|s| matches!(s.action, Action::WriteSync(_)))
+        {
+            // `synchronous_standby_names` follows the key on the next pass
+            // (after a promotion, commits wait until it does): at once, not
+            // a loop_wait later.
+            self.again = true;
+        }
         self.queue.extend(d.steps.iter().cloned());
         self.queue.push_back(Step {
             action: Action::Publish,

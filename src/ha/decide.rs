@@ -35,7 +35,11 @@ pub fn not_a_candidate(cluster: &ClusterView, local: &LocalView, now: Duration) 
     if let Some(full) = disk_full(local) {
         return Some(full);
     }
-    if cluster.sync_excludes(&local.name) {
+    #[cfg(test)]
+    let ignore_sync = local.mutation == Some(super::Mutation::SyncElectAnyone);
+    #[cfg(not(test))]
+    let ignore_sync = false;
+    if !ignore_sync && cluster.sync_excludes(&local.name) {
         let listed = cluster
             .sync
             .as_ref()
@@ -1246,7 +1250,13 @@ fn better_candidate(
             .filter(|p| p.name != local.name)
             .filter(|p| of_this_cluster(cluster, p))
             .filter(in_topology)
-            .filter(|p| !cluster.sync_excludes(&p.name))
+            .filter(|p| {
+                #[cfg(test)]
+                if local.mutation == Some(super::Mutation::SyncElectAnyone) {
+                    return true;
+                }
+                !cluster.sync_excludes(&p.name)
+            })
     };
     // A peer already running as primary takes the lease without a new
     // timeline: electing a replica instead would rewind a healthy primary.

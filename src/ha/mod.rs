@@ -52,6 +52,11 @@ pub enum Mutation {
     /// untouched): a killed or frozen leader agent leaves its primary
     /// writable past the lease.
     NoFenceKeeper,
+    /// Synchronous mode: publish a chosen standby in `sync` before it has
+    /// caught up (rule 4's order broken).
+    SyncPublishUncaught,
+    /// Synchronous mode: elections ignore `sync`.
+    SyncElectAnyone,
 }
 
 #[cfg(test)]

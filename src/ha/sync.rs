@@ -66,7 +66,7 @@ pub(super) fn manage_sync(
     let applied = parse_standby_names(&pg.synchronous_standby_names);
     let wanted = choose(cluster, me, pg, &k_cur, applied.as_ref());
     if k_cur.is_empty() && (strict || !key_ours) {
-        without_listed_standby(key_ours, strict, pg, &wanted, d);
+        without_listed_standby(local, key_ours, strict, pg, &wanted, d);
         return;
     }
     let caught_up = |name: &String| {
@@ -79,9 +79,13 @@ pub(super) fn manage_sync(
         applied.as_ref().is_some_and(|p| p.contains(name))
             && matches!((since, flushed), (Some(s), Some(f)) if f >= *s)
     };
+    #[cfg(test)]
+    let uncaught = local.mutation == Some(super::Mutation::SyncPublishUncaught);
+    #[cfg(not(test))]
+    let uncaught = false;
     let k_next: Vec<String> = wanted
         .iter()
-        .filter(|n| k_cur.contains(n) || caught_up(n))
+        .filter(|n| uncaught || k_cur.contains(n) || caught_up(n))
         .cloned()
         .collect();
     let write = if same_set(&k_next, &k_cur) {
@@ -142,6 +146,7 @@ fn set_names(pg: &PgRunning, value: String, d: &mut Decision) {
 /// pass, after the key. Not strict and no candidate at all: fall back to
 /// asynchronous commits, said in the key.
 fn without_listed_standby(
+    #[cfg_attr(not(test), allow(unused_variables))] local: &LocalView,
     key_ours: bool,
     strict: bool,
     pg: &PgRunning,
@@ -159,12 +164,19 @@ fn without_listed_standby(
         set_names(pg, NOBODY.into(), d);
         return;
     }
+    #[cfg(test)]
+    let uncaught = local.mutation == Some(super::Mutation::SyncPublishUncaught);
+    #[cfg(not(test))]
+    let uncaught = false;
     let ready: Vec<String> = wanted
         .iter()
         .filter(|n| {
-            pg.replication.iter().any(|r| {
-                &r.name == *n && matches!((r.flush_lsn, pg.wal_lsn), (Some(f), Some(w)) if f >= w)
-            })
+            uncaught || {
+                pg.replication.iter().any(|r| {
+                    &r.name == *n
+                        && matches!((r.flush_lsn, pg.wal_lsn), (Some(f), Some(w)) if f >= w)
+                })
+            }
         })
         .cloned()
         .collect();
@@ -327,16 +339,18 @@ pub fn replication_mode(cluster: &ClusterView) -> ReplicationMode {
     if !cfg.synchronous_mode {
         return ReplicationMode::Asynchronous;
     }
-    let listed = cluster
-        .sync
-        .as_ref()
-        .filter(|s| cluster.leader.as_deref() == Some(s.leader.as_str()))
-        .map(|s| s.sync_standby.clone())
-        .unwrap_or_default();
-    match (listed.is_empty(), cfg.synchronous_mode_strict) {
-        (false, _) => ReplicationMode::Synchronous(listed),
-        (true, true) => ReplicationMode::StrictWaiting,
-        (true, false) => ReplicationMode::Fallback,
+    let current = |s: &crate::dcs::SyncState| match cluster.leader.as_deref() {
+        Some(l) => l == s.leader,
+        // No leader now: the last one's list says who may take over.
+        None => true,
+    };
+    match cluster.sync.as_ref().filter(|s| current(s)) {
+        None => ReplicationMode::NotNamedYet,
+        Some(s) if !s.sync_standby.is_empty() => {
+            ReplicationMode::Synchronous(s.sync_standby.clone())
+        }
+        Some(_) if cfg.synchronous_mode_strict => ReplicationMode::StrictWaiting,
+        Some(_) => ReplicationMode::Fallback,
     }
 }
 
@@ -348,6 +362,9 @@ pub enum ReplicationMode {
     StrictWaiting,
     /// Non-strict mode with no synchronous standby: commits run unprotected.
     Fallback,
+    /// A leader that has not written `sync` yet (just promoted, say): its
+    /// PostgreSQL acknowledges nothing until it has.
+    NotNamedYet,
 }
 
 impl std::fmt::Display for ReplicationMode {
@@ -362,6 +379,10 @@ impl std::fmt::Display for ReplicationMode {
             ReplicationMode::Fallback => write!(
                 f,
                 "asynchronous fallback: no synchronous standby, commits are not protected"
+            ),
+            ReplicationMode::NotNamedYet => write!(
+                f,
+                "synchronous: the leader has not named its standbys yet, commits wait"
             ),
         }
     }

@@ -15,6 +15,28 @@ const PROGRESS_EVERY: u64 = 50_000;
 
 /// Seeds that once failed, and what each found. Replayed on every run.
 const REGRESSIONS: &[(u64, &str)] = &[
+    // Synchronous mode (seeds from SYNC_SEEDS = 2^40), found while it was
+    // written.
+    (
+        1099511627800,
+        "synchronous mode: a manual failover named a member not listed in `sync`; it took the lease and promoted without the commits the listed standby had acknowledged",
+    ),
+    (
+        1099511627850,
+        "synchronous mode with failsafe mode: the listed standby was left out of the failsafe topology and the old leader was not allowed either: nobody could ever be elected",
+    ),
+    (
+        1099511628724,
+        "synchronous mode: a switchover to a member not listed in `sync`; the candidate refused the lease, the old leader took it back and promoted again, hand-over after hand-over",
+    ),
+    (
+        1099511628646,
+        "synchronous mode: a leader that came in by switchover while paused never managed `sync` (commits would have waited the whole maintenance); the listed standby's data was then wiped by a reinit",
+    ),
+    (
+        1099511630438,
+        "synchronous mode: a switchover whose leader died before the hand-over let its named candidate, not listed in `sync`, take the lease like a failover and promote without acknowledged commits",
+    ),
     (
         455374,
         "a bootstrapper cut from etcd: its fence fired while initdb ran, then a pass retrying the lease armed a provisional fence later than the fired one, which reopened the jobs' fence gate: initdb's start made PostgreSQL writable after the lease expired (long run at 88da429)",
@@ -324,11 +346,21 @@ fn quiet_hour_keeps_its_leader_at_every_timing() {
 
 /// Each deliberately broken policy must be caught within the CI count.
 fn caught(mutation: Mutation) {
-    let started = Instant::now();
     let count = env_u64("PGWARDEN_SIM_SCHEDULES").unwrap_or(CI_SCHEDULES);
-    let (failing, ran) = sweep(count, Some(mutation));
+    caught_from(0, count, mutation);
+}
+
+/// `caught` over the synchronous-mode seeds.
+fn caught_in_sync(mutation: Mutation) {
+    let count = env_u64("PGWARDEN_SIM_SYNC_SCHEDULES").unwrap_or(CI_SCHEDULES / 4);
+    caught_from(super::SYNC_SEEDS, count, mutation);
+}
+
+fn caught_from(base: u64, count: u64, mutation: Mutation) {
+    let started = Instant::now();
+    let (failing, ran) = sweep_from(base, count, Some(mutation));
     let Some(o) = failing else {
-        panic!("{mutation:?} survived {ran} schedules");
+        panic!("{mutation:?} survived {ran} schedules from seed {base}");
     };
     println!(
         "{mutation:?} caught by seed {} after {ran} schedules ({:.1}s): {}",
@@ -336,6 +368,16 @@ fn caught(mutation: Mutation) {
         started.elapsed().as_secs_f64(),
         o.failure.as_deref().unwrap_or("?")
     );
+}
+
+#[test]
+fn mutant_sync_publish_uncaught_is_caught() {
+    caught_in_sync(Mutation::SyncPublishUncaught);
+}
+
+#[test]
+fn mutant_sync_elect_anyone_is_caught() {
+    caught_in_sync(Mutation::SyncElectAnyone);
 }
 
 #[test]
