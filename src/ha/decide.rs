@@ -35,6 +35,15 @@ pub fn not_a_candidate(cluster: &ClusterView, local: &LocalView, now: Duration) 
     if let Some(full) = disk_full(local) {
         return Some(full);
     }
+    // Whose data it is cannot be told: promoting it could make another
+    // cluster's data (a lost bootstrap's) the leader, whose `status` then
+    // judges every real candidate too far behind (simulator seed
+    // 1099511724981).
+    if let DataDir::Unknown(why) = &local.data {
+        return Some(format!(
+            "cannot tell whose data our data directory holds ({why})"
+        ));
+    }
     #[cfg(test)]
     let ignore_sync = local.mutation == Some(super::Mutation::SyncElectAnyone);
     #[cfg(not(test))]

@@ -2954,6 +2954,9 @@ fn unknown_is_not_absent() {
         row("we lead, no data directory but a postmaster still answers: fence before releasing",
             mine(), local().data_empty().unresponsive().renewed_at(NOW - 1), NOW,
             vec![Fence, RenewLeader]),
+        row("no leader, a streaming replica whose data directory cannot be read: not a candidate (whose data is it?)",
+            cluster().initialized(SYSID).replica(N2).primary_lsn(LSN), local().data_unknown().pg_replica(None, LSN), NOW,
+            vec![]).waiting("cannot tell whose data"),
     ]);
 }
 
