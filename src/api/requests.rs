@@ -520,6 +520,7 @@ mod tests {
             failover: None,
             failsafe: None,
             sync: None,
+            sync_unreadable: false,
             config_revision: 5,
             problems: vec![],
         }

@@ -58,6 +58,7 @@ fn view(leader: Option<&str>) -> ClusterView {
         failover: None,
         failsafe: None,
         sync: None,
+        sync_unreadable: false,
         config_revision: 1,
         problems: vec![],
     }

@@ -189,6 +189,7 @@ mod tests {
             failover: None,
             failsafe: None,
             sync: None,
+            sync_unreadable: false,
             config_revision: 3,
             problems,
         }

@@ -938,7 +938,13 @@ pub(super) fn decode_cluster<'a>(
                     view.sync = Some(sync);
                     None
                 }
-                Err(e) => Some((e, "no synchronous standby is seen")),
+                Err(e) => {
+                    view.sync_unreadable = true;
+                    Some((
+                        e,
+                        "in synchronous_mode nobody is elected until the leader rewrites it",
+                    ))
+                }
             },
             "failover" => match serde_json::from_slice(value) {
                 Ok(request) => {

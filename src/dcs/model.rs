@@ -218,6 +218,9 @@ pub struct ClusterView {
     pub failsafe: Option<Vec<String>>,
     /// Synchronous mode: the leader's synchronous standbys (None: no key).
     pub sync: Option<SyncState>,
+    /// `sync` exists but does not decode: who may take over is unknown, so
+    /// in synchronous mode nobody is elected until the leader rewrites it.
+    pub sync_unreadable: bool,
     /// etcd revision of `config` (0: absent), for compare-and-swap edits.
     pub config_revision: i64,
     /// Keys that held something this agent cannot decode, one line each
@@ -240,6 +243,7 @@ impl ClusterView {
             failover: None,
             failsafe: None,
             sync: None,
+            sync_unreadable: false,
             config_revision: 0,
             problems: Vec::new(),
         }
@@ -250,7 +254,8 @@ impl ClusterView {
     /// Synchronous mode is on and `sync` keeps `name` from taking the lease
     /// after a failure.
     pub fn sync_excludes(&self, name: &str) -> bool {
-        self.config.synchronous_mode && self.sync.as_ref().is_some_and(|s| !s.allows(name))
+        self.config.synchronous_mode
+            && (self.sync_unreadable || self.sync.as_ref().is_some_and(|s| !s.allows(name)))
     }
     /// `name` is listed as a synchronous standby of the current leader.
     pub fn is_sync_standby(&self, name: &str) -> bool {

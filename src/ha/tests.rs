@@ -67,6 +67,7 @@ fn cluster() -> Cluster {
         failover: None,
         failsafe: None,
         sync: None,
+        sync_unreadable: false,
         config_revision: 1,
         problems: vec![],
     })
@@ -2646,6 +2647,15 @@ fn synchronous_mode_decisions() {
             },
             local().data(SYSID).pg_replica(None, LSN), NOW,
             vec![AcquireLeader]),
+        row("no leader, `sync` unreadable: nobody is elected (who has every acknowledged commit is unknown)",
+            {
+                let mut c = leaderless((N2, &[ME]));
+                c.0.sync = None;
+                c.0.sync_unreadable = true;
+                c
+            },
+            local().data(SYSID).pg_replica(None, LSN), NOW,
+            vec![]).waiting("only a member listed in `sync`"),
         row("no leader, the old leader's `sync` is empty: anyone, by position",
             leaderless((N2, &[])), local().data(SYSID).pg_replica(None, LSN + 10 * MB).peer(N3, Some(LSN)), NOW,
             vec![AcquireLeader]),
