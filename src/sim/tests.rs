@@ -6,7 +6,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 /// Schedules the random test runs by default (CI).
-const CI_SCHEDULES: u64 = 10_000;
+const CI_SCHEDULES: u64 = 6_000;
+/// Synchronous-mode schedules per CI run (each checks invariant 8 too).
+const CI_SYNC_SCHEDULES: u64 = 2_000;
 /// Trace lines printed with a failing seed.
 const TRACE_TAIL: usize = 300;
 const THREADS: u64 = 2;
@@ -294,7 +296,7 @@ fn random_schedules() {
 /// asynchronous commits.
 #[test]
 fn synchronous_schedules() {
-    let count = env_u64("PGWARDEN_SIM_SYNC_SCHEDULES").unwrap_or(CI_SCHEDULES / 4);
+    let count = env_u64("PGWARDEN_SIM_SYNC_SCHEDULES").unwrap_or(CI_SYNC_SCHEDULES);
     let started = Instant::now();
     let (failing, ran) = sweep_from(super::SYNC_SEEDS, count, None);
     println!(
@@ -356,7 +358,7 @@ fn caught(mutation: Mutation) {
 
 /// `caught` over the synchronous-mode seeds.
 fn caught_in_sync(mutation: Mutation) {
-    let count = env_u64("PGWARDEN_SIM_SYNC_SCHEDULES").unwrap_or(CI_SCHEDULES / 4);
+    let count = env_u64("PGWARDEN_SIM_SYNC_SCHEDULES").unwrap_or(CI_SYNC_SCHEDULES);
     caught_from(super::SYNC_SEEDS, count, mutation);
 }
 
